@@ -1,0 +1,23 @@
+// The one binding file of the CPU extension: every C++ CPU kernel is exposed here.
+#include <torch/extension.h>
+
+#include "cpu/ops.h"
+
+#ifndef LOUPE_TORCH_VERSION
+#define LOUPE_TORCH_VERSION "unknown"
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "loupe C++ CPU kernels";
+  m.def("torch_version", []() { return std::string(LOUPE_TORCH_VERSION); },
+        "torch version this extension was built against");
+  m.def("openmp", []() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("trs_forward", &loupe::trs_forward_cpu, "token-region similarity forward (CPU)");
+  m.def("trs_backward", &loupe::trs_backward_cpu, "token-region similarity backward (CPU)");
+}

@@ -1,0 +1,14 @@
+"""loupe_kernels: fused kernels of LOUPE (token-region similarity, Shapley sampling, interaction loss).
+
+A standalone library: it never imports ``loupe``. Each op lives in one module with its contract,
+autograd function, backend dispatch and PyTorch reference. ``available_backends()`` and
+``python -m loupe_kernels.env`` report which backends work here and why not.
+"""
+from ._backends import BACKENDS, available_backends, backend_status
+from .token_region_similarity import TokenRegionSimilarity, token_region_similarity
+from . import reference
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "BACKENDS", "available_backends", "backend_status",
+           "token_region_similarity", "TokenRegionSimilarity", "reference"]

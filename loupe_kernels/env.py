@@ -1,0 +1,28 @@
+"""``python -m loupe_kernels.env``: which backends work in this environment, and why not."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import __version__
+from ._backends import BACKENDS, backend_status
+
+
+def report() -> str:
+    lines = [f"loupe_kernels {__version__}", f"python {sys.version.split()[0]} ({platform.machine()})",
+             f"torch {torch.__version__} (CUDA compiled: {torch.cuda._is_compiled()}, "
+             f"CUDA devices: {torch.cuda.device_count() if torch.cuda.is_available() else 0}, "
+             f"threads: {torch.get_num_threads()})"]
+    if torch.cuda.is_available():
+        lines.append(f"device 0: {torch.cuda.get_device_name(0)}")
+    lines.append("backends:")
+    for name in BACKENDS:
+        st = backend_status(name)
+        lines.append(f"  {name:<10} {'yes' if st.available else 'no ':<4} {st.reason}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

@@ -1,0 +1,199 @@
+"""Token-region similarity: FILIP-style masked max-sim over all pairs (METHOD section 3).
+
+Contract
+--------
+``token_region_similarity(query, key, query_mask=None, key_mask=None, *, pairwise=True, backend=None)``
+
+- ``query [Bq, Lq, D]``, ``key [Bk, Lk, D]``; masks bool ``[Bq, Lq]`` / ``[Bk, Lk]`` (None = all valid).
+- ``pairwise=True`` -> ``[Bq, Bk]`` with
+  ``s(a, b) = mean over valid j of max over valid i of <q_aj, k_bi>``;
+  ``pairwise=False`` needs ``Bq == Bk`` and returns ``[B]`` for the aligned pairs ``(a, a)``.
+- A query item without valid tokens, or a key item without valid tokens, scores 0 (never NaN).
+  Padding is excluded from the max (it is never zeroed, which would win against negative scores).
+- Differentiable in ``query`` and ``key``; the gradient flows only through the arg-max key of each
+  query token, ties going to the lowest index (as ``max(dim).indices``).
+- fp32, fp16 and bf16 accumulate in fp32; fp64 on the reference and cpu backends. The output has
+  the dtype of the inputs. The cpu backward is deterministic.
+- Backends: ``cpu`` (C++), ``reference`` (plain PyTorch, materialises all scores), and the GPU
+  backends where registered. ``backend=None`` chooses automatically.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._backends import extension, resolve_backend
+
+__all__ = ["token_region_similarity", "TokenRegionSimilarity", "token_region_similarity_reference"]
+
+OP = "token_region_similarity"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def _check_mask(mask, name: str, expected: tuple[int, int], ref: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(expected, dtype=torch.bool, device=ref.device)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{OP}: {name} must be a bool tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{OP}: {name} must have dtype torch.bool, got {mask.dtype}")
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"{OP}: {name} must have shape {list(expected)}, got {list(mask.shape)}")
+    if mask.device != ref.device:
+        raise ValueError(f"{OP}: {name} is on {mask.device} but the inputs are on {ref.device}")
+    return mask.contiguous()
+
+
+def _validate(query, key, query_mask, key_mask, pairwise):
+    for name, t in (("query", query), ("key", key)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{OP}: {name} must have shape [B, L, D] (3-D), got {t.dim()}-D {list(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{OP}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if query.dtype != key.dtype:
+        raise TypeError(f"{OP}: query and key must have the same dtype, got {query.dtype} and {key.dtype}")
+    if query.device != key.device:
+        raise ValueError(f"{OP}: query and key must be on the same device, got {query.device} and {key.device}")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"{OP}: query and key must share D, got {query.shape[2]} and {key.shape[2]}")
+    if not isinstance(pairwise, bool):
+        raise TypeError(f"{OP}: pairwise must be a bool, got {type(pairwise).__name__}")
+    if not pairwise and query.shape[0] != key.shape[0]:
+        raise ValueError(f"{OP}: pairwise=False needs Bq == Bk, got Bq={query.shape[0]} and Bk={key.shape[0]}")
+    qm = _check_mask(query_mask, "query_mask", tuple(query.shape[:2]), query)
+    km = _check_mask(key_mask, "key_mask", tuple(key.shape[:2]), key)
+    return qm, km
+
+
+def _check_finite(query: torch.Tensor, key: torch.Tensor) -> None:
+    for name, t in (("query", query), ("key", key)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{OP}: {name} contains NaN or inf")
+
+
+# --------------------------------------------------------------------------------------------
+# reference (plain PyTorch; materialises every score)
+# --------------------------------------------------------------------------------------------
+def token_region_similarity_reference(query, key, query_mask=None, key_mask=None, *, pairwise=True):
+    """The op in plain PyTorch, differentiable by autograd, in the dtype of the inputs."""
+    qm, km = _validate(query, key, query_mask, key_mask, pairwise)
+    if pairwise:
+        scores = torch.einsum("aqd,bkd->abqk", query, key)
+        kmask = km[None, :, None, :]
+        qmask = qm[:, None, :]
+    else:
+        scores = torch.einsum("bqd,bkd->bqk", query, key)
+        kmask = km[:, None, :]
+        qmask = qm
+    scores = scores.masked_fill(~kmask, float("-inf"))
+    best = scores.max(dim=-1).values  # [.., Lq]; -inf where a key item has no valid token
+    best = torch.where(qmask & torch.isfinite(best), best, torch.zeros((), dtype=best.dtype, device=best.device))
+    count = qm.sum(dim=1).clamp(min=1).to(best.dtype)
+    count = count[:, None] if pairwise else count
+    return best.sum(dim=-1) / count
+
+
+# --------------------------------------------------------------------------------------------
+# compiled backends: (forward, backward) per backend. GPU backends register themselves here.
+#   forward(query, key, qmask, kmask, pairwise) -> (out in input dtype, argmax int32)
+#   backward(grad, query, key, qmask, argmax, pairwise) -> (d_query, d_key) in input dtype
+# --------------------------------------------------------------------------------------------
+def _cpu_forward(query, key, qm, km, pairwise):
+    dt = query.dtype
+    work = dt if dt in (torch.float32, torch.float64) else torch.float32
+    out, amax = extension("cpu").trs_forward(query.to(work).contiguous(), key.to(work).contiguous(),
+                                             qm, km, pairwise)
+    return out.to(dt), amax
+
+
+def _cpu_backward(grad, query, key, qm, amax, pairwise):
+    dt = query.dtype
+    work = dt if dt in (torch.float32, torch.float64) else torch.float32
+    dq, dk = extension("cpu").trs_backward(grad.to(work).contiguous(), query.to(work).contiguous(),
+                                           key.to(work).contiguous(), qm, amax, pairwise)
+    return dq.to(dt), dk.to(dt)
+
+
+KERNELS: dict[str, tuple[Callable, Callable]] = {"cpu": (_cpu_forward, _cpu_backward)}
+
+
+@torch.library.custom_op("loupe_kernels::trs_forward", mutates_args=())
+def _trs_forward_op(query: torch.Tensor, key: torch.Tensor, query_mask: torch.Tensor,
+                    key_mask: torch.Tensor, pairwise: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_finite(query, key)
+    return KERNELS[backend][0](query.contiguous(), key.contiguous(), query_mask, key_mask, pairwise)
+
+
+@_trs_forward_op.register_fake
+def _(query, key, query_mask, key_mask, pairwise, backend):
+    Bq, Lq = query.shape[0], query.shape[1]
+    if pairwise:
+        Bk = key.shape[0]
+        return query.new_empty((Bq, Bk)), query.new_empty((Bq, Bk, Lq), dtype=torch.int32)
+    return query.new_empty((Bq,)), query.new_empty((Bq, Lq), dtype=torch.int32)
+
+
+@torch.library.custom_op("loupe_kernels::trs_backward", mutates_args=())
+def _trs_backward_op(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, query_mask: torch.Tensor,
+                     argmax: torch.Tensor, pairwise: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return KERNELS[backend][1](grad, query.contiguous(), key.contiguous(), query_mask, argmax, pairwise)
+
+
+@_trs_backward_op.register_fake
+def _(grad, query, key, query_mask, argmax, pairwise, backend):
+    return torch.empty_like(query), torch.empty_like(key)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, query_mask, _key_mask, pairwise, backend = inputs
+    _, amax = output
+    ctx.save_for_backward(query, key, query_mask, amax)
+    ctx.pairwise = pairwise
+    ctx.backend = backend
+    ctx.mark_non_differentiable(amax)
+
+
+def _backward(ctx, grad_out, _grad_amax):
+    query, key, query_mask, amax = ctx.saved_tensors
+    dq, dk = _trs_backward_op(grad_out, query, key, query_mask, amax, ctx.pairwise, ctx.backend)
+    return dq, dk, None, None, None, None
+
+
+_trs_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def token_region_similarity(query: torch.Tensor, key: torch.Tensor, query_mask: torch.Tensor | None = None,
+                            key_mask: torch.Tensor | None = None, *, pairwise: bool = True,
+                            backend: str | None = None) -> torch.Tensor:
+    """Masked max-sim of every query item against every key item (see the module docstring)."""
+    qm, km = _validate(query, key, query_mask, key_mask, pairwise)
+    chosen = resolve_backend(OP, backend, query.device, supported=("reference", *KERNELS))
+    if chosen == "reference":
+        return token_region_similarity_reference(query, key, qm, km, pairwise=pairwise)
+    out, _ = _trs_forward_op(query, key, qm, km, pairwise, chosen)
+    return out
+
+
+class TokenRegionSimilarity(torch.nn.Module):
+    """``nn.Module`` wrapper of :func:`token_region_similarity`."""
+
+    def __init__(self, pairwise: bool = True, backend: str | None = None) -> None:
+        super().__init__()
+        self.pairwise = pairwise
+        self.backend = backend
+
+    def forward(self, query, key, query_mask=None, key_mask=None):
+        return token_region_similarity(query, key, query_mask, key_mask, pairwise=self.pairwise,
+                                       backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"pairwise={self.pairwise}, backend={self.backend!r}"
