@@ -10,8 +10,9 @@ unavailable with the reason, and the first automatic fallback warns once.
 """
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -60,8 +61,7 @@ def _triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _status_uncached(name: str) -> BackendStatus:
+def _probe(name: str) -> BackendStatus:
     if name == "reference":
         return BackendStatus(name, True, "plain PyTorch")
     if name == "cpu":
@@ -73,21 +73,31 @@ def _status_uncached(name: str) -> BackendStatus:
             return BackendStatus(name, False, why)
         return _load_extension("_cuda")
     if name == "triton":
+        # found, not imported: the kernels import triton lazily (TRITON_INTERPRET is read at import)
+        if importlib.util.find_spec("triton") is None:
+            return BackendStatus(name, False, "triton is not installed (pip install triton)")
         try:
-            import triton  # noqa: F401
-        except Exception as e:  # noqa: BLE001
-            return BackendStatus(name, False, f"triton is not importable ({e.__class__.__name__}: {e})")
+            version = importlib.metadata.version("triton")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
         if torch.cuda.is_available():
-            return BackendStatus(name, True, f"triton {triton.__version__} on CUDA")
+            return BackendStatus(name, True, f"triton {version} on CUDA")
         if _triton_interpreter():
-            return BackendStatus(name, True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1, CPU tensors)")
+            return BackendStatus(name, True, f"triton {version} interpreter (TRITON_INTERPRET=1, CPU tensors)")
         return BackendStatus(name, False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton "
                                           "to run the Triton interpreter on CPU tensors)")
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
+# Probed once at import, so that dispatch under torch.compile only reads a dict.
+_STATUS: dict[str, BackendStatus] = {name: _probe(name) for name in BACKENDS}
+
+
 def backend_status(name: str) -> BackendStatus:
-    return _status_uncached(name)
+    """Whether backend ``name`` works in this process, and why not."""
+    if name not in _STATUS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return _STATUS[name]
 
 
 def available_backends() -> list[str]:
@@ -144,6 +154,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device,
         st = backend_status(cand)
         if st.available:
             return cand
-        _warn_once(cand, f"loupe_kernels: backend {cand!r} unavailable for {op} ({st.reason}); "
+        if not torch.compiler.is_compiling():
+            _warn_once(cand, f"loupe_kernels: backend {cand!r} unavailable for {op} ({st.reason}); "
                                    f"falling back to the next backend")
     return "reference"
