@@ -16,4 +16,18 @@ std::vector<at::Tensor> trs_backward_cpu(const at::Tensor& grad_out, const at::T
                                          const at::Tensor& key, const at::Tensor& query_mask,
                                          const at::Tensor& argmax, bool pairwise);
 
+// Shapley interaction by the pinned Philox coalition draw (METHOD section 5). seed is the uint64
+// seed; schedule 0 = uniform sizes, 1 = round robin. Inputs contiguous; float32 or float64.
+// Returns {estimate [G, M], stderr [G, M]} in the input dtype.
+std::vector<at::Tensor> shapley_maxsim_cpu(const at::Tensor& sim, const at::Tensor& query_mask,
+                                           const at::Tensor& subsets, const at::Tensor& player_mask,
+                                           bool query_players, int64_t num_samples, uint64_t seed,
+                                           int64_t schedule);
+std::vector<at::Tensor> shapley_pooled_cpu(const at::Tensor& features, const at::Tensor& target,
+                                           const at::Tensor& subsets, const at::Tensor& player_mask,
+                                           int64_t num_samples, uint64_t seed, int64_t schedule);
+// The coalitions the kernels draw: bool [G, M, K, P].
+at::Tensor shapley_coalitions_cpu(const at::Tensor& subsets, const at::Tensor& player_mask, int64_t num_samples,
+                                  uint64_t seed, int64_t schedule);
+
 }  // namespace loupe
