@@ -488,10 +488,6 @@ def _triton_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched):
     return _triton_mod().maxsim(sim.contiguous(), qm, subsets, pm, query_players, K, seed, sched)
 
 
-def _triton_pooled(features, target, subsets, pm, K, seed, sched):
-    return _triton_mod().pooled(features.contiguous(), target.contiguous(), subsets, pm, K, seed, sched)
-
-
 def _triton_coalitions(subsets, pm, K, seed, sched):
     return _triton_mod().coalitions(subsets, pm, K, seed, sched)
 
@@ -510,9 +506,11 @@ def _cuda_coalitions(subsets, pm, K, seed, sched):
 
 
 KERNELS: dict[str, dict[str, Callable]] = {
-    "cpu": {"maxsim": _cpu_maxsim, "pooled": _cpu_pooled, "coalitions": _cpu_coalitions},
+    # "maxsim_qp": the max-sim game with query_players=True (the region-phrase game)
+    "cpu": {"maxsim": _cpu_maxsim, "maxsim_qp": _cpu_maxsim, "pooled": _cpu_pooled, "coalitions": _cpu_coalitions},
     "triton": {"maxsim": _triton_maxsim, "coalitions": _triton_coalitions},
-    "cuda": {"maxsim": _cuda_maxsim, "pooled": _cuda_pooled, "coalitions": _cuda_coalitions},
+    "cuda": {"maxsim": _cuda_maxsim, "maxsim_qp": _cuda_maxsim, "pooled": _cuda_pooled,
+             "coalitions": _cuda_coalitions},
 }
 
 
@@ -583,7 +581,7 @@ def shapley_interaction(sim: torch.Tensor, subsets: torch.Tensor, *, query_mask:
     """Sampled interaction ``I([S])`` of the max-sim game (see the module docstring)."""
     qm, subsets, pm, K, seed, sched = _validate_maxsim(sim, subsets, query_mask, player_mask, query_players,
                                                        num_samples, seed, size_schedule)
-    chosen = resolve_backend(OP, backend, sim.device, supported=_supported("maxsim"))
+    chosen = resolve_backend(OP, backend, sim.device, supported=_supported("maxsim_qp" if query_players else "maxsim"))
     if chosen == "reference":
         return shapley_interaction_reference(sim, subsets, query_mask=None if query_players else qm,
                                              player_mask=pm, query_players=query_players, num_samples=K,
