@@ -1,0 +1,431 @@
+"""The LOUPE dual encoder (METHOD sections 1, 4, 9).
+
+- Image: a ViT (patch embedding, [CLS], learned positions, pre-norm transformer). The [CLS] and
+  every patch token pass the same final LayerNorm and projection to ``D`` and are L2-normalised.
+- Text: a transformer (token + learned position embeddings, padding mask, optional causal mask).
+  The pooled token ([CLS] at position 0, or the last valid token = [EOS]) and every word token pass
+  the same final LayerNorm and projection and are L2-normalised. Word tokens = valid tokens that
+  are neither the pooled token nor a special token.
+- Candidate regions (``loupe.regions``): box features of every whole-patch box from a summed-area
+  table, an objectness head, top-M regions after NMS.
+- ``forward(batch)`` computes everything the configured objective needs, losses included, so that
+  ZeRO-3 sees every parameter use inside ``forward``.
+
+Inference: ``encode_image``, ``encode_text``, ``phrase_features`` (and the token-level
+``encode_image_tokens`` / ``encode_text_tokens`` / ``box_features`` used by evaluation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses as _losses
+from . import regions as _regions
+
+__all__ = ["LoupeConfig", "LoupeModel", "VisionTransformer", "TextTransformer"]
+
+
+@dataclass
+class LoupeConfig:
+    """Sizes, objective and region settings of a :class:`LoupeModel` (JSON-serialisable)."""
+
+    # image tower
+    image_size: int = 64
+    patch_size: int = 8
+    in_channels: int = 3
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    # text tower
+    vocab_size: int = 1000
+    context_length: int = 64
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_pool: str = "first"          # "first": [CLS] at position 0; "last": last valid token ([EOS])
+    text_causal: bool = False         # causal self-attention (CLIP-style, use with text_pool="last")
+    special_token_ids: tuple[int, ...] = ()  # never word tokens (e.g. [SEP]/[EOS], [UNK] is a word)
+    # shared
+    embed_dim: int = 128
+    mlp_ratio: float = 4.0
+    # objective
+    objective: str = "loupe"          # "clip" | "filip" | "loupe" (see loupe.losses)
+    loss_weights: dict[str, float] | None = None  # overrides of the objective's term weights
+    logit_scale_init: float = 1.0 / 0.07
+    logit_scale_max: float = 100.0
+    kernel_backend: str | None = None  # backend of loupe_kernels ops (None = automatic)
+    # candidate regions
+    num_regions: int = 8               # M: semantic regions per image after NMS
+    nms_iou: float = 0.5
+    region_hidden: int = 128
+    region_detach: bool = False        # True: the objectness head does not train the image encoder
+
+    def __post_init__(self) -> None:
+        self.special_token_ids = tuple(int(i) for i in self.special_token_ids)
+        if self.loss_weights is not None:
+            self.loss_weights = {str(k): float(v) for k, v in dict(self.loss_weights).items()}
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        positive = ("image_size", "patch_size", "in_channels", "vision_width", "vision_layers",
+                    "vision_heads", "vocab_size", "context_length", "text_width", "text_layers",
+                    "text_heads", "embed_dim", "num_regions", "region_hidden")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"LoupeConfig.{name} must be a positive int, got {v!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"LoupeConfig.image_size ({self.image_size}) must be a multiple of "
+                             f"patch_size ({self.patch_size})")
+        if self.vision_width % self.vision_heads:
+            raise ValueError(f"LoupeConfig.vision_width ({self.vision_width}) must be divisible by "
+                             f"vision_heads ({self.vision_heads})")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"LoupeConfig.text_width ({self.text_width}) must be divisible by "
+                             f"text_heads ({self.text_heads})")
+        if self.text_pool not in ("first", "last"):
+            raise ValueError(f"LoupeConfig.text_pool must be 'first' or 'last', got {self.text_pool!r}")
+        if self.objective not in _losses.OBJECTIVES:
+            raise ValueError(f"LoupeConfig.objective must be one of {list(_losses.OBJECTIVES)}, "
+                             f"got {self.objective!r}")
+        if not (0.0 < self.nms_iou <= 1.0):
+            raise ValueError(f"LoupeConfig.nms_iou must be in (0, 1], got {self.nms_iou!r}")
+        if not (self.logit_scale_init > 0 and self.logit_scale_max >= self.logit_scale_init):
+            raise ValueError(f"LoupeConfig: need 0 < logit_scale_init <= logit_scale_max, got "
+                             f"{self.logit_scale_init!r} and {self.logit_scale_max!r}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"LoupeConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (``from_dict`` inverts it)."""
+        d = dataclasses.asdict(self)
+        d["special_token_ids"] = list(self.special_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoupeConfig":
+        """Build from ``to_dict()`` output; unknown keys raise ``ValueError`` naming them."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"LoupeConfig.from_dict: expected a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"LoupeConfig.from_dict: unknown fields {unknown} (a checkpoint from a "
+                             f"different version of loupe?)")
+        return cls(**dict(d))
+
+
+# ------------------------------------------------------------------------------------------------
+# transformer blocks
+# ------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, W = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(B, L, W))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(round(width * mlp_ratio))
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT: returns the normalised [CLS] embedding ``[B, D]`` and patch tokens ``[B, n, D]``."""
+
+    def __init__(self, cfg: LoupeConfig) -> None:
+        super().__init__()
+        W, g = cfg.vision_width, cfg.grid_size
+        self.image_size, self.grid = cfg.image_size, g
+        self.patch_embed = nn.Conv2d(cfg.in_channels, W, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                                     bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(W) * W ** -0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(1 + g * g, W) * W ** -0.5)
+        self.norm_pre = nn.LayerNorm(W)
+        self.blocks = nn.ModuleList(Block(W, cfg.vision_heads, cfg.mlp_ratio) for _ in range(cfg.vision_layers))
+        self.norm_post = nn.LayerNorm(W)
+        self.proj = nn.Linear(W, cfg.embed_dim, bias=False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, n, W]
+        cls = self.class_embedding.to(x.dtype)[None, None].expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.norm_pre(x)
+        for blk in self.blocks:
+            x = blk(x)
+        x = F.normalize(self.proj(self.norm_post(x)), dim=-1)  # the same norm + projection for all
+        return x[:, 0], x[:, 1:]
+
+
+class TextTransformer(nn.Module):
+    """Text transformer: returns the normalised pooled embedding ``[B, D]`` and all tokens ``[B, L, D]``."""
+
+    def __init__(self, cfg: LoupeConfig) -> None:
+        super().__init__()
+        W = cfg.text_width
+        self.pool, self.causal = cfg.text_pool, cfg.text_causal
+        self.token_embedding = nn.Embedding(cfg.vocab_size, W)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        self.positional_embedding = nn.Parameter(torch.randn(cfg.context_length, W) * 0.01)
+        self.blocks = nn.ModuleList(Block(W, cfg.text_heads, cfg.mlp_ratio) for _ in range(cfg.text_layers))
+        self.norm_final = nn.LayerNorm(W)
+        self.proj = nn.Linear(W, cfg.embed_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L = input_ids.shape
+        x = self.token_embedding(input_ids) + self.positional_embedding[:L].to(self.token_embedding.weight.dtype)
+        mask = attention_mask[:, None, None, :]  # [B, 1, 1, L]: keys that take part
+        if self.causal:
+            causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
+            mask = mask & causal[None, None]
+            # a padded query row may see no valid key under the causal mask: let it see itself
+            mask = mask | torch.eye(L, dtype=torch.bool, device=input_ids.device)[None, None]
+        for blk in self.blocks:
+            x = blk(x, mask)
+        x = F.normalize(self.proj(self.norm_final(x)), dim=-1)
+        if self.pool == "first":
+            pooled = x[:, 0]
+        else:
+            last = attention_mask.long().cumsum(1).argmax(1)  # position of the last valid token
+            pooled = x[torch.arange(B, device=x.device), last]
+        return pooled, x
+
+
+# ------------------------------------------------------------------------------------------------
+# the model
+# ------------------------------------------------------------------------------------------------
+class LoupeModel(nn.Module):
+    """Dual encoder with candidate regions and the configured objective (see the module docstring)."""
+
+    def __init__(self, config: LoupeConfig) -> None:
+        super().__init__()
+        if not isinstance(config, LoupeConfig):
+            raise TypeError(f"LoupeModel: config must be a LoupeConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.loss_weights = _losses.resolve_loss_weights(config.objective, config.loss_weights)
+        terms = [_losses.LOSS_TERMS[name] for name in self.loss_weights]
+        needs = {n for t in terms for n in t.needs}
+        self.needs_regions = "regions" in needs
+
+        self.visual = VisionTransformer(config)
+        self.text = TextTransformer(config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
+        if "filip_scale" in needs:
+            self.filip_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
+        else:
+            self.filip_logit_scale = None
+        self.region_head = _regions.RegionGenerator(config.embed_dim, config.region_hidden)
+        self.loss_modules = nn.ModuleDict()
+        for t in terms:
+            mod = t.build(config) if t.build is not None else None
+            if mod is not None:
+                self.loss_modules[t.name] = mod
+
+        g = config.grid_size
+        boxes = _regions.candidate_boxes(g, g)
+        iou = _regions.box_iou(boxes, boxes)
+        self.register_buffer("candidate_boxes", boxes, persistent=False)  # [K, 4] patch units
+        self.register_buffer("box_geometry", _regions.box_geometry(boxes, g, g), persistent=False)
+        self.register_buffer("nms_suppress", iou > config.nms_iou, persistent=False)  # [K, K]
+
+    # -------------------------------------------------------------------------------- helpers
+    @property
+    def grid_size(self) -> int:
+        return self.config.grid_size
+
+    def scale(self, which: str = "cmc") -> torch.Tensor:
+        """The logit scale ``exp(param)`` clamped at ``logit_scale_max``."""
+        p = self.logit_scale if which == "cmc" else self.filip_logit_scale
+        if p is None:
+            raise ValueError(f"this model has no {which!r} logit scale (objective {self.config.objective!r})")
+        return p.exp().clamp(max=self.config.logit_scale_max)
+
+    def _check_images(self, images: Any) -> torch.Tensor:
+        c = self.config
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor [B, {c.in_channels}, {c.image_size}, "
+                            f"{c.image_size}], got {type(images).__name__}"
+                            + (f" of {images.dtype}" if isinstance(images, torch.Tensor) else ""))
+        if images.dim() != 4 or tuple(images.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
+            raise ValueError(f"images must have shape [B, {c.in_channels}, {c.image_size}, {c.image_size}], "
+                             f"got {list(images.shape)}")
+        return images.to(self.visual.patch_embed.weight.dtype)
+
+    def _check_text(self, input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be an integer tensor [B, L], got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                             f"{list(getattr(input_ids, 'shape', []))}")
+        if input_ids.shape[1] > c.context_length:
+            raise ValueError(f"input_ids has length {input_ids.shape[1]} > context_length {c.context_length}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids has length 0")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {list(input_ids.shape)}, "
+                             f"got {list(getattr(attention_mask, 'shape', []))}")
+        attention_mask = attention_mask.bool()
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, vocab_size={c.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if input_ids.shape[0] and not bool(attention_mask.any(dim=1).all()):
+            raise ValueError("attention_mask: every caption needs at least one valid token")
+        if c.text_pool == "first" and input_ids.shape[0] and not bool(attention_mask[:, 0].all()):
+            raise ValueError("attention_mask: with text_pool='first' position 0 ([CLS]) must be valid "
+                             "(pad on the right)")
+        return input_ids, attention_mask
+
+    def word_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Word tokens: valid, not the pooled [CLS]/[EOS] position, not a ``special_token_ids`` token."""
+        m = attention_mask.bool().clone()
+        B, L = m.shape
+        if self.config.text_pool == "first":
+            m[:, 0] = False
+        else:
+            last = attention_mask.long().cumsum(1).argmax(1)
+            m[torch.arange(B, device=m.device), last] = False
+        if self.config.special_token_ids:
+            special = torch.tensor(self.config.special_token_ids, device=input_ids.device)
+            m &= ~torch.isin(input_ids, special)
+        return m
+
+    # -------------------------------------------------------------------------------- encoders
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised ``([CLS] [B, D], patch tokens [B, n, D])``; patches in row-major grid order."""
+        return self.visual(self._check_images(images))
+
+    def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised ``(pooled [B, D], tokens [B, L, D], word_mask [B, L])``."""
+        input_ids, attention_mask = self._check_text(input_ids, attention_mask)
+        pooled, tokens = self.text(input_ids, attention_mask)
+        return pooled, tokens, self.word_mask(input_ids, attention_mask)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised global image embeddings ``[B, D]``."""
+        return self.encode_image_tokens(images)[0]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised global text embeddings ``[B, D]``."""
+        return self.encode_text_tokens(input_ids, attention_mask)[0]
+
+    def phrase_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        phrase_token_spans: torch.Tensor, phrase_mask: torch.Tensor | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phrase features ``[B, P, D]`` and their mask ``[B, P]`` for captions and token spans.
+
+        ``phrase_token_spans [B, P, 2]`` are ``(start, end)`` token positions, end-exclusive, of the
+        tokenised caption (position 0 = [CLS]). Each phrase is the normalised mean of its word
+        tokens in the context of its caption.
+        """
+        _, tokens, wmask = self.encode_text_tokens(input_ids, attention_mask)
+        return _regions.phrase_features(tokens, wmask, phrase_token_spans, phrase_mask)
+
+    def box_features(self, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(inside [B, K, D], outside [B, K, D], outside_valid [K])`` for every candidate box."""
+        g = self.grid_size
+        return _regions.box_features(patch_tokens, g, g, self.candidate_boxes)
+
+    def regions(self, patch_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Objectness of every candidate box and the top-M semantic regions after NMS.
+
+        Returns ``box_feats``/``box_feats_out [B, K, D]``, ``box_logits [B, K]``, and for the M
+        regions ``region_index [B, M]`` (into the candidates), ``region_mask [B, M]``,
+        ``region_feats [B, M, D]`` (inside features), ``region_logits [B, M]`` and
+        ``region_boxes [B, M, 4]`` (pixels, xyxy).
+        """
+        inside, outside, _ = self.box_features(patch_tokens)
+        head_in, head_out = (inside.detach(), outside.detach()) if self.config.region_detach else (inside, outside)
+        logits = self.region_head(head_in, head_out, self.box_geometry)
+        idx, valid = _regions.nms_topk(logits, self.nms_suppress, self.config.num_regions)
+        D = inside.shape[-1]
+        feats = inside.gather(1, idx[..., None].expand(*idx.shape, D))
+        return {
+            "box_feats": inside, "box_feats_out": outside, "box_logits": logits,
+            "region_index": idx, "region_mask": valid, "region_feats": feats,
+            "region_logits": logits.gather(1, idx),
+            "region_boxes": _regions.boxes_to_pixels(self.candidate_boxes[idx], self.config.patch_size),
+        }
+
+    # -------------------------------------------------------------------------------- forward
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Encode a batch and compute the objective's losses.
+
+        ``batch``: ``images [B, C, H, W]`` float, ``input_ids [B, L]`` long, ``attention_mask [B, L]``
+        bool, optional ``phrase_token_spans [B, P, 2]`` + ``phrase_mask [B, P]``; other keys (boxes,
+        step, seed, ...) are passed through to the loss terms untouched. ``return_regions=True``
+        computes the regions even when no term needs them.
+
+        Returns ``loss``, ``loss_<term>`` per term, ``logit_scale`` (and ``filip_logit_scale``),
+        ``image_emb``, ``text_emb``, ``patch_tokens``, ``patch_mask``, ``word_tokens``,
+        ``word_mask``, ``phrase_feats``/``phrase_mask`` when spans are given, and the outputs of
+        :meth:`regions` when needed.
+        """
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"LoupeModel.forward: batch must be a dict, got {type(batch).__name__}")
+        for key in ("images", "input_ids"):
+            if key not in batch:
+                raise KeyError(f"LoupeModel.forward: batch has no {key!r} (keys: {sorted(batch)})")
+        image_emb, patch_tokens = self.encode_image_tokens(batch["images"])
+        text_emb, word_tokens, word_mask = self.encode_text_tokens(batch["input_ids"], batch.get("attention_mask"))
+        if image_emb.shape[0] != text_emb.shape[0]:
+            raise ValueError(f"batch has {image_emb.shape[0]} images but {text_emb.shape[0]} captions")
+        out: dict[str, Any] = {
+            "image_emb": image_emb, "text_emb": text_emb,
+            "patch_tokens": patch_tokens,
+            "patch_mask": torch.ones(patch_tokens.shape[:2], dtype=torch.bool, device=patch_tokens.device),
+            "word_tokens": word_tokens, "word_mask": word_mask,
+            "logit_scale": self.scale("cmc"),
+        }
+        if self.filip_logit_scale is not None:
+            out["filip_logit_scale"] = self.scale("filip")
+        spans = batch.get("phrase_token_spans")
+        if spans is not None:
+            out["phrase_feats"], out["phrase_mask"] = _regions.phrase_features(
+                word_tokens, word_mask, spans, batch.get("phrase_mask"))
+        if self.needs_regions or batch.get("return_regions", False):
+            out.update(self.regions(patch_tokens))
+        total = None
+        for name, weight in self.loss_weights.items():
+            term = _losses.LOSS_TERMS.get(name)
+            if term is None:
+                raise RuntimeError(f"loss term {name!r} was unregistered after the model was built")
+            module = self.loss_modules[name] if name in self.loss_modules else None
+            value = term.fn(out, batch, self, module)
+            out[f"loss_{name}"] = value
+            total = weight * value if total is None else total + weight * value
+        out["loss"] = total
+        return out

@@ -1,0 +1,204 @@
+"""Candidate regions, box features, the region generator and phrase features (METHOD sections 4, 10).
+
+- Candidates are every axis-aligned box of whole patches on the ``h x w`` patch grid:
+  ``(h(h+1)/2) * (w(w+1)/2)`` boxes (1296 on 8x8), stored as ``(x0, y0, x1, y1)`` in patch units,
+  end-exclusive, so the patches inside are ``rows y0..y1-1, columns x0..x1-1``.
+- Box features come from a summed-area table of the patch tokens: the mean of the tokens inside
+  and the mean of the tokens outside, each L2-normalised after pooling (the whole-image box has no
+  outside; its outside feature is the zero vector and ``outside_valid`` is False).
+- The region generator is a small MLP on (inside, outside, geometry) giving one objectness logit
+  per box; the semantic regions of an image are the top-M boxes by objectness after greedy NMS.
+- Phrase features are the means of the word tokens inside each phrase's token span, normalised.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["candidate_boxes", "box_iou", "box_geometry", "summed_area_table", "box_features",
+           "nms_topk", "phrase_features", "RegionGenerator", "boxes_to_pixels", "NUM_GEOMETRY"]
+
+NUM_GEOMETRY = 7  # x0, y0, x1, y1 (fractions of the grid), width, height, area (fractions)
+
+
+def candidate_boxes(h: int, w: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Every whole-patch box on an ``h x w`` grid as a long tensor ``[K, 4]`` of ``(x0, y0, x1, y1)``.
+
+    Patch units, end-exclusive; ordered by ``y0, y1, x0, x1`` ascending. ``K = h(h+1)/2 * w(w+1)/2``.
+    """
+    if not (isinstance(h, int) and isinstance(w, int)) or h < 1 or w < 1:
+        raise ValueError(f"candidate_boxes: h and w must be positive ints, got h={h!r}, w={w!r}")
+    ys = [(a, b) for a in range(h) for b in range(a + 1, h + 1)]
+    xs = [(a, b) for a in range(w) for b in range(a + 1, w + 1)]
+    boxes = [(x0, y0, x1, y1) for (y0, y1) in ys for (x0, x1) in xs]
+    return torch.tensor(boxes, dtype=torch.long, device=device)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of every box in ``a [Na, 4]`` with every box in ``b [Nb, 4]`` (xyxy) -> ``[Na, Nb]`` float."""
+    a = a.to(torch.float64) if not a.is_floating_point() else a
+    b = b.to(a.dtype)
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def box_geometry(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Geometry features ``[K, 7]``: x0/w, y0/h, x1/w, y1/h, width/w, height/h, area/(h*w)."""
+    b = boxes.to(torch.float32)
+    x0, y0, x1, y1 = b.unbind(-1)
+    bw, bh = (x1 - x0) / w, (y1 - y0) / h
+    return torch.stack([x0 / w, y0 / h, x1 / w, y1 / h, bw, bh, bw * bh], dim=-1)
+
+
+def boxes_to_pixels(boxes: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Patch-unit boxes -> pixel ``xyxy`` floats (patch ``i`` covers pixels ``[i*p, (i+1)*p)``)."""
+    return boxes.to(torch.float32) * float(patch_size)
+
+
+def summed_area_table(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Summed-area table of grid tokens: ``[B, h*w, D]`` -> ``[B, h+1, w+1, D]`` with
+    ``S[b, y, x] = sum of tokens in rows < y and columns < x`` (first row and column are zero)."""
+    if tokens.dim() != 3 or tokens.shape[1] != h * w:
+        raise ValueError(f"summed_area_table: tokens must be [B, h*w={h * w}, D], got {list(tokens.shape)}")
+    B, _, D = tokens.shape
+    grid = tokens.reshape(B, h, w, D)
+    sat = grid.cumsum(dim=1).cumsum(dim=2)
+    return F.pad(sat, (0, 0, 1, 0, 1, 0))  # zero row on top, zero column on the left
+
+
+def box_features(tokens: torch.Tensor, h: int, w: int, boxes: torch.Tensor, *, normalize: bool = True,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inside and outside means of the patch tokens for every box, from a summed-area table.
+
+    ``tokens [B, h*w, D]``, ``boxes [K, 4]`` long (patch units, end-exclusive). Returns
+    ``inside [B, K, D]``, ``outside [B, K, D]`` (L2-normalised after pooling when ``normalize``) and
+    ``outside_valid [K]`` bool (False for the whole-grid box, whose outside is zero). Pooling runs in
+    float32 at least and the results have the dtype of ``tokens``.
+    """
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"box_features: boxes must be [K, 4], got {list(boxes.shape)}")
+    dt = tokens.dtype
+    work = tokens if dt in (torch.float32, torch.float64) else tokens.float()
+    B, n, D = work.shape
+    sat = summed_area_table(work, h, w).reshape(B, (h + 1) * (w + 1), D)
+    boxes = boxes.to(device=tokens.device, dtype=torch.long)
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    stride = w + 1
+
+    def corner(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return sat.index_select(1, y * stride + x)
+
+    inside_sum = corner(y1, x1) - corner(y0, x1) - corner(y1, x0) + corner(y0, x0)
+    area = ((x1 - x0) * (y1 - y0)).to(work.dtype)
+    total = sat[:, -1:, :]  # [B, 1, D] = sum of all tokens
+    out_count = (n - area)
+    outside_valid = out_count > 0
+    inside = inside_sum / area[None, :, None]
+    outside = (total - inside_sum) / out_count.clamp(min=1)[None, :, None]
+    outside = outside * outside_valid[None, :, None].to(work.dtype)
+    if normalize:
+        inside = F.normalize(inside, dim=-1)
+        outside = F.normalize(outside, dim=-1)
+    return inside.to(dt), outside.to(dt), outside_valid
+
+
+def nms_topk(scores: torch.Tensor, suppress: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS, stopped after ``k`` kept boxes, batched over images.
+
+    ``scores [B, K]`` (higher first; ties go to the lower index), ``suppress [K, K]`` bool with
+    ``suppress[i, j]`` True when keeping box ``i`` removes box ``j`` (IoU above the threshold; the
+    diagonal must be True). Returns ``index [B, k]`` long and ``valid [B, k]`` bool (False where fewer
+    than ``k`` boxes survive; such slots hold index 0). Boxes scored ``-inf`` or NaN are never kept,
+    so callers can exclude boxes by masking their scores. The same boxes, in the same order, as running
+    standard greedy NMS over the descending order and keeping the first ``k``.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"nms_topk: scores must be [B, K], got {list(scores.shape)}")
+    if suppress.shape != (scores.shape[1], scores.shape[1]) or suppress.dtype != torch.bool:
+        raise ValueError(f"nms_topk: suppress must be a bool [K, K] = [{scores.shape[1]}]*2 matrix, "
+                         f"got {suppress.dtype} {list(suppress.shape)}")
+    if k < 1:
+        raise ValueError(f"nms_topk: k must be >= 1, got {k}")
+    B, K = scores.shape
+    s = scores.detach().float()
+    alive = s > float("-inf")  # NaN and -inf scores are never kept
+    neg = torch.tensor(float("-inf"), device=s.device)
+    index = torch.zeros(B, k, dtype=torch.long, device=s.device)
+    valid = torch.zeros(B, k, dtype=torch.bool, device=s.device)
+    for t in range(min(k, K)):
+        masked = torch.where(alive, s, neg)
+        # argmax returns the first maximal index: ties go to the lower index
+        best = masked.argmax(dim=1)
+        ok = alive.gather(1, best[:, None]).squeeze(1)
+        index[:, t] = torch.where(ok, best, torch.zeros_like(best))
+        valid[:, t] = ok
+        alive = alive & ~(suppress.index_select(0, best) & ok[:, None])
+    return index, valid
+
+
+def phrase_features(word_tokens: torch.Tensor, word_mask: torch.Tensor, spans: torch.Tensor,
+                    phrase_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of the word tokens in each phrase's token span, normalised.
+
+    ``word_tokens [B, L, D]``, ``word_mask [B, L]`` bool (word tokens: no padding or special tokens),
+    ``spans [B, P, 2]`` long ``(start, end)`` token positions, end-exclusive, ``phrase_mask [B, P]``
+    bool (None = all phrases valid). Only word tokens inside a span are pooled. Returns
+    ``features [B, P, D]`` (zero for invalid phrases) and ``mask [B, P]``: the phrase is valid and
+    its span holds at least one word token.
+    """
+    if word_tokens.dim() != 3:
+        raise ValueError(f"phrase_features: word_tokens must be [B, L, D], got {list(word_tokens.shape)}")
+    B, L, D = word_tokens.shape
+    if word_mask.shape != (B, L) or word_mask.dtype != torch.bool:
+        raise ValueError(f"phrase_features: word_mask must be bool [B, L] = {[B, L]}, "
+                         f"got {word_mask.dtype} {list(word_mask.shape)}")
+    if spans.dim() != 3 or spans.shape[0] != B or spans.shape[2] != 2:
+        raise ValueError(f"phrase_features: spans must be [B={B}, P, 2], got {list(spans.shape)}")
+    P = spans.shape[1]
+    if phrase_mask is None:
+        phrase_mask = torch.ones(B, P, dtype=torch.bool, device=spans.device)
+    if phrase_mask.shape != (B, P) or phrase_mask.dtype != torch.bool:
+        raise ValueError(f"phrase_features: phrase_mask must be bool [B, P] = {[B, P]}, "
+                         f"got {phrase_mask.dtype} {list(phrase_mask.shape)}")
+    if P == 0:
+        return word_tokens.new_zeros(B, 0, D), phrase_mask
+    dt = word_tokens.dtype
+    work = word_tokens if dt in (torch.float32, torch.float64) else word_tokens.float()
+    spans = spans.to(device=word_tokens.device, dtype=torch.long)
+    start = spans[..., 0].clamp(0, L)
+    end = spans[..., 1].clamp(0, L)
+    end = torch.maximum(end, start)
+    m = word_mask.to(work.dtype)
+    csum = F.pad((work * m[..., None]).cumsum(dim=1), (0, 0, 1, 0))  # [B, L+1, D]
+    ccount = F.pad(m.cumsum(dim=1), (1, 0))  # [B, L+1]
+    idx_s = start[..., None].expand(B, P, D)
+    idx_e = end[..., None].expand(B, P, D)
+    sums = csum.gather(1, idx_e) - csum.gather(1, idx_s)
+    counts = ccount.gather(1, end) - ccount.gather(1, start)
+    mask = phrase_mask.to(word_tokens.device) & (counts > 0.5)
+    feats = F.normalize(sums / counts.clamp(min=1)[..., None], dim=-1) * mask[..., None].to(work.dtype)
+    return feats.to(dt), mask
+
+
+class RegionGenerator(nn.Module):
+    """Objectness head: MLP on (inside feature, outside feature, box geometry) -> one logit per box."""
+
+    def __init__(self, dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2 * dim + NUM_GEOMETRY, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, inside: torch.Tensor, outside: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        """``inside, outside [B, K, D]``, ``geometry [K, 7]`` -> logits ``[B, K]``."""
+        B, K, _ = inside.shape
+        geo = geometry.to(inside.dtype)[None].expand(B, K, geometry.shape[-1])
+        x = torch.cat([inside, outside, geo], dim=-1)
+        return self.fc2(self.act(self.fc1(x))).squeeze(-1)
