@@ -11,6 +11,68 @@
 // ---- token_region_similarity (includes / wrappers) ----
 
 // ---- shapley (includes / wrappers) ----
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/shapley.h"
+
+namespace loupe_shapley_cuda {
+
+inline const uint8_t* u8(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.is_contiguous() && t.scalar_type() == at::kBool, name,
+              " must be a contiguous bool CUDA tensor");
+  return reinterpret_cast<const uint8_t*>(t.data_ptr<bool>());
+}
+
+inline void check_common(const at::Tensor& subsets, const at::Tensor& player_mask, int64_t K, int64_t schedule) {
+  TORCH_CHECK(subsets.dim() == 3, "subsets must be [G, M, P]");
+  TORCH_CHECK(player_mask.dim() == 2 && player_mask.size(0) == subsets.size(0) &&
+              player_mask.size(1) == subsets.size(2), "player_mask must be [G, P]");
+  TORCH_CHECK(K >= 1 && K <= INT32_MAX, "num_samples out of range");
+  TORCH_CHECK(schedule == 0 || schedule == 1, "schedule must be 0 or 1");
+}
+
+std::vector<at::Tensor> maxsim(const at::Tensor& sim, const at::Tensor& query_mask, const at::Tensor& subsets,
+                               const at::Tensor& player_mask, bool query_players, int64_t num_samples, int64_t seed,
+                               int64_t schedule) {
+  check_common(subsets, player_mask, num_samples, schedule);
+  TORCH_CHECK(sim.is_cuda() && sim.is_contiguous() && sim.dim() == 3, "sim must be a contiguous [G, Lq, n] CUDA tensor");
+  const int64_t G = sim.size(0), Lq = sim.size(1), n = sim.size(2), M = subsets.size(1);
+  TORCH_CHECK(subsets.size(0) == G && subsets.size(2) == (query_players ? Lq + n : n), "subsets shape");
+  TORCH_CHECK(query_mask.dim() == 2 && query_mask.size(0) == G && query_mask.size(1) == Lq, "query_mask shape");
+  int dtype;
+  switch (sim.scalar_type()) {
+    case at::kFloat: dtype = LOUPE_F32; break;
+    case at::kDouble: dtype = LOUPE_F64; break;
+    case at::kHalf: dtype = LOUPE_F16; break;
+    case at::kBFloat16: dtype = LOUPE_BF16; break;
+    default: TORCH_CHECK(false, "sim must be float16, bfloat16, float32 or float64");
+  }
+  const c10::cuda::CUDAGuard guard(sim.device());
+  const auto opts = sim.options().dtype(dtype == LOUPE_F64 ? at::kDouble : at::kFloat);
+  at::Tensor est = at::empty({G, M}, opts), se = at::empty({G, M}, opts);
+  const cudaError_t e = loupe_shapley_maxsim(
+      sim.data_ptr(), dtype, u8(query_mask, "query_mask"), u8(subsets, "subsets"), u8(player_mask, "player_mask"),
+      int(G), int(M), int(Lq), int(n), int(num_samples), query_players ? 1 : 0, static_cast<uint64_t>(seed),
+      int(schedule), est.data_ptr(), se.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(e == cudaSuccess, "shapley_maxsim: CUDA error ", cudaGetErrorString(e));
+  return {est, se};
+}
+
+at::Tensor coalitions(const at::Tensor& subsets, const at::Tensor& player_mask, int64_t num_samples, int64_t seed,
+                      int64_t schedule) {
+  check_common(subsets, player_mask, num_samples, schedule);
+  const int64_t G = subsets.size(0), M = subsets.size(1), P = subsets.size(2);
+  const c10::cuda::CUDAGuard guard(subsets.device());
+  at::Tensor out = at::empty({G, M, num_samples, P}, subsets.options());
+  const cudaError_t e = loupe_shapley_coalitions(
+      u8(subsets, "subsets"), u8(player_mask, "player_mask"), int(G), int(M), int(P), int(num_samples),
+      static_cast<uint64_t>(seed), int(schedule), reinterpret_cast<uint8_t*>(out.data_ptr<bool>()),
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(e == cudaSuccess, "shapley_coalitions: CUDA error ", cudaGetErrorString(e));
+  return out;
+}
+
+}  // namespace loupe_shapley_cuda
 
 // ---- interaction_loss (includes / wrappers) ----
 
@@ -20,6 +82,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- token_region_similarity (m.def) ----
 
   // ---- shapley (m.def) ----
+  m.def("shapley_maxsim", &loupe_shapley_cuda::maxsim, "Shapley interaction, max-sim game (CUDA)");
+  m.def("shapley_coalitions", &loupe_shapley_cuda::coalitions, "coalitions of the pinned draw (CUDA)");
 
   // ---- interaction_loss (m.def) ----
 }

@@ -43,6 +43,7 @@ rem pool players left including this one).
 Outputs are float32 (float64 for float64 input; float16/bfloat16 are evaluated in float32). No
 gradient flows (the inputs are detached). Backends: ``cpu`` (C++), ``triton``, ``cuda`` where
 available, and ``reference`` (vectorised PyTorch over the coalitions of :func:`sample_coalitions`).
+The pooled game runs on cpu and reference; the region-phrase game on cpu, cuda and reference.
 """
 from __future__ import annotations
 
@@ -497,10 +498,6 @@ def _cuda_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched):
                                             _seed_i64(seed), sched)
 
 
-def _cuda_pooled(features, target, subsets, pm, K, seed, sched):
-    return extension("cuda").shapley_pooled(_work(features), _work(target), subsets, pm, K, _seed_i64(seed), sched)
-
-
 def _cuda_coalitions(subsets, pm, K, seed, sched):
     return extension("cuda").shapley_coalitions(subsets, pm, K, _seed_i64(seed), sched)
 
@@ -509,8 +506,7 @@ KERNELS: dict[str, dict[str, Callable]] = {
     # "maxsim_qp": the max-sim game with query_players=True (the region-phrase game)
     "cpu": {"maxsim": _cpu_maxsim, "maxsim_qp": _cpu_maxsim, "pooled": _cpu_pooled, "coalitions": _cpu_coalitions},
     "triton": {"maxsim": _triton_maxsim, "coalitions": _triton_coalitions},
-    "cuda": {"maxsim": _cuda_maxsim, "maxsim_qp": _cuda_maxsim, "pooled": _cuda_pooled,
-             "coalitions": _cuda_coalitions},
+    "cuda": {"maxsim": _cuda_maxsim, "maxsim_qp": _cuda_maxsim, "coalitions": _cuda_coalitions},
 }
 
 

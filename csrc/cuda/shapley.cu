@@ -1,0 +1,275 @@
+// Shapley coalition sampling on CUDA (METHOD section 5). Torch-free; compiled, not run on a GPU here.
+//
+// Max-sim kernel: one block per (game g, subset m), one warp per sample k (warps stride over K).
+// The warp draws its coalition from the pinned Philox4x32-10 counter (k, m, g, b) in registers
+// (all lanes compute the same words: the decisions are warp-uniform), walking the players in order
+// with selection sampling; each member taken is folded at once into the warp's running masked max
+// mC[Lq] (lanes own tokens j = lane, lane + 32, ...). Then v(C), v(C u {i}), v(C u S) come from
+// element-wise maxima and warp sums. Welford per warp, merged per block. Nothing of size [K, P].
+#include "shapley.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace {
+
+__device__ __forceinline__ void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi0 = __umulhi(0xD2511F53u, c[0]), lo0 = 0xD2511F53u * c[0];
+    const uint32_t hi1 = __umulhi(0xCD9E8D57u, c[2]), lo1 = 0xCD9E8D57u * c[2];
+    const uint32_t n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+    c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+struct Stream {
+  uint32_t k0, k1, c0, c1, c2;
+  int64_t blk;
+  uint32_t buf[4];
+  __device__ Stream(uint64_t seed, uint32_t k, uint32_t m, uint32_t g)
+      : k0(uint32_t(seed)), k1(uint32_t(seed >> 32)), c0(k), c1(m), c2(g), blk(-1) {}
+  __device__ __forceinline__ uint32_t word(int64_t w) {
+    const int64_t b = w >> 2;
+    if (b != blk) {
+      buf[0] = c0; buf[1] = c1; buf[2] = c2; buf[3] = uint32_t(b);
+      philox4x32_10(buf, k0, k1);
+      blk = b;
+    }
+    const int j = int(w & 3);
+    return j == 0 ? buf[0] : j == 1 ? buf[1] : j == 2 ? buf[2] : buf[3];
+  }
+};
+
+// Size r of sample k's coalition (pool of npool players, n' = npool + 1).
+__device__ __forceinline__ int64_t draw_size(Stream& st, uint64_t seed, int k, int m, int g, int64_t npool,
+                                             int schedule) {
+  const uint64_t np = uint64_t(npool + 1);
+  const uint32_t u0 = st.word(0);
+  if (schedule == 0) return int64_t((uint64_t(u0) * np) >> 32);
+  Stream s0(seed, 0u, uint32_t(m), uint32_t(g));
+  const uint64_t off = (uint64_t(s0.word(0)) * np) >> 32;
+  return int64_t((uint64_t(k) + off) % np);
+}
+
+// Pinned selection rule for pool position t (rem = npool - t players left), need = r - c > 0.
+__device__ __forceinline__ bool take_it(Stream& st, int64_t t, int64_t rem, int64_t need) {
+  if (need == rem) return true;
+  return uint64_t(st.word(1 + t)) * uint64_t(rem) < (uint64_t(need) << 32);
+}
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T, typename A> __device__ __forceinline__ A load_acc(const T* p) { return A(to_f<T>(*p)); }
+template <> __device__ __forceinline__ double load_acc<double, double>(const double* p) { return *p; }
+
+__device__ __forceinline__ double warp_sum(double x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// T: input type, A: compute type (float, or double for double input)
+template <typename T, typename A>
+__global__ void maxsim_kernel(const T* __restrict__ sim, const uint8_t* __restrict__ qm,
+                              const uint8_t* __restrict__ S, const uint8_t* __restrict__ pm, int M, int Lq, int n,
+                              int P, int K, int query_players, uint64_t seed, int schedule, A* est, A* se) {
+  extern __shared__ unsigned char smem_raw[];
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int task = blockIdx.x, g = task / M, m = task % M;
+  const uint8_t* Sg = S + int64_t(task) * P;
+  const uint8_t* valid = pm + int64_t(g) * P;
+  const T* sg = sim + int64_t(g) * Lq * n;
+  const int qoff = query_players ? Lq : 0;  // players < qoff are query tokens
+
+  // shared layout: sS[Lq] (A), mC[warps][Lq] (A), welford[warps][3] (double), flags
+  double* wf = reinterpret_cast<double*>(smem_raw);
+  A* sS = reinterpret_cast<A*>(wf + 3 * warps);
+  A* mCall = sS + Lq;
+  uint8_t* qv = reinterpret_cast<uint8_t*>(mCall + int64_t(warps) * Lq);  // query token counts
+  uint8_t* sq = qv + Lq;                                                   // query players in S
+  uint8_t* inQall = sq + Lq;                                               // [warps][Lq]
+  __shared__ int64_t npool_s;
+  __shared__ int s_count, s_keys;
+
+  for (int j = threadIdx.x; j < Lq; j += blockDim.x) {
+    qv[j] = query_players ? valid[j] : qm[int64_t(g) * Lq + j];
+    sq[j] = query_players ? Sg[j] : 0;
+    A best = -INFINITY;
+    for (int p = qoff; p < P; ++p)
+      if (Sg[p]) { const A x = load_acc<T, A>(sg + int64_t(j) * n + (p - qoff)); best = x > best ? x : best; }
+    sS[j] = best;
+  }
+  if (threadIdx.x == 0) {
+    int64_t np = 0;
+    int sc = 0, sk = 0;
+    for (int p = 0; p < P; ++p) {
+      if (Sg[p]) { ++sc; sk += p >= qoff; }
+      else if (valid[p]) ++np;
+    }
+    npool_s = np; s_count = sc; s_keys = sk;
+  }
+  __syncthreads();
+  const int64_t npool = npool_s;
+  A* mC = mCall + int64_t(warp) * Lq;
+  uint8_t* inQ = inQall + int64_t(warp) * Lq;
+
+  // value of C plus an optional extra key column (col >= 0: sim[:, col]; col == -2: sS) and extra
+  // query players (xq >= 0: that token; xq == -2: the query players of S); keys = key count of the union.
+  auto value = [&](int col, int xq, int keys) -> double {
+    double sum = 0, cnt = 0;
+    for (int j = lane; j < Lq; j += 32) {
+      if (!qv[j]) continue;
+      const bool in = !query_players || inQ[j] || (xq == j) || (xq == -2 && sq[j]);
+      if (!in) continue;
+      A a = mC[j];
+      if (col >= 0) { const A x = load_acc<T, A>(sg + int64_t(j) * n + col); a = x > a ? x : a; }
+      else if (col == -2) { const A x = sS[j]; a = x > a ? x : a; }
+      sum += double(a);
+      cnt += 1.0;
+    }
+    sum = warp_sum(sum);
+    cnt = warp_sum(cnt);
+    return (keys == 0 || cnt == 0.0) ? 0.0 : sum / cnt;
+  };
+
+  double w_n = 0, w_mean = 0, w_m2 = 0;
+  for (int k = warp; k < K; k += warps) {
+    Stream st(seed, uint32_t(k), uint32_t(m), uint32_t(g));
+    const int64_t r = draw_size(st, seed, k, m, g, npool, schedule);
+    for (int j = lane; j < Lq; j += 32) { mC[j] = -INFINITY; inQ[j] = 0; }
+    __syncwarp();
+    int64_t c = 0, t = 0;
+    int nk = 0;
+    for (int p = 0; p < P && c < r; ++p) {
+      if (Sg[p] || !valid[p]) continue;
+      const bool take = take_it(st, t, npool - t, r - c);
+      ++t;
+      if (!take) continue;
+      ++c;
+      if (p >= qoff) {
+        ++nk;
+        for (int j = lane; j < Lq; j += 32) {
+          const A x = load_acc<T, A>(sg + int64_t(j) * n + (p - qoff));
+          mC[j] = x > mC[j] ? x : mC[j];
+        }
+      } else if (lane == 0) {
+        inQ[p] = 1;
+      }
+      __syncwarp();
+    }
+    __syncwarp();
+    const double vC = value(-1, -1, nk);
+    double gk = value(s_keys ? -2 : -1, -2, nk + s_keys);
+    for (int p = 0; p < P; ++p) {
+      if (!Sg[p]) continue;
+      gk -= p >= qoff ? value(p - qoff, -1, nk + 1) : value(-1, p, nk);
+    }
+    gk += double(s_count - 1) * vC;
+    w_n += 1.0;
+    const double d = gk - w_mean;
+    w_mean += d / w_n;
+    w_m2 += d * (gk - w_mean);
+    __syncwarp();
+  }
+  if (lane == 0) { wf[3 * warp] = w_n; wf[3 * warp + 1] = w_mean; wf[3 * warp + 2] = w_m2; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double N = 0, mean = 0, m2 = 0;
+    for (int w = 0; w < warps; ++w) {  // Chan et al. merge
+      const double nb = wf[3 * w], mb = wf[3 * w + 1], qb = wf[3 * w + 2];
+      if (nb == 0) continue;
+      const double tot = N + nb, delta = mb - mean;
+      mean += delta * nb / tot;
+      m2 += qb + delta * delta * N * nb / tot;
+      N = tot;
+    }
+    est[task] = A(mean);
+    se[task] = N > 1 ? A(sqrt(m2 / (N - 1)) / sqrt(N)) : A(INFINITY);
+  }
+}
+
+__global__ void coalitions_kernel(const uint8_t* __restrict__ S, const uint8_t* __restrict__ pm, int G, int M,
+                                  int P, int K, uint64_t seed, int schedule, uint8_t* out) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= int64_t(G) * M * K) return;
+  const int k = int(idx % K);
+  const int task = int(idx / K), g = task / M, m = task % M;
+  const uint8_t* Sg = S + int64_t(task) * P;
+  const uint8_t* valid = pm + int64_t(g) * P;
+  int64_t npool = 0;
+  for (int p = 0; p < P; ++p) npool += (!Sg[p] && valid[p]);
+  Stream st(seed, uint32_t(k), uint32_t(m), uint32_t(g));
+  const int64_t r = draw_size(st, seed, k, m, g, npool, schedule);
+  uint8_t* row = out + idx * P;
+  int64_t c = 0, t = 0;
+  for (int p = 0; p < P; ++p) {
+    bool take = false;
+    if (!Sg[p] && valid[p]) {
+      take = c < r && take_it(st, t, npool - t, r - c);
+      ++t;
+      c += take;
+    }
+    row[p] = take;
+  }
+}
+
+template <typename T, typename A>
+cudaError_t launch_maxsim(const void* sim, const uint8_t* qm, const uint8_t* S, const uint8_t* pm, int G, int M,
+                          int Lq, int n, int K, int query_players, uint64_t seed, int schedule, void* est, void* se,
+                          cudaStream_t stream) {
+  const int P = query_players ? Lq + n : n;
+  int warps = K < 8 ? (K < 1 ? 1 : K) : 8;
+  const size_t smem = size_t(3 * warps) * sizeof(double) + size_t(Lq) * sizeof(A) * (1 + warps) +
+                      size_t(Lq) * (2 + warps);
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(maxsim_kernel<T, A>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               int(smem));
+    if (e != cudaSuccess) return e;
+  }
+  if (G * M == 0) return cudaSuccess;
+  maxsim_kernel<T, A><<<G * M, warps * 32, smem, stream>>>(static_cast<const T*>(sim), qm, S, pm, M, Lq, n, P, K,
+                                                           query_players, seed, schedule, static_cast<A*>(est),
+                                                           static_cast<A*>(se));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t loupe_shapley_maxsim(const void* sim, int dtype, const uint8_t* query_mask, const uint8_t* subsets,
+                                 const uint8_t* player_mask, int G, int M, int Lq, int n, int K, int query_players,
+                                 uint64_t seed, int schedule, void* est, void* se, cudaStream_t stream) {
+  switch (dtype) {
+    case LOUPE_F32:
+      return launch_maxsim<float, float>(sim, query_mask, subsets, player_mask, G, M, Lq, n, K, query_players, seed,
+                                         schedule, est, se, stream);
+    case LOUPE_F64:
+      return launch_maxsim<double, double>(sim, query_mask, subsets, player_mask, G, M, Lq, n, K, query_players,
+                                           seed, schedule, est, se, stream);
+    case LOUPE_F16:
+      return launch_maxsim<__half, float>(sim, query_mask, subsets, player_mask, G, M, Lq, n, K, query_players,
+                                          seed, schedule, est, se, stream);
+    case LOUPE_BF16:
+      return launch_maxsim<__nv_bfloat16, float>(sim, query_mask, subsets, player_mask, G, M, Lq, n, K,
+                                                 query_players, seed, schedule, est, se, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t loupe_shapley_coalitions(const uint8_t* subsets, const uint8_t* player_mask, int G, int M, int P, int K,
+                                     uint64_t seed, int schedule, uint8_t* out, cudaStream_t stream) {
+  const int64_t total = int64_t(G) * M * K;
+  if (total == 0) return cudaSuccess;
+  const int threads = 128;
+  coalitions_kernel<<<unsigned((total + threads - 1) / threads), threads, 0, stream>>>(subsets, player_mask, G, M, P,
+                                                                                        K, seed, schedule, out);
+  return cudaGetLastError();
+}
