@@ -233,6 +233,7 @@ class LoupeModel(nn.Module):
             raise TypeError(f"LoupeModel: config must be a LoupeConfig, got {type(config).__name__}")
         config.validate()
         self.config = config
+        self.tokenizer = None  # set by loupe.load when a tokenizer was saved with the model
         self.loss_weights = _losses.resolve_loss_weights(config.objective, config.loss_weights)
         terms = [_losses.LOSS_TERMS[name] for name in self.loss_weights]
         needs = {n for t in terms for n in t.needs}
@@ -429,3 +430,75 @@ class LoupeModel(nn.Module):
             total = weight * value if total is None else total + weight * value
         out["loss"] = total
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# loading a trained model
+# ------------------------------------------------------------------------------------------------
+def load(path: str, map_location: str | torch.device = "cpu") -> LoupeModel:
+    """Load a trained model for inference, in eval mode.
+
+    ``path`` is a training output directory holding ``model.pt`` (``{"config": config.to_dict(),
+    "state_dict": ...}``) and usually ``config.json`` (``{"model": config.to_dict(), ...}``), or a
+    ``model.pt`` file itself. The config comes from ``model.pt``, or from ``config.json`` when
+    ``model.pt`` has none. Parameters of training-only loss terms (``loss_modules.*``) are dropped.
+    Raises ``FileNotFoundError`` for a missing checkpoint and ``ValueError`` for one that does not
+    fit the model it describes. When ``tokenizer.json`` lies beside it and ``loupe.data`` can read
+    it, the tokenizer is attached as ``model.tokenizer`` (else ``model.tokenizer`` is None).
+    """
+    import json
+    import os
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        directory, ckpt_path = path, os.path.join(path, "model.pt")
+    else:
+        directory, ckpt_path = os.path.dirname(path) or ".", path
+    if not os.path.exists(ckpt_path):
+        hint = ""
+        if os.path.isdir(os.path.join(directory, "checkpoints")):
+            hint = (" (the directory has DeepSpeed checkpoints but no consolidated model.pt: the run did "
+                    "not finish; resume it, or consolidate with deepspeed.utils.zero_to_fp32)")
+        raise FileNotFoundError(f"loupe.load: no checkpoint {ckpt_path!r}{hint}")
+    try:
+        ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise ValueError(f"loupe.load: cannot read {ckpt_path!r}: {e}") from e
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise ValueError(f"loupe.load: {ckpt_path!r} is not a loupe checkpoint (expected a dict with "
+                         f"'config' and 'state_dict')")
+    cfg_dict = ckpt.get("config")
+    json_path = os.path.join(directory, "config.json")
+    if cfg_dict is None:
+        if not os.path.exists(json_path):
+            raise FileNotFoundError(f"loupe.load: {ckpt_path!r} holds no config and {json_path!r} is missing")
+        with open(json_path) as f:
+            saved = json.load(f)
+        cfg_dict = saved.get("model", saved) if isinstance(saved, dict) else saved
+    try:
+        config = LoupeConfig.from_dict(cfg_dict)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"loupe.load: incompatible config in {ckpt_path!r}: {e}") from e
+    model = LoupeModel(config)
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in ckpt["state_dict"].items()}
+    state = {k: v for k, v in state.items() if not k.startswith("loss_modules.")}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("loss_modules.")}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or bad_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
+            if keys:
+                parts.append(f"{label}: {keys[:5]}{' ...' if len(keys) > 5 else ''}")
+        raise ValueError(f"loupe.load: {ckpt_path!r} does not fit its config ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=False)
+    model.tokenizer = None
+    tok_path = os.path.join(directory, "tokenizer.json")
+    if os.path.exists(tok_path):
+        try:
+            from . import data as _data
+            model.tokenizer = _data.load_tokenizer(tok_path)
+        except (ImportError, AttributeError):
+            model.tokenizer = None
+    return model.to(map_location).eval()

@@ -1,0 +1,160 @@
+"""Candidate boxes, summed-area box features, NMS and phrase features against direct computations."""
+import itertools
+
+import pytest
+import torch
+
+from loupe.regions import (box_features, box_geometry, box_iou, candidate_boxes, nms_topk,
+                           phrase_features, summed_area_table)
+
+
+def test_candidate_boxes_enumerate_every_whole_patch_box():
+    boxes = candidate_boxes(8, 8)
+    assert boxes.shape == (1296, 4)
+    for h, w in ((1, 1), (3, 5), (4, 2)):
+        b = candidate_boxes(h, w)
+        assert b.shape[0] == (h * (h + 1) // 2) * (w * (w + 1) // 2)
+        direct = {(x0, y0, x1, y1) for y0, y1 in itertools.combinations(range(h + 1), 2)
+                  for x0, x1 in itertools.combinations(range(w + 1), 2)}
+        assert {tuple(r) for r in b.tolist()} == direct
+        assert len(direct) == b.shape[0]  # no duplicates
+    with pytest.raises(ValueError, match="positive"):
+        candidate_boxes(0, 3)
+
+
+def test_box_iou_known_values():
+    a = torch.tensor([[0, 0, 2, 2], [0, 0, 1, 1]])
+    b = torch.tensor([[1, 1, 3, 3], [0, 0, 2, 2], [5, 5, 6, 6]])
+    iou = box_iou(a, b)
+    expected = torch.tensor([[1 / 7, 1.0, 0.0], [0.0, 0.25, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(iou, expected)
+
+
+def test_box_geometry_fractions():
+    g = box_geometry(torch.tensor([[0, 0, 4, 2], [1, 3, 2, 4]]), h=4, w=4)
+    torch.testing.assert_close(g[0], torch.tensor([0, 0, 1, 0.5, 1, 0.5, 0.5]))
+    torch.testing.assert_close(g[1], torch.tensor([0.25, 0.75, 0.5, 1, 0.25, 0.25, 0.0625]))
+
+
+@pytest.mark.parametrize("h,w", [(4, 3), (8, 8)])
+def test_summed_area_box_features_equal_direct_means(h, w):
+    torch.manual_seed(0)
+    B, D = 2, 5
+    tokens = torch.randn(B, h * w, D, dtype=torch.float64)
+    boxes = candidate_boxes(h, w)
+    sat = summed_area_table(tokens, h, w)
+    grid = tokens.reshape(B, h, w, D)
+    assert torch.allclose(sat[:, 2, 3], grid[:, :2, :3].sum(dim=(1, 2)))
+    inside, outside, outside_valid = box_features(tokens, h, w, boxes)
+    raw_in, raw_out, _ = box_features(tokens, h, w, boxes, normalize=False)
+    for k in torch.randperm(boxes.shape[0])[:60].tolist() + [0, boxes.shape[0] - 1]:
+        x0, y0, x1, y1 = boxes[k].tolist()
+        sel = torch.zeros(h, w, dtype=torch.bool)
+        sel[y0:y1, x0:x1] = True
+        sel = sel.flatten()
+        mean_in = tokens[:, sel].mean(dim=1)
+        torch.testing.assert_close(raw_in[:, k], mean_in, rtol=0, atol=1e-12)
+        torch.testing.assert_close(inside[:, k], torch.nn.functional.normalize(mean_in, dim=-1), rtol=0, atol=1e-12)
+        if (~sel).any():
+            assert outside_valid[k]
+            mean_out = tokens[:, ~sel].mean(dim=1)
+            torch.testing.assert_close(raw_out[:, k], mean_out, rtol=0, atol=1e-12)
+            torch.testing.assert_close(outside[:, k], torch.nn.functional.normalize(mean_out, dim=-1),
+                                       rtol=0, atol=1e-12)
+        else:
+            assert not outside_valid[k]
+            assert torch.all(outside[:, k] == 0)
+    assert int((~outside_valid).sum()) == 1  # only the whole-grid box has no outside
+
+
+def test_box_features_gradient_matches_direct():
+    torch.manual_seed(1)
+    h = w = 3
+    tokens = torch.randn(1, 9, 4, dtype=torch.float64, requires_grad=True)
+    boxes = candidate_boxes(h, w)
+    inside, outside, _ = box_features(tokens, h, w, boxes)
+    weights = torch.randn_like(inside)
+    (g,) = torch.autograd.grad((inside * weights).sum() + (outside * weights).sum(), tokens)
+    t2 = tokens.detach().clone().requires_grad_(True)
+    total = 0
+    for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        sel = torch.zeros(h, w, dtype=torch.bool)
+        sel[y0:y1, x0:x1] = True
+        sel = sel.flatten()
+        total = total + (torch.nn.functional.normalize(t2[0, sel].mean(0), dim=-1) * weights[0, k]).sum()
+        if (~sel).any():
+            total = total + (torch.nn.functional.normalize(t2[0, ~sel].mean(0), dim=-1) * weights[0, k]).sum()
+    (g2,) = torch.autograd.grad(total, t2)
+    torch.testing.assert_close(g, g2, rtol=1e-10, atol=1e-12)
+
+
+def direct_nms(scores, boxes, iou_thr, k):
+    """Plain greedy NMS: stable descending order, keep a box unless IoU > thr with a kept one."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # sorted() is stable: ties keep index order
+    iou = box_iou(boxes, boxes)
+    kept = []
+    for i in order:
+        if scores[i] == float("-inf"):
+            continue
+        if all(iou[i, j] <= iou_thr for j in kept):
+            kept.append(i)
+        if len(kept) == k:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("grid,thr,k", [(8, 0.5, 8), (4, 0.3, 6), (2, 0.5, 8), (3, 0.1, 9)])
+def test_nms_topk_matches_direct_loop(grid, thr, k):
+    torch.manual_seed(grid)
+    boxes = candidate_boxes(grid, grid)
+    K = boxes.shape[0]
+    suppress = box_iou(boxes, boxes) > thr
+    scores = torch.cat([torch.randn(3, K),
+                        torch.randint(0, 4, (2, K)).float()])  # integer scores: many ties
+    scores[0, :5] = float("-inf")  # excluded boxes
+    idx, valid = nms_topk(scores, suppress, k)
+    for b in range(scores.shape[0]):
+        expected = direct_nms(scores[b].tolist(), boxes, thr, k)
+        got = idx[b][valid[b]].tolist()
+        assert got == expected
+        assert valid[b].tolist() == [True] * len(expected) + [False] * (k - len(expected))
+
+
+def test_nms_topk_fewer_survivors_than_k():
+    boxes = candidate_boxes(1, 2)  # 3 boxes: left, both, right
+    suppress = box_iou(boxes, boxes) > 0.4
+    idx, valid = nms_topk(torch.tensor([[0.0, 1.0, 0.5]]), suppress, 3)
+    assert valid.tolist() == [[True, False, False]] and idx[0, 0].item() == 1
+    with pytest.raises(ValueError, match="suppress"):
+        nms_topk(torch.zeros(1, 3), suppress[:2], 2)
+
+
+def test_phrase_features_equal_direct_means():
+    torch.manual_seed(2)
+    B, L, D, P = 3, 7, 4, 3
+    tokens = torch.randn(B, L, D, dtype=torch.float64)
+    word_mask = torch.ones(B, L, dtype=torch.bool)
+    word_mask[:, 0] = False           # [CLS]
+    word_mask[0, 5:] = False          # caption 0: [SEP] at 5, padding at 6
+    word_mask[1, 3] = False           # a special token inside a span
+    spans = torch.tensor([[[1, 3], [3, 5], [0, 0]],
+                          [[1, 4], [4, 6], [3, 4]],
+                          [[0, 0], [0, 0], [0, 0]]])
+    pmask = torch.tensor([[True, True, False], [True, True, True], [False, False, False]])
+    feats, mask = phrase_features(tokens, word_mask, spans, pmask)
+    # caption 1 phrase 2 covers only a non-word token: invalid; caption 2 has no phrases
+    assert mask.tolist() == [[True, True, False], [True, True, False], [False, False, False]]
+    for b in range(B):
+        for p in range(P):
+            if not mask[b, p]:
+                assert torch.all(feats[b, p] == 0)
+                continue
+            s, e = spans[b, p].tolist()
+            sel = [i for i in range(s, e) if word_mask[b, i]]
+            ref = torch.nn.functional.normalize(tokens[b, sel].mean(0), dim=-1)
+            torch.testing.assert_close(feats[b, p], ref, rtol=0, atol=1e-12)
+    empty, empty_mask = phrase_features(tokens, word_mask, torch.zeros(B, 0, 2, dtype=torch.long),
+                                        torch.zeros(B, 0, dtype=torch.bool))
+    assert empty.shape == (B, 0, D) and empty_mask.shape == (B, 0)
+    with pytest.raises(ValueError, match="spans"):
+        phrase_features(tokens, word_mask, spans[..., :1])
