@@ -1,0 +1,311 @@
+"""The dual encoder: config round trip, shapes and masks, determinism, gradients, training steps, load."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loupe
+from loupe.losses import LOSS_TERMS, LossTerm, register_loss_term
+from loupe.model import LoupeConfig, LoupeModel, load
+from loupe.regions import nms_topk
+
+TINY = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, vocab_size=50,
+            context_length=16, text_width=32, text_layers=2, text_heads=2, embed_dim=32, region_hidden=16,
+            num_regions=4)
+
+
+def tiny(objective="filip", **kw):
+    return LoupeConfig(objective=objective, **{**TINY, **kw})
+
+
+def make_batch(cfg, B=4, seed=0, lengths=None, phrases=None):
+    """Captions of variable lengths ([CLS] w w ... [SEP] pad ...) and variable phrase counts."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths or [3 + (i % 4) for i in range(B)]  # number of word tokens
+    phrases = phrases if phrases is not None else [i % 3 for i in range(B)]  # 0, 1, 2 phrases
+    L = max(lengths) + 2
+    ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    P = max(max(phrases), 1)
+    spans = torch.zeros(B, P, 2, dtype=torch.long)
+    pmask = torch.zeros(B, P, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        ids[b, 0] = 1
+        ids[b, 1:1 + n] = torch.randint(3, cfg.vocab_size, (n,), generator=g)
+        ids[b, 1 + n] = 2
+        mask[b, :n + 2] = True
+        for p in range(phrases[b]):
+            s = 1 + p * (n // max(phrases[b], 1))
+            spans[b, p] = torch.tensor([s, s + max(1, n // max(phrases[b], 1))])
+            pmask[b, p] = True
+    images = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    return {"images": images, "input_ids": ids, "attention_mask": mask,
+            "phrase_token_spans": spans, "phrase_mask": pmask}
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return LoupeModel(cfg)
+
+
+# --------------------------------------------------------------------------------------- config
+def test_config_defaults_and_round_trip():
+    c = LoupeConfig()
+    assert (c.image_size, c.patch_size, c.embed_dim, c.vision_layers, c.text_layers) == (64, 8, 128, 4, 4)
+    assert c.grid_size == 8
+    c2 = LoupeConfig(objective="clip", special_token_ids=(2, 3), loss_weights={"cmc": 1.0})
+    d = json.loads(json.dumps(c2.to_dict()))
+    assert LoupeConfig.from_dict(d) == c2
+    with pytest.raises(ValueError, match="unknown fields"):
+        LoupeConfig.from_dict({**d, "bogus": 1})
+    with pytest.raises(ValueError, match="patch_size"):
+        LoupeConfig(image_size=60, patch_size=8)
+    with pytest.raises(ValueError, match="objective"):
+        LoupeConfig(objective="siglip")
+    with pytest.raises(ValueError, match="vision_layers"):
+        LoupeConfig(vision_layers=0)
+
+
+def test_default_model_forward_shapes():
+    cfg = LoupeConfig(objective="loupe", vocab_size=60)
+    model = build(cfg)
+    batch = make_batch(cfg, B=2)
+    batch["return_regions"] = True
+    out = model(batch)
+    assert out["image_emb"].shape == (2, 128) and out["text_emb"].shape == (2, 128)
+    assert out["patch_tokens"].shape == (2, 64, 128)
+    assert out["box_logits"].shape == (2, 1296)
+    assert out["region_feats"].shape == (2, 8, 128) and out["region_boxes"].shape == (2, 8, 4)
+    for k in ("loss", "loss_cmc", "loss_filip", "logit_scale"):
+        assert torch.isfinite(out[k]) and out[k].dim() == 0
+    assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------- encoders
+def test_everything_normalised_and_masks():
+    cfg = tiny()
+    model = build(cfg)
+    batch = make_batch(cfg, B=5, lengths=[1, 2, 5, 7, 3], phrases=[0, 1, 2, 0, 3])
+    out = model(batch)
+    for key in ("image_emb", "text_emb"):
+        torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(5))
+    torch.testing.assert_close(out["patch_tokens"].norm(dim=-1), torch.ones(5, 16))
+    torch.testing.assert_close(out["word_tokens"].norm(dim=-1), torch.ones(out["word_tokens"].shape[:2]))
+    # word tokens: the valid tokens without [CLS] (position 0) and without [SEP] (a special id)
+    lengths = [1, 2, 5, 7, 3]
+    expected = torch.zeros_like(out["word_mask"])
+    for b, n in enumerate(lengths):
+        expected[b, 1:1 + n] = True
+    # [SEP] (id 2) is not in special_token_ids here, so it counts as a word unless configured
+    sep = batch["input_ids"] == 2
+    assert torch.equal(out["word_mask"], expected | sep)
+    model2 = build(tiny(special_token_ids=(2,)))
+    assert torch.equal(model2(batch)["word_mask"], expected)
+    # phrase mask: captions without phrases have none
+    assert out["phrase_mask"].sum(dim=1).tolist() == [0, 1, 2, 0, 3]
+    assert torch.all(out["phrase_feats"][~out["phrase_mask"]] == 0)
+    torch.testing.assert_close(out["phrase_feats"][out["phrase_mask"]].norm(dim=-1),
+                               torch.ones(int(out["phrase_mask"].sum())))
+
+
+def test_padding_does_not_change_text_features():
+    cfg = tiny(special_token_ids=(2,))
+    model = build(cfg).eval()
+    batch = make_batch(cfg, B=3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    emb, tok, wm = model.encode_text_tokens(ids, mask)
+    ids_pad = F.pad(ids, (0, 4), value=0)
+    mask_pad = F.pad(mask, (0, 4), value=False)
+    emb2, tok2, wm2 = model.encode_text_tokens(ids_pad, mask_pad)
+    torch.testing.assert_close(emb, emb2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tok[wm], tok2[wm2], rtol=1e-5, atol=1e-6)
+    ph, pm = model.phrase_features(ids, mask, batch["phrase_token_spans"], batch["phrase_mask"])
+    ph2, pm2 = model.phrase_features(ids_pad, mask_pad, batch["phrase_token_spans"], batch["phrase_mask"])
+    assert torch.equal(pm, pm2)
+    torch.testing.assert_close(ph, ph2, rtol=1e-5, atol=1e-6)
+    # the inference API agrees with forward
+    out = model(batch)
+    torch.testing.assert_close(model.encode_image(batch["images"]), out["image_emb"])
+    torch.testing.assert_close(model.encode_text(ids, mask), out["text_emb"])
+
+
+def test_causal_last_token_pooling():
+    cfg = tiny(text_pool="last", text_causal=True)
+    model = build(cfg).eval()
+    batch = make_batch(cfg, B=3)
+    emb, tok, wm = model.encode_text_tokens(batch["input_ids"], batch["attention_mask"])
+    last = batch["attention_mask"].long().sum(1) - 1
+    torch.testing.assert_close(emb, tok[torch.arange(3), last])
+    assert not wm[torch.arange(3), last].any()
+    assert wm[:, 0].all()  # with last-token pooling position 0 is a word unless it is special
+
+
+def test_bad_inputs_raise_clear_errors():
+    cfg = tiny()
+    model = build(cfg)
+    batch = make_batch(cfg, B=2)
+    with pytest.raises(ValueError, match="images"):
+        model({**batch, "images": batch["images"][:, :, :16]})
+    with pytest.raises(ValueError, match="vocab_size"):
+        model({**batch, "input_ids": batch["input_ids"] + 100})
+    with pytest.raises(ValueError, match="context_length"):
+        model.encode_text(torch.ones(1, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one valid token"):
+        model.encode_text(batch["input_ids"], torch.zeros_like(batch["attention_mask"]))
+    with pytest.raises(KeyError, match="input_ids"):
+        model({"images": batch["images"]})
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        model({**batch, "input_ids": batch["input_ids"][:1], "attention_mask": batch["attention_mask"][:1]})
+
+
+# --------------------------------------------------------------------------------------- regions
+def test_regions_in_forward_are_nms_top_m():
+    cfg = tiny()
+    model = build(cfg)
+    out = model({**make_batch(cfg, B=3), "return_regions": True})
+    assert out["box_logits"].shape == (3, 100)  # 4x4 grid: 10 * 10 boxes
+    idx, valid = nms_topk(out["box_logits"], model.nms_suppress, cfg.num_regions)
+    assert torch.equal(idx, out["region_index"]) and torch.equal(valid, out["region_mask"])
+    torch.testing.assert_close(out["region_feats"], out["box_feats"].gather(
+        1, idx[..., None].expand(-1, -1, cfg.embed_dim)))
+    boxes = out["region_boxes"]
+    assert boxes.min() >= 0 and boxes.max() <= cfg.image_size
+    assert torch.all(boxes[..., 2] > boxes[..., 0]) and torch.all(boxes[..., 3] > boxes[..., 1])
+    assert torch.all(out["region_logits"][:, :-1] >= out["region_logits"][:, 1:])  # best first
+    # regions are not computed unless needed
+    assert "box_logits" not in model(make_batch(cfg, B=3))
+
+
+# --------------------------------------------------------------------------------------- determinism
+def test_same_seed_same_losses():
+    cfg = tiny()
+    batch = make_batch(cfg, B=4)
+    a = build(cfg, seed=3)(batch)
+    b = build(cfg, seed=3)(batch)
+    c = build(cfg, seed=4)(batch)
+    for k in ("loss", "loss_cmc", "loss_filip"):
+        assert a[k].item() == b[k].item()
+    assert a["loss"].item() != c["loss"].item()
+
+
+# --------------------------------------------------------------------------------------- gradients
+def _no_grad_params(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all()))
+
+
+@pytest.mark.parametrize("objective", ["clip", "filip", "loupe"])
+def test_gradients_reach_every_trainable_parameter(objective):
+    cfg = tiny(objective)
+    model = build(cfg)
+    missing = _no_grad_params(model, model(make_batch(cfg, B=4))["loss"])
+    # only the objectness head is unused without a term that needs regions
+    assert missing and all(n.startswith("region_head.") for n in missing), missing
+    if objective == "clip":
+        assert model.filip_logit_scale is None
+    else:
+        assert model.filip_logit_scale.grad is not None and model.filip_logit_scale.grad != 0
+
+
+def test_registered_term_extends_the_loupe_objective():
+    """The extension point of the LOUPE terms: a registered term with its own module and 'regions'."""
+
+    class Head(torch.nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.w * x
+
+    def fn(out, batch, model, module):
+        out["diag_probe"] = float(out["region_mask"].float().mean())
+        target = torch.zeros_like(out["box_logits"])
+        return module(F.mse_loss(out["box_logits"], target) + (1 - out["region_feats"].sum(-1)).pow(2).mean())
+
+    register_loss_term(LossTerm("probe", fn, 0.5, objectives=("loupe",), needs=("regions",), build=Head))
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_loss_term(LossTerm("probe", fn))
+        cfg = tiny("loupe")
+        model = build(cfg)
+        assert model.loss_weights == {"cmc": 1.0, "filip": 1.0, "probe": 0.5}
+        assert build(tiny("filip")).loss_weights == {"cmc": 1.0, "filip": 1.0}
+        out = model(make_batch(cfg, B=3))
+        assert out["diag_probe"] == 1.0
+        total = out["loss_cmc"] + out["loss_filip"] + 0.5 * out["loss_probe"]
+        torch.testing.assert_close(out["loss"], total)
+        assert _no_grad_params(model, out["loss"]) == []  # region head and the term's module included
+        assert "loss_modules.probe.w" in model.state_dict()
+    finally:
+        LOSS_TERMS.pop("probe", None)
+
+
+# --------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("objective", ["filip"])
+def test_a_few_steps_lower_each_term(objective):
+    cfg = tiny(objective)
+    model = build(cfg, seed=0)
+    batch = make_batch(cfg, B=8, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    first = None
+    for _ in range(15):
+        out = model(batch)
+        if first is None:
+            first = {k: out[k].item() for k in ("loss_cmc", "loss_filip")}
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        last = model(batch)
+    for k in ("loss_cmc", "loss_filip"):
+        assert last[k].item() < 0.7 * first[k], (k, first[k], last[k].item())
+
+
+def test_bf16_forward_backward():
+    cfg = tiny()
+    model = build(cfg).to(torch.bfloat16)
+    out = model({**make_batch(cfg, B=3), "return_regions": True})
+    assert out["patch_tokens"].dtype == torch.bfloat16
+    assert torch.isfinite(out["loss"]).item()
+    out["loss"].backward()
+    assert model.visual.patch_embed.weight.grad is not None
+
+
+# --------------------------------------------------------------------------------------- load
+def test_load_round_trip_and_errors(tmp_path):
+    cfg = tiny("filip", special_token_ids=(2,))
+    model = build(cfg).eval()
+    torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict(), "step": 3}, tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": {}}))
+    loaded = loupe.load(tmp_path)
+    assert not loaded.training and loaded.config == cfg
+    batch = make_batch(cfg, B=2)
+    torch.testing.assert_close(loaded.encode_image(batch["images"]), model.encode_image(batch["images"]))
+    torch.testing.assert_close(loaded.encode_text(batch["input_ids"], batch["attention_mask"]),
+                               model.encode_text(batch["input_ids"], batch["attention_mask"]))
+    assert load(tmp_path / "model.pt").config == cfg  # the file itself
+    assert loupe.LoupeModel is LoupeModel
+    # config only in config.json
+    d2 = tmp_path / "noconfig"
+    d2.mkdir()
+    torch.save({"state_dict": model.state_dict()}, d2 / "model.pt")
+    (d2 / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
+    assert load(d2).config == cfg
+    # errors
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load(tmp_path / "missing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    other = tiny("filip", embed_dim=16)
+    torch.save({"config": cfg.to_dict(), "state_dict": build(other).state_dict()}, bad / "model.pt")
+    with pytest.raises(ValueError, match="wrong shape"):
+        load(bad)
+    torch.save({"config": {**cfg.to_dict(), "future_field": 1}, "state_dict": {}}, bad / "model.pt")
+    with pytest.raises(ValueError, match="incompatible config"):
+        load(bad)
+    (bad / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        load(bad)
