@@ -380,9 +380,9 @@ class LoupeModel(nn.Module):
 
         self.visual = VisionTransformer(config)
         self.text = FrozenMiniLM(config) if config.text_encoder == "minilm" else TextTransformer(config)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(config.logit_scale_init)))
         if "filip_scale" in needs:
-            self.filip_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
+            self.filip_logit_scale = nn.Parameter(torch.full((1,), math.log(config.logit_scale_init)))
         else:
             self.filip_logit_scale = None
         self.region_head = _regions.RegionGenerator(config.embed_dim, config.region_hidden)
@@ -405,11 +405,14 @@ class LoupeModel(nn.Module):
         return self.config.grid_size
 
     def scale(self, which: str = "cmc") -> torch.Tensor:
-        """The logit scale ``exp(param)`` clamped at ``logit_scale_max``."""
+        """The logit scale ``exp(param)`` clamped at ``logit_scale_max`` (a 0-dim tensor).
+
+        The parameters have shape ``[1]``, not ``[]``: DeepSpeed cannot broadcast 0-dim parameters.
+        """
         p = self.logit_scale if which == "cmc" else self.filip_logit_scale
         if p is None:
             raise ValueError(f"this model has no {which!r} logit scale (objective {self.config.objective!r})")
-        return p.exp().clamp(max=self.config.logit_scale_max)
+        return p.exp().clamp(max=self.config.logit_scale_max).squeeze(0)
 
     def _check_images(self, images: Any) -> torch.Tensor:
         c = self.config
