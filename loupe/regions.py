@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["candidate_boxes", "box_iou", "box_geometry", "summed_area_table", "box_features",
-           "nms_topk", "phrase_features", "RegionGenerator", "boxes_to_pixels", "NUM_GEOMETRY"]
+           "nms_topk", "phrase_features", "grounding_scores", "RegionGenerator", "boxes_to_pixels",
+           "NUM_GEOMETRY"]
 
 NUM_GEOMETRY = 7  # x0, y0, x1, y1 (fractions of the grid), width, height, area (fractions)
 
@@ -185,6 +186,19 @@ def phrase_features(word_tokens: torch.Tensor, word_mask: torch.Tensor, spans: t
     mask = phrase_mask.to(word_tokens.device) & (counts > 0.5)
     feats = F.normalize(sums / counts.clamp(min=1)[..., None], dim=-1) * mask[..., None].to(work.dtype)
     return feats.to(dt), mask
+
+
+def grounding_scores(phrase_feats: torch.Tensor, inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """The fixed box-scoring rule of METHOD section 10: ``<p, in(b)> - <p, out(b)>``.
+
+    ``phrase_feats [B, P, D]``, ``inside``/``outside [B, K, D]`` (normalised box features) ->
+    ``[B, P, K]``. The whole-image box (zero outside feature) is scored by ``<p, in(b)>`` alone.
+    """
+    if phrase_feats.dim() != 3 or inside.shape != outside.shape or inside.dim() != 3 \
+            or inside.shape[0] != phrase_feats.shape[0] or inside.shape[2] != phrase_feats.shape[2]:
+        raise ValueError(f"grounding_scores: expected phrase_feats [B, P, D] and inside/outside [B, K, D], got "
+                         f"{list(phrase_feats.shape)}, {list(inside.shape)}, {list(outside.shape)}")
+    return torch.einsum("bpd,bkd->bpk", phrase_feats, inside - outside)
 
 
 class RegionGenerator(nn.Module):

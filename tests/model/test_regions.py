@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from loupe.regions import (box_features, box_geometry, box_iou, candidate_boxes, nms_topk,
+from loupe.regions import (box_features, box_geometry, box_iou, candidate_boxes, grounding_scores, nms_topk,
                            phrase_features, summed_area_table)
 
 
@@ -158,3 +158,21 @@ def test_phrase_features_equal_direct_means():
     assert empty.shape == (B, 0, D) and empty_mask.shape == (B, 0)
     with pytest.raises(ValueError, match="spans"):
         phrase_features(tokens, word_mask, spans[..., :1])
+
+
+def test_grounding_scores_pick_the_object_box():
+    """A constructed image: an object of identical tokens on a background; the object's box wins."""
+    h = w = 6
+    D = 4
+    obj, bg = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
+    grid = bg.repeat(h, w, 1)
+    grid[1:4, 2:5] = obj  # rows 1..3, columns 2..4
+    tokens = grid.reshape(1, h * w, D)
+    boxes = candidate_boxes(h, w)
+    inside, outside, _ = box_features(tokens, h, w, boxes)
+    scores = grounding_scores(obj.reshape(1, 1, D), inside, outside)
+    assert scores.shape == (1, 1, boxes.shape[0])
+    best = boxes[scores[0, 0].argmax()].tolist()
+    assert best == [2, 1, 5, 4]
+    k = 7
+    torch.testing.assert_close(scores[0, 0, k], obj @ inside[0, k] - obj @ outside[0, k])
