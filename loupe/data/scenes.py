@@ -53,7 +53,7 @@ TEMPLATES = {
         "this shows {0}", "we can see {0}", "{0} in the scene"),
     2: ("{0} {r01} {1}", "{0} is {r01} {1}", "{0} sits {r01} {1}", "there is {0} {r01} {1}",
         "{0} and {1}", "{0} appears {r01} {1}", "{0} lies {r01} {1}", "we see {0} {r01} {1}"),
-    3: ("{0} {r01} {1}, and {2}", "{0}, {1} and {2}", "{0} and {1} with {2} {r21} {1}",
+    3: ("{0} {r01} {1}, and {2}", "{0}, {1} and {2}", "{0} {r01} {1}, plus {2}",
         "there are {0}, {1} and {2}", "{0} is {r01} {1}, and {2} is {r21} it",
         "{0} sits {r01} {1}, which is {r12} {2}"),
 }
@@ -175,8 +175,8 @@ class Catalog:
         """How many distinct source instances the class has in ``split`` (1 for drawn shapes)."""
         return 1
 
-    def sprite(self, noun: int, color: int, side: int, instance: int, rgb: tuple[int, int, int] | None
-               ) -> tuple[np.ndarray | None, np.ndarray]:
+    def sprite(self, noun: int, color: int, side: int, instance: int, rgb: tuple[int, int, int] | None,
+               split: str = "train") -> tuple[np.ndarray | None, np.ndarray]:
         """``(rgb [3, h, w] uint8 or None for a flat fill with ``rgb``, mask [h, w] bool)``,
         both cropped to the mask's tight box; the longer side is at most ``side``."""
         raise NotImplementedError
@@ -189,7 +189,7 @@ class ShapeCatalog(Catalog):
     nouns = SHAPES
     colored = True
 
-    def sprite(self, noun, color, side, instance, rgb):
+    def sprite(self, noun, color, side, instance, rgb, split="train"):
         return None, shape_mask(self.nouns[noun], side)
 
 
@@ -320,19 +320,23 @@ class SceneGenerator:
         bg = (_rr(r, 256 - 64), _rr(r, 256 - 64), _rr(r, 2),
               _ri(r, 95, 150), _ri(r, -8, 8), _ri(r, -8, 8), _ri(r, -8, 8))
         objs, placed = [], []
-        for _ in range(n_obj):
-            noun, color = pairs[_rr(r, len(pairs))]
-            size = _rr(r, 2)
-            inst = _rr(r, cat.num_instances(noun, split))
-            jit = tuple(_ri(r, -10, 10) for _ in range(3))
-            for size_try in (size, 0):
-                side = _ri(r, *self._sides[size_try])
+        for slot in range(n_obj):
+            pos = None
+            for attempt in range(4 if slot == 0 else 2):  # the first object always finds room
+                noun, color = pairs[_rr(r, len(pairs))]
+                size = _rr(r, 2)
+                inst = _rr(r, cat.num_instances(noun, split))
+                jit = (_ri(r, -10, 10), _ri(r, -10, 10), _ri(r, -10, 10))
                 rgb = None
                 if color >= 0:
                     rgb = tuple(int(min(255, max(0, c + j))) for c, j in zip(COLORS[COLOR_NAMES[color]], jit))
-                spr, mask = cat.sprite(noun, color, side, inst, rgb)
-                h, w = mask.shape
-                pos = self._place(r, w, h, placed)
+                for size_try in (size, 1 - size):
+                    side = _ri(r, *self._sides[size_try])
+                    spr, mask = cat.sprite(noun, color, side, inst, rgb, split)
+                    h, w = mask.shape
+                    pos = self._place(r, w, h, placed)
+                    if pos is not None:
+                        break
                 if pos is not None:
                     break
             if pos is None:
@@ -392,7 +396,8 @@ class SceneGenerator:
             key = tmpl[o + 1:c]
             if key.isdigit():
                 obj = order[int(key)]
-                spans[obj] = (len(caption), len(caption) + len(phrases[obj]))
+                if spans[obj] is None:  # (templates mention each object once)
+                    spans[obj] = (len(caption), len(caption) + len(phrases[obj]))
                 caption += phrases[obj]
             else:
                 caption += rel[key]
