@@ -6,15 +6,23 @@ phrase-to-region alignment) and ``ua`` (the UANSIL uncertainty-weighted interact
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from loupe_kernels import shapley_interaction, shapley_interaction_pooled
 
+from . import losses as _losses
+from . import regions as _regions
+
 __all__ = ["region_targets", "box_subsets", "game_values", "SceneSpec", "constructed_scene", "TARGET_RULES",
-           "GAMES"]
+           "GAMES", "ObjectiveOptions", "options_from_config", "UANSIL", "LoupeShapleyTerms",
+           "tsa_candidates", "fsa_candidates", "phrase_region_interactions", "soft_kl", "loupe_losses"]
 
 TARGET_RULES = ("redundancy", "redundancy_minus_outside")
 GAMES = ("maxsim", "pooled")
@@ -61,64 +69,86 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
                    boxes: torch.Tensor, h: int, w: int, *, rule: str = "redundancy",
                    game: str = "maxsim", num_samples: int = 32, seed: int = 0,
                    text_emb: torch.Tensor | None = None, center: bool = True, backend: str | None = None,
+                   valid: torch.Tensor | None = None, sample: torch.Tensor | None = None,
+                   fill: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TSA region targets of candidate boxes (METHOD 6), detached.
+    """TSA region targets of candidate boxes (METHOD 6, settled in docs/METHOD-notes.md), detached.
 
     ``patches [B, n, D]``, ``words [B, L, D]`` (+ ``word_mask``), ``boxes [B, M, 4]`` patch units,
-    each of >= 2 patches. The game is the max-sim game of the patches against the caption's words,
-    or the pooled game against ``text_emb [B, D]``. Returns ``(target [B, M], stderr [B, M],
-    interaction [B, M])``: ``interaction`` is the sampled ``I([S])``, ``stderr`` the target's
-    standard error from the sampler. Rules (R = -I / (|S| - 1), the per-pair redundancy):
+    each valid box of >= 2 patches. The game is the max-sim game of the patches against the
+    caption's words, or the pooled game against ``text_emb [B, D]``. Returns ``(target [B, M],
+    stderr [B, M], interaction [B, M])``: ``interaction`` is the sampled ``I([S])``, ``stderr`` the
+    target's standard error from the sampler. Rules (R = -I / (|S| - 1), the per-pair redundancy):
 
-    - ``redundancy``: R;
+    - ``redundancy`` (default): R;
     - ``redundancy_minus_outside``: R - R_out, ``R_out = v(S) + v(N\\S) - v(N)`` (the redundancy of
-      the box with the rest of the image in the two-player game [S], [N\\S]);
+      the box with the rest of the image in the two-player game [S], [N\\S]), exact.
 
     ``center`` (default) plays the game on what is specific to a patch within its image: the
     max-sim game on ``relu(s_ij - mean_i s_ij)`` (per word, mean over the image's patches), the
     pooled game on ``x_i - mean_i x_i``. Without it, what every patch shares (the generic words of
     a caption, the global context a ViT spreads over all patches) makes every pair of patches
     redundant and the largest boxes win (docs/METHOD-notes.md).
+
+    ``valid [B, M]`` marks real boxes (others get target 0, stderr 0); ``sample [B, M]`` the games
+    to sample (default: every valid one); the others take their interaction from ``fill [B, M]``
+    (UANSIL's prediction) with stderr 0. Only sampled games reach the sampler.
     """
     if rule not in TARGET_RULES:
         raise ValueError(f"rule must be one of {TARGET_RULES}, got {rule!r}")
+    if game not in GAMES:
+        raise ValueError(f"game must be one of {GAMES}, got {game!r}")
     patches, words = patches.detach(), words.detach()
     subsets = box_subsets(boxes, h, w)
+    B, M = subsets.shape[:2]
+    valid = torch.ones(B, M, dtype=torch.bool, device=subsets.device) if valid is None else valid
+    sample = valid if sample is None else (sample & valid)
     size = subsets.sum(-1)
-    if bool((size < 2).any()):
+    if bool((valid & (size < 2)).any()):
         raise ValueError("region_targets: every box needs at least 2 patches")
-    B, n = patches.shape[:2]
     sim = None
     if game == "maxsim":
         sim = torch.einsum("bld,bnd->bln", words.float(), patches.float())
         if center:
-            sim = (sim - sim.mean(-1, keepdim=True)).clamp(min=0)
-        inter, se = shapley_interaction(sim, subsets, query_mask=word_mask, num_samples=num_samples,
-                                        seed=seed, size_schedule="round_robin", backend=backend)
-    elif game == "pooled":
+            if word_mask is None:
+                sim = (sim - sim.mean(-1, keepdim=True)).clamp(min=0)
+            else:
+                sim = (sim - sim.mean(-1, keepdim=True)).clamp(min=0) * word_mask[..., None].to(sim.dtype)
+    else:
         if text_emb is None:
             raise ValueError("region_targets: the pooled game needs text_emb")
-        text_emb = text_emb.detach()
+        text_emb = text_emb.detach().float()
+        patches = patches.float()
         if center:
             patches = patches - patches.mean(1, keepdim=True)
-        inter, se = shapley_interaction_pooled(patches.float(), text_emb.float(), subsets,
-                                               num_samples=num_samples, seed=seed,
-                                               size_schedule="round_robin", backend=backend)
-    else:
-        raise ValueError(f"game must be one of {GAMES}, got {game!r}")
-    sm1 = (size - 1).to(inter.dtype)
+    gb, gm = sample.nonzero(as_tuple=True)
+    inter = torch.zeros(B, M, dtype=torch.float32, device=subsets.device)
+    se = torch.zeros(B, M, dtype=torch.float32, device=subsets.device)
+    if fill is not None:
+        inter = torch.where(valid & ~sample, fill.detach().float(), inter)
+    if gb.numel():
+        sub = subsets[gb, gm][:, None, :]
+        if game == "maxsim":
+            qm = None if word_mask is None else word_mask[gb]
+            i_s, se_s = shapley_interaction(sim[gb], sub, query_mask=qm, num_samples=num_samples, seed=seed,
+                                            size_schedule="round_robin", backend=backend)
+        else:
+            i_s, se_s = shapley_interaction_pooled(patches[gb], text_emb[gb], sub, num_samples=num_samples,
+                                                   seed=seed, size_schedule="round_robin", backend=backend)
+        inter[gb, gm] = i_s[:, 0].float()
+        se[gb, gm] = se_s[:, 0].float()
+    sm1 = (size - 1).clamp(min=1).to(inter.dtype)
     red = -inter / sm1
     se_red = se / sm1
-    if rule == "redundancy":
-        return red, se_red, inter
-    outside = ~subsets
-    full = torch.ones_like(subsets[:, :1])
-    kw = dict(sim=sim, query_mask=word_mask, features=patches, target=text_emb)
-    v_in = game_values(game, subsets, **kw)
-    v_out = game_values(game, outside, **kw)
-    v_all = game_values(game, full, **kw)
-    r_out = v_in + v_out - v_all
-    return red - r_out, se_red, inter
+    if rule == "redundancy_minus_outside":
+        full = torch.ones_like(subsets[:, :1])
+        kw = dict(sim=sim, query_mask=word_mask, features=patches, target=text_emb)
+        v_in = game_values(game, subsets, **kw)
+        v_out = game_values(game, ~subsets, **kw)
+        v_all = game_values(game, full, **kw)
+        red = red - (v_in + v_out - v_all)
+    zero = torch.zeros_like(red)
+    return torch.where(valid, red, zero), torch.where(valid, se_red, zero), torch.where(valid, inter, zero)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,3 +199,510 @@ def constructed_scene(name: str, seed: int = 0, dim: int = 32, grid: int = 8) ->
                 patches[y * grid + x] = objs[k]
     W = torch.stack(words)
     return SceneSpec(patches.float(), W.float(), F.normalize(W.mean(0), dim=0).float(), objects)
+
+
+# ------------------------------------------------------------------------------------------------
+# options
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ObjectiveOptions:
+    """Settings of the Shapley terms (METHOD 9 defaults). Set through ``LoupeConfig.loupe_options``
+    (a dict; unknown keys raise). The weights f, a, b, c are ``LoupeConfig.loss_weights`` entries
+    ``filip``, ``tsa``, ``fsa``, ``ua``."""
+
+    num_samples: int = 32           # K
+    tsa_top: int = 8                # M' = tsa_top (by objectness, after NMS) + tsa_random
+    tsa_random: int = 8
+    tsa_game: str = "maxsim"        # or "pooled" (not recommended, docs/METHOD-notes.md)
+    tsa_rule: str = "redundancy"    # or "redundancy_minus_outside"
+    tsa_center: bool = True
+    tau_i: float = 0.5
+    tau_s: float = 0.5
+    tau: float = 0.05
+    fsa_per_phrase: int = 2         # each phrase's best boxes by the grounding score, added to the top-M regions
+    fsa_scales: int = 0             # extra boxes: the best box per phrase at each of this many size bands
+    min_spread: float = 1e-6        # floor of the spread when standardising
+    uansil: bool = True             # the UANSIL policy (needs the ``ua`` term)
+    uansil_warmup: int = 500
+    uansil_threshold: float = 0.5   # skip when predicted std < threshold * running std of sampled I
+    uansil_calibration: float = 0.1
+    uansil_hidden: int = 128
+    backend: str | None = None      # loupe_kernels backend for the sampler
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "uansil_hidden"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"loupe_options.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("tsa_top", "tsa_random", "fsa_per_phrase", "fsa_scales", "uansil_warmup"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"loupe_options.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.tsa_top + self.tsa_random < 1:
+            raise ValueError("loupe_options: tsa_top + tsa_random must be >= 1")
+        for name in ("tau_i", "tau_s", "tau"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"loupe_options.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.tsa_game not in GAMES:
+            raise ValueError(f"loupe_options.tsa_game must be one of {GAMES}, got {self.tsa_game!r}")
+        if self.tsa_rule not in TARGET_RULES:
+            raise ValueError(f"loupe_options.tsa_rule must be one of {TARGET_RULES}, got {self.tsa_rule!r}")
+        if not 0.0 <= self.uansil_calibration <= 1.0:
+            raise ValueError(f"loupe_options.uansil_calibration must be in [0, 1], got {self.uansil_calibration!r}")
+
+
+def options_from_config(config: Any) -> ObjectiveOptions:
+    """:class:`ObjectiveOptions` from ``config.loupe_options`` (a dict, or absent = defaults)."""
+    raw = getattr(config, "loupe_options", None) or {}
+    if isinstance(raw, ObjectiveOptions):
+        return raw
+    names = {f.name for f in dataclasses.fields(ObjectiveOptions)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"loupe_options: unknown keys {unknown}; known: {sorted(names)}")
+    return ObjectiveOptions(**dict(raw))
+
+
+# ------------------------------------------------------------------------------------------------
+# UANSIL (METHOD 8)
+# ------------------------------------------------------------------------------------------------
+NUM_GAME_FEATURES_EXTRA = _regions.NUM_GEOMETRY + 2  # geometry, s/n, kind (0 TSA, 1 FSA)
+
+
+def _ua_loss(estimate: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor, target_var: torch.Tensor) -> torch.Tensor:
+    """Heteroscedastic Gaussian NLL of METHOD 8 with variance ``exp(ls) + se^2`` (mean over games).
+
+    Uses ``loupe_kernels.uncertainty_interaction_loss`` when that op exists.
+    """
+    try:
+        from loupe_kernels import uncertainty_interaction_loss as op  # type: ignore[attr-defined]
+    except ImportError:
+        op = None
+    if op is not None:
+        return op(estimate, mu, log_var, target_var=target_var)
+    ls = log_var.clamp(-20.0, 20.0)
+    var = ls.exp() + target_var
+    return 0.5 * ((estimate - mu) ** 2 / var + var.log()).mean()
+
+
+class UANSIL(nn.Module):
+    """The interaction predictor ``g`` (mean and log-variance) and the running statistics of its policy."""
+
+    def __init__(self, dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * dim + NUM_GAME_FEATURES_EXTRA, hidden), nn.GELU(),
+                                 nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 2))
+        self.register_buffer("running_var", torch.zeros(()))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [G, F]`` detached game features -> ``(mu [G], log_var [G])`` (log-variance in [-20, 20])."""
+        y = self.net(x)
+        return y[:, 0], y[:, 1].clamp(-20.0, 20.0)
+
+    @torch.no_grad()
+    def update(self, sampled: torch.Tensor, momentum: float = 0.99) -> None:
+        """Update the running variance of sampled interactions."""
+        if sampled.numel() == 0:
+            return
+        v = sampled.float().var(unbiased=False) if sampled.numel() > 1 else sampled.float().pow(2).mean()
+        if int(self.steps) == 0:
+            self.running_var.copy_(v)
+        else:
+            self.running_var.mul_(momentum).add_((1 - momentum) * v)
+        self.steps.add_(1)
+
+
+class LoupeShapleyTerms(nn.Module):
+    """Trainable parts of the Shapley terms (the UANSIL predictor) and their options."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.options = options_from_config(config)
+        self.uansil = UANSIL(config.embed_dim, self.options.uansil_hidden)
+
+
+def _policy(module: LoupeShapleyTerms, feats: torch.Tensor, step: int, gen: torch.Generator,
+            use_policy: bool) -> dict[str, torch.Tensor]:
+    """Run the predictor and decide which games are sampled.
+
+    Returns ``mu``, ``ls`` (with gradient), ``sample`` (bool: sample this game), ``calib`` (bool: would
+    have been skipped but sampled for calibration).
+    """
+    opts = module.options
+    mu, ls = module.uansil(feats)
+    G = feats.shape[0]
+    sample = torch.ones(G, dtype=torch.bool, device=feats.device)
+    calib = torch.zeros(G, dtype=torch.bool, device=feats.device)
+    if use_policy and opts.uansil and step >= opts.uansil_warmup and float(module.uansil.running_var) > 0:
+        thr = opts.uansil_threshold * float(module.uansil.running_var) ** 0.5
+        confident = (ls.detach() * 0.5).exp() < thr
+        u = torch.rand(G, generator=gen).to(feats.device)
+        calib = confident & (u < opts.uansil_calibration)
+        sample = ~confident | calib
+    return {"mu": mu, "ls": ls, "sample": sample, "calib": calib}
+
+
+# ------------------------------------------------------------------------------------------------
+# candidates
+# ------------------------------------------------------------------------------------------------
+def tsa_candidates(box_logits: torch.Tensor, candidate_boxes: torch.Tensor, suppress: torch.Tensor,
+                   top: int, random: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """M' = top + random candidate boxes of >= 2 patches per image: the top by objectness after NMS,
+    then distinct random boxes. Returns ``index [B, M']`` (into the candidates) and ``valid [B, M']``
+    (False where fewer boxes exist)."""
+    B, Kall = box_logits.shape
+    dev = box_logits.device
+    area = (candidate_boxes[:, 2] - candidate_boxes[:, 0]) * (candidate_boxes[:, 3] - candidate_boxes[:, 1])
+    eligible = (area >= 2).to(dev)
+    n_el = int(eligible.sum())
+    Mp = min(top + random, n_el)
+    index = torch.zeros(B, max(Mp, 1), dtype=torch.long, device=dev)
+    valid = torch.zeros(B, max(Mp, 1), dtype=torch.bool, device=dev)
+    if Mp == 0:
+        return index[:, :0], valid[:, :0]
+    ntop = min(top, Mp)
+    taken = torch.zeros(B, Kall, dtype=torch.bool, device=dev)
+    if ntop:
+        scores = torch.where(eligible[None], box_logits.detach().float(), torch.tensor(float("-inf"), device=dev))
+        idx, ok = _regions.nms_topk(scores, suppress, ntop)
+        index[:, :ntop], valid[:, :ntop] = idx, ok
+        taken.scatter_(1, idx, ok)
+    nrand = Mp - ntop
+    if nrand:
+        keys = torch.rand(B, Kall, generator=gen).to(dev)
+        keys = torch.where(eligible[None] & ~taken, keys, torch.full_like(keys, 2.0))
+        ridx = keys.argsort(dim=1)[:, :nrand]
+        rok = keys.gather(1, ridx) < 1.5
+        index[:, ntop:], valid[:, ntop:] = ridx, rok
+    return index, valid
+
+
+def fsa_candidates(region_index: torch.Tensor, region_mask: torch.Tensor, phrase_feats: torch.Tensor,
+                   phrase_mask: torch.Tensor, box_in: torch.Tensor, box_out: torch.Tensor,
+                   candidate_boxes: torch.Tensor, per_phrase: int, scales: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSIM candidate regions per image: the top-M semantic regions, plus each phrase's ``per_phrase``
+    best boxes by the fixed grounding score ``<p, in> - <p, out>`` (METHOD 10), plus each phrase's best box
+    in each of ``scales`` size bands; duplicates removed. Returns ``index [B, R]``, ``valid [B, R]``."""
+    B = region_index.shape[0]
+    parts, oks = [region_index], [region_mask]
+    if (per_phrase or scales) and phrase_feats.shape[1] > 0:
+        with torch.no_grad():
+            score = _regions.grounding_scores(phrase_feats.detach().float(), box_in.detach().float(),
+                                              box_out.detach().float())  # [B, P, K]
+            pm = phrase_mask[..., None].expand(-1, -1, per_phrase)
+            if per_phrase:
+                best = score.topk(min(per_phrase, score.shape[-1]), dim=-1).indices  # [B, P, k]
+                parts.append(best.reshape(B, -1))
+                oks.append(pm[..., :best.shape[-1]].reshape(B, -1))
+            if scales:
+                area = ((candidate_boxes[:, 2] - candidate_boxes[:, 0])
+                        * (candidate_boxes[:, 3] - candidate_boxes[:, 1])).float().to(score.device)
+                total = float(area.max())
+                edges = torch.logspace(0, math.log10(total), scales + 1, device=score.device)
+                for k in range(scales):
+                    band = (area >= edges[k]) & (area <= edges[k + 1])
+                    s = torch.where(band[None, None], score, torch.tensor(float("-inf"), device=score.device))
+                    parts.append(s.argmax(-1))
+                    oks.append(phrase_mask.clone())
+    index = torch.cat(parts, dim=1)
+    valid = torch.cat(oks, dim=1).to(index.device)
+    # remove duplicates: keep the first occurrence of each box
+    R = index.shape[1]
+    same = (index[:, :, None] == index[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    earlier = torch.ones(R, R, dtype=torch.bool, device=index.device).tril(-1)
+    dup = (same & earlier[None]).any(-1)
+    valid = valid & ~dup
+    # compact: valid first (stable)
+    order = (~valid).to(torch.int8).argsort(dim=1, stable=True)
+    index, valid = index.gather(1, order), valid.gather(1, order)
+    keep = max(1, int(valid.sum(1).max()))
+    return index[:, :keep], valid[:, :keep]
+
+
+# ------------------------------------------------------------------------------------------------
+# SSIM interactions and the losses
+# ------------------------------------------------------------------------------------------------
+def phrase_region_interactions(phrase_feats: torch.Tensor, phrase_mask: torch.Tensor, region_feats: torch.Tensor,
+                               region_valid: torch.Tensor, *, num_samples: int = 32, seed: int = 0,
+                               sample: torch.Tensor | None = None, fill: torch.Tensor | None = None,
+                               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``I([{r, p}])`` in the region-phrase game of each pair (METHOD 5, 7), detached.
+
+    ``phrase_feats [B, P, D]``/``phrase_mask [B, P]``, ``region_feats [B, R, D]``/``region_valid [B, R]``.
+    Players of pair b's game: its valid phrases and valid regions. Returns ``(I [B, P, R], stderr
+    [B, P, R])``, 0 for invalid pairs; pairs outside ``sample`` take ``fill`` (stderr 0).
+    """
+    B, P, _ = phrase_feats.shape
+    R = region_feats.shape[1]
+    dev = phrase_feats.device
+    pair_ok = phrase_mask[:, :, None] & region_valid[:, None, :]
+    todo = pair_ok if sample is None else (pair_ok & sample)
+    inter = torch.zeros(B, P, R, dtype=torch.float32, device=dev)
+    se = torch.zeros_like(inter)
+    if fill is not None:
+        inter = torch.where(pair_ok & ~todo, fill.detach().float(), inter)
+    gb, gp, gr = todo.nonzero(as_tuple=True)
+    if gb.numel():
+        sim = torch.einsum("bpd,brd->bpr", phrase_feats.detach().float(), region_feats.detach().float())
+        G = gb.numel()
+        sub = torch.zeros(G, 1, P + R, dtype=torch.bool, device=dev)
+        ar = torch.arange(G, device=dev)
+        sub[ar, 0, gp] = True
+        sub[ar, 0, P + gr] = True
+        pm = torch.cat([phrase_mask, region_valid], dim=1)[gb]
+        i_s, se_s = shapley_interaction(sim[gb], sub, player_mask=pm, query_players=True,
+                                        num_samples=num_samples, seed=seed, size_schedule="round_robin",
+                                        backend=backend)
+        inter[gb, gp, gr] = i_s[:, 0].float()
+        se[gb, gp, gr] = se_s[:, 0].float()
+    return inter, se
+
+
+def _standardise(t: torch.Tensor, valid: torch.Tensor, floor: float) -> torch.Tensor:
+    """Zero mean, unit spread over the last dim's valid entries (0 elsewhere)."""
+    vf = valid.to(t.dtype)
+    cnt = vf.sum(-1, keepdim=True).clamp(min=1)
+    mean = (t * vf).sum(-1, keepdim=True) / cnt
+    var = (((t - mean) * vf) ** 2).sum(-1, keepdim=True) / cnt
+    return torch.where(valid, (t - mean) / var.sqrt().clamp(min=floor), torch.zeros_like(t))
+
+
+def soft_kl(target_logits: torch.Tensor, pred_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(target) || softmax(pred))`` over the valid entries of the last dim, per row.
+
+    Rows with fewer than 2 valid entries give 0. The target side carries no gradient.
+    """
+    neg = torch.tensor(float("-inf"), device=pred_logits.device, dtype=torch.float32)
+    tl = torch.where(valid, target_logits.detach().float(), neg)
+    pl = torch.where(valid, pred_logits.float(), neg)
+    ok = valid.sum(-1) >= 2
+    tl = torch.where(ok[..., None], tl, torch.zeros_like(tl))
+    pl = torch.where(ok[..., None], pl, torch.zeros_like(pl))
+    logq = torch.log_softmax(tl, -1)
+    logp = torch.log_softmax(pl, -1)
+    q = logq.exp()
+    kl = torch.where(q > 0, q * (logq - torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))),
+                     torch.zeros_like(q)).sum(-1)
+    return torch.where(ok, kl, torch.zeros_like(kl))
+
+
+def _seed_of(batch: Mapping[str, Any], salt: int) -> int:
+    base = int(batch.get("seed", 0)) if not isinstance(batch.get("seed", 0), torch.Tensor) \
+        else int(batch["seed"].reshape(-1)[0])
+    return (base * 1000003 + salt) % (1 << 62)
+
+
+def _phrases(out: dict, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    if "phrase_feats" in out:
+        return out["phrase_feats"], out["phrase_mask"]
+    spans = batch.get("phrase_token_spans", batch.get("phrase_spans"))
+    wt = out["word_tokens"]
+    if spans is None:
+        return wt.new_zeros(wt.shape[0], 0, wt.shape[-1]), torch.zeros(wt.shape[0], 0, dtype=torch.bool,
+                                                                       device=wt.device)
+    return _regions.phrase_features(wt, out["word_mask"], spans, batch.get("phrase_mask"))
+
+
+def _true_boxes(batch: Mapping[str, Any], phrase_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    boxes = batch.get("boxes")
+    if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or boxes.shape[:2] != phrase_mask.shape:
+        return None
+    bm = batch.get("box_mask")
+    ok = phrase_mask.clone() if bm is None else (phrase_mask & bm.to(phrase_mask.device).bool())
+    return boxes.to(phrase_mask.device).float(), ok
+
+
+def _any_iou50(cand_px: torch.Tensor, cand_ok: torch.Tensor, true_px: torch.Tensor) -> torch.Tensor:
+    """``[B, P]``: some valid candidate ``[B, R, 4]`` has IoU >= 0.5 with the true box ``[B, P, 4]``."""
+    B = cand_px.shape[0]
+    ious = torch.stack([_regions.box_iou(true_px[b], cand_px[b]) for b in range(B)])  # [B, P, R]
+    return ((ious >= 0.5 - 1e-9) & cand_ok[:, None, :]).any(-1)
+
+
+def _find_module(model: nn.Module) -> "LoupeShapleyTerms | None":
+    mods = getattr(model, "loss_modules", {})
+    for name in ("tsa", "fsa", "ua"):
+        if name in mods:
+            return mods[name]
+    return None
+
+
+def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Compute L_TSA, L_FSA, L_UA, the UANSIL statistics and diagnostics once per forward (cached in
+    ``out["_loupe_shapley"]``)."""
+    cache = out.get("_loupe_shapley")
+    if cache is not None:
+        return cache
+    module = _find_module(model)
+    opts = module.options if module is not None else options_from_config(model.config)
+    weights = getattr(model, "loss_weights", {})
+    use_ua = module is not None and "ua" in weights
+    step = batch.get("step")
+    if step is None:
+        step = int(module.uansil.steps) if module is not None else 0
+    step = int(step)
+    gen = torch.Generator().manual_seed(_seed_of(batch, 7))
+    patches, words, wmask = out["patch_tokens"], out["word_tokens"], out["word_mask"]
+    B, n, D = patches.shape
+    g = model.config.grid_size
+    cand = model.candidate_boxes
+    res: dict[str, Any] = {}
+    ua_parts: list[torch.Tensor] = []
+    sampled_I: list[torch.Tensor] = []
+    n_games = n_sampled = 0
+    calib_hits, calib_n = 0, 0
+    dev = patches.device
+
+    def policy(feats: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if not use_ua:
+            return None
+        return _policy(module, feats, step, gen, True)
+
+    # ---------------------------------------------------------------- TSA
+    if "tsa" in weights:
+        idx, valid = tsa_candidates(out["box_logits"], cand, model.nms_suppress, opts.tsa_top, opts.tsa_random, gen)
+        boxes = cand[idx]  # [B, M', 4]
+        Mp = idx.shape[1]
+        pol = None
+        if use_ua and Mp:
+            geo = model.box_geometry[idx]  # [B, M', 7]
+            size = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).float()
+            feats = torch.cat([out["box_feats"].gather(1, idx[..., None].expand(B, Mp, D)).detach().float(),
+                               out["text_emb"].detach().float()[:, None].expand(B, Mp, D), geo.float(),
+                               (size / n)[..., None], torch.zeros(B, Mp, 1, device=dev)], dim=-1)
+            pol = policy(feats.reshape(B * Mp, -1))
+        sample = valid if pol is None else (valid & pol["sample"].reshape(B, Mp))
+        fill = None if pol is None else pol["mu"].detach().reshape(B, Mp)
+        t, se, inter = region_targets(patches, words, wmask, boxes, g, g, rule=opts.tsa_rule, game=opts.tsa_game,
+                                      num_samples=opts.num_samples, seed=_seed_of(batch, 1),
+                                      text_emb=out["text_emb"], center=opts.tsa_center, backend=opts.backend,
+                                      valid=valid, sample=sample, fill=fill)
+        z = _standardise(t, valid, opts.min_spread)
+        o = out["box_logits"].gather(1, idx)
+        kl = soft_kl(z / opts.tau_i, o, valid)
+        rows = valid.sum(-1) >= 2
+        res["loss_tsa"] = kl.sum() / rows.sum().clamp(min=1) + 0.0 * o.sum()
+        vf = valid.float()
+        cnt = vf.sum(-1).clamp(min=1)
+        mean_t = (t * vf).sum(-1) / cnt
+        std_t = ((((t - mean_t[:, None]) * vf) ** 2).sum(-1) / cnt).sqrt()
+        samp = sample.float()
+        mse = (se * samp).sum(-1) / samp.sum(-1).clamp(min=1)
+        ok_rows = rows & (std_t > 0) & (samp.sum(-1) > 0)
+        res["diag_tsa_rel_stderr"] = float((mse[ok_rows] / std_t[ok_rows]).mean()) if bool(ok_rows.any()) else float("nan")
+        n_games += int(valid.sum())
+        n_sampled += int(sample.sum())
+        if pol is not None:
+            sv = sample.reshape(-1)
+            # the sampler's stderr of I itself (se is the stderr of R = -I / (|S| - 1))
+            se_i = (se * ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]) - 1).float()).reshape(-1)
+            if bool(sv.any()):
+                ua_parts.append(_ua_loss(inter.reshape(-1)[sv], pol["mu"][sv], pol["ls"][sv], se_i[sv] ** 2))
+            sampled_I.append(inter.reshape(-1)[sv])
+            cm = pol["calib"] & sv
+            if bool(cm.any()):
+                var = pol["ls"].detach()[cm].exp() + se_i[cm] ** 2
+                calib_hits += int(((inter.reshape(-1)[cm] - pol["mu"].detach()[cm]).abs() < 2 * var.sqrt()).sum())
+                calib_n += int(cm.sum())
+        # diagnostic: the top-objectness box against the objects
+        res["_tsa_idx"], res["_tsa_valid"] = idx, valid
+
+    # ---------------------------------------------------------------- FSA
+    pf, pmask = _phrases(out, batch)
+    if "fsa" in weights or "ua" in weights:
+        ridx, rvalid = fsa_candidates(out["region_index"], out["region_mask"], pf, pmask, out["box_feats"],
+                                      out["box_feats_out"], cand, opts.fsa_per_phrase, opts.fsa_scales)
+        R = ridx.shape[1]
+        P = pf.shape[1]
+        rfeat = out["box_feats"].gather(1, ridx[..., None].expand(B, R, D))
+        pair_ok = pmask[:, :, None] & rvalid[:, None, :]
+        pol = None
+        if use_ua and P and R:
+            geo = model.box_geometry[ridx][:, None].expand(B, P, R, -1)
+            nplayers = (pmask.sum(-1) + rvalid.sum(-1)).clamp(min=1).float()[:, None, None, None].expand(B, P, R, 1)
+            feats = torch.cat([rfeat.detach().float()[:, None].expand(B, P, R, D),
+                               pf.detach().float()[:, :, None].expand(B, P, R, D), geo.float(),
+                               2.0 / nplayers, torch.ones(B, P, R, 1, device=dev)], dim=-1)
+            pol = policy(feats.reshape(B * P * R, -1))
+        sample = pair_ok if pol is None else (pair_ok & pol["sample"].reshape(B, P, R))
+        fill = None if pol is None else pol["mu"].detach().reshape(B, P, R)
+        inter, se = phrase_region_interactions(pf, pmask, rfeat, rvalid, num_samples=opts.num_samples,
+                                               seed=_seed_of(batch, 2), sample=sample, fill=fill,
+                                               backend=opts.backend)
+        z = _standardise(inter, pair_ok, opts.min_spread)
+        pred = torch.einsum("bpd,brd->bpr", pf.float(), rfeat.float()) / opts.tau
+        kl = soft_kl(z / opts.tau_s, pred, pair_ok)
+        rows = pair_ok.sum(-1) >= 2
+        res["loss_fsa"] = kl.sum() / rows.sum().clamp(min=1) + 0.0 * pred.sum()
+        n_games += int(pair_ok.sum())
+        n_sampled += int(sample.sum())
+        if pol is not None:
+            sv = sample.reshape(-1)
+            if bool(sv.any()):
+                ua_parts.append(_ua_loss(inter.reshape(-1)[sv], pol["mu"][sv], pol["ls"][sv], se.reshape(-1)[sv] ** 2))
+            sampled_I.append(inter.reshape(-1)[sv])
+            cm = pol["calib"] & sv
+            if bool(cm.any()):
+                var = pol["ls"].detach()[cm].exp() + se.reshape(-1)[cm] ** 2
+                calib_hits += int(((inter.reshape(-1)[cm] - pol["mu"].detach()[cm]).abs() < 2 * var.sqrt()).sum())
+                calib_n += int(cm.sum())
+        # diagnostics: candidates against the true boxes
+        tb = _true_boxes(batch, pmask)
+        if tb is not None:
+            true_px, tok = tb
+            ps = model.config.patch_size
+            hit = _any_iou50(_regions.boxes_to_pixels(cand[ridx], ps), rvalid, true_px)
+            hit_m = _any_iou50(_regions.boxes_to_pixels(cand[out["region_index"]], ps), out["region_mask"], true_px)
+            if bool(tok.any()):
+                res["diag_phrase_iou50"] = float(hit[tok].float().mean())
+                res["diag_phrase_iou50_topm"] = float(hit_m[tok].float().mean())
+            has = tok.any(-1)
+            if bool(has.any()):
+                top = out["box_logits"].detach().argmax(-1)
+                top_px = _regions.boxes_to_pixels(cand[top], ps)[:, None]  # [B, 1, 4]
+                ious = torch.stack([_regions.box_iou(true_px[b], top_px[b]) for b in range(B)])[..., 0]  # [B, P]
+                over = ((ious > 0) & tok).any(-1)
+                good = ((ious >= 0.5 - 1e-9) & tok).any(-1)
+                res["diag_top_box_overlap"] = float(over[has].float().mean())
+                res["diag_top_box_iou50"] = float(good[has].float().mean())
+
+    # ---------------------------------------------------------------- UA
+    parts = [p for p in ua_parts if p is not None]
+    if use_ua:
+        ref = next(iter(module.parameters()))
+        res["loss_ua"] = torch.stack(parts).mean() if parts else ref.sum() * 0.0
+        if module.training:
+            allI = torch.cat(sampled_I) if sampled_I else torch.zeros(0, device=dev)
+            module.uansil.update(allI)
+    res["uansil_fraction_sampled"] = float(n_sampled / n_games) if n_games else 1.0
+    res["uansil_calibration"] = float(calib_hits / calib_n) if calib_n else float("nan")
+    res["uansil_calibration_games"] = float(calib_n)
+    res["uansil_warm"] = float(use_ua and step >= opts.uansil_warmup)
+    out["_loupe_shapley"] = res
+    for k, v in res.items():
+        if not k.startswith("_") and not k.startswith("loss_"):
+            out[k] = v
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# registration
+# ------------------------------------------------------------------------------------------------
+def _build(name: str):
+    def build(config: Any) -> "LoupeShapleyTerms | None":
+        weights = _losses.resolve_loss_weights(config.objective, config.loss_weights)
+        first = next((t for t in ("tsa", "fsa", "ua") if t in weights), None)
+        return LoupeShapleyTerms(config) if first == name else None
+    return build
+
+
+def _term(name: str):
+    def fn(out: dict, batch: Mapping[str, Any], model: nn.Module, module: nn.Module | None) -> torch.Tensor:
+        return loupe_losses(out, batch, model)[f"loss_{name}"]
+    return fn
+
+
+for _name, _w in (("tsa", 0.5), ("fsa", 0.5), ("ua", 0.1)):
+    if _name not in _losses.LOSS_TERMS:
+        _losses.register_loss_term(_losses.LossTerm(_name, _term(_name), _w, objectives=("loupe",),
+                                                    needs=("regions",), build=_build(_name)))
