@@ -1,0 +1,91 @@
+"""One LOUPE training step vs one CLIP step at the default size (METHOD 9 cost target: <= 1.5x).
+
+Batch 128, default model (64x64, 8x8 grid, D=128, 4+4 layers), captions of 16 tokens with 3 phrases,
+K=32, M'=16, after the UANSIL warm-up (the policy active). Records the share of the LOUPE step spent
+in the Shapley sampler, the fraction of games sampled and the targets' relative standard error.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import loupe.objectives as lo
+from loupe.model import LoupeConfig, LoupeModel
+
+B, L, P = 128, 16, 3
+
+
+def _batch(step: int):
+    g = torch.Generator().manual_seed(step)
+    return {"images": torch.randn(B, 3, 64, 64, generator=g), "input_ids": torch.randint(0, 1000, (B, L), generator=g),
+            "attention_mask": torch.ones(B, L, dtype=torch.bool),
+            "phrase_token_spans": torch.tensor([[[1, 4], [6, 9], [11, 14]]] * B),
+            "phrase_mask": torch.ones(B, P, dtype=torch.bool),
+            "boxes": torch.tensor([[[0., 0, 24, 24], [32, 8, 56, 40], [8, 40, 40, 64]]] * B),
+            "seed": step, "step": step}
+
+
+def _setup(objective: str, warm: bool):
+    torch.manual_seed(0)
+    model = LoupeModel(LoupeConfig(objective=objective))
+    if objective == "loupe":
+        mod = model.loss_modules["tsa"]
+        mod.options = lo.ObjectiveOptions(uansil_warmup=1 if warm else 10 ** 9)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, opt
+
+
+def _step(model, opt, batch):
+    out = model(batch)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    opt.step()
+    return out
+
+
+class _SamplerTimer:
+    def __init__(self):
+        self.t = 0.0
+
+    def wrap(self, fn):
+        def inner(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.t += time.perf_counter() - t0
+        return inner
+
+
+@pytest.mark.parametrize("variant", ["clip", "loupe", "loupe_no_uansil"])
+def test_bench_step(benchmark, variant, monkeypatch):
+    objective = "clip" if variant == "clip" else "loupe"
+    model, opt = _setup(objective, warm=(variant == "loupe"))
+    batches = [_batch(s) for s in range(3)]
+    for s in range(2):  # warm-up (and the UANSIL running statistics)
+        _step(model, opt, batches[s])
+    timer = _SamplerTimer()
+    monkeypatch.setattr(lo, "shapley_interaction", timer.wrap(lo.shapley_interaction))
+    monkeypatch.setattr(lo, "shapley_interaction_pooled", timer.wrap(lo.shapley_interaction_pooled))
+    calls = {"n": 0}
+    last = {}
+
+    def run():
+        calls["n"] += 1
+        last["out"] = _step(model, opt, batches[2])
+
+    benchmark.group = f"loupe step / B={B} K=32 M'=16 / fwd+bwd+AdamW"
+    benchmark.extra_info["variant"] = variant
+    if variant != "clip":
+        benchmark.extra_info["target"] = {"vs": "clip", "min_speedup": 1 / 1.5}
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    if variant != "clip":
+        out = last["out"]
+        step_time = benchmark.stats.stats.mean
+        benchmark.extra_info["sampling_share"] = timer.t / calls["n"] / step_time
+        benchmark.extra_info["fraction_sampled"] = out["uansil_fraction_sampled"]
+        benchmark.extra_info["tsa_rel_stderr"] = out["diag_tsa_rel_stderr"]
+        print(f"\n{variant}: step {step_time:.3f} s, sampling share {benchmark.extra_info['sampling_share']:.3f}, "
+              f"fraction sampled {out['uansil_fraction_sampled']:.3f}, tsa rel. stderr {out['diag_tsa_rel_stderr']:.3f}")
