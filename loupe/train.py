@@ -1,0 +1,495 @@
+"""Train LOUPE (or the CLIP / FILIP baselines) with DeepSpeed ZeRO.
+
+    deepspeed loupe/train.py                          # 1 process on CPU (gloo), built-in synthetic set
+    deepspeed --num_accelerators 2 loupe/train.py     # 2 processes
+    deepspeed loupe/train.py --output runs/x --resume latest --steps 600
+
+Everything lands under ``--output``: DeepSpeed checkpoints (``checkpoints/``, written by every
+rank, ``latest`` replaced atomically), ``model.pt`` (consolidated fp32), ``config.json``,
+``tokenizer.json`` and ``log.jsonl`` (one line per optimizer step).
+
+Reproducibility: the batch of step ``s`` on rank ``r`` and every random draw of that step are pure
+functions of ``(--seed, s, r)``, so a resumed run sees exactly the data and randomness the
+uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # run as a script: loupe/ itself must not shadow top-level modules
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _here]
+    try:
+        import loupe  # noqa: F401  (the installed package)
+    except ImportError:
+        sys.path.insert(0, os.path.dirname(_here))
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "ds_config.json")
+DATASET_TYPES = ("synthetic", "fashion", "emoji", "csv", "webdataset")
+OBJECTIVES = ("loupe", "clip", "filip")
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deepspeed loupe/train.py",
+        description="Train LOUPE / CLIP / FILIP dual encoders with DeepSpeed ZeRO "
+                    "(CPU with gloo, or GPUs with NCCL).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset-type", choices=DATASET_TYPES, default="synthetic",
+                   help="synthetic: built-in grounded shapes (generated on the fly); fashion / emoji: "
+                        "real-image scenes from Debian packages; csv: open_clip-style CSV/TSV of image "
+                        "paths and captions; webdataset: local tar shards (key.png + key.txt [+ key.json])")
+    d.add_argument("--train-data", default=None,
+                   help="CSV/TSV file or shard pattern/directory (required for csv and webdataset)")
+    d.add_argument("--val-data", default=None, help="validation CSV/shards (csv/webdataset only)")
+    d.add_argument("--csv-img-key", default="filepath", help="CSV column with image paths")
+    d.add_argument("--csv-caption-key", default="title", help="CSV column with captions")
+    d.add_argument("--csv-separator", default="\t", help="CSV separator")
+    d.add_argument("--train-size", type=int, default=50000,
+                   help="number of training scenes of the built-in sets")
+    d.add_argument("--workers", type=int, default=0, help="data-loader worker processes per rank")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--objective", choices=OBJECTIVES, default="loupe",
+                   help="loupe = CMC + FILIP + TSA + FSA + UA; filip = CMC + FILIP; clip = CMC")
+    o.add_argument("--batch-size", type=int, default=None,
+                   help="GLOBAL batch size over all ranks (overrides the DeepSpeed config; default 64)")
+    o.add_argument("--steps", type=int, default=400,
+                   help="total optimizer steps (a resumed run continues up to this step)")
+    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    o.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (not on norms, biases, scale)")
+    o.add_argument("--warmup", type=int, default=40, help="linear warm-up steps, then cosine decay to 0")
+    o.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")
+    o.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="ZeRO stage (overrides the DeepSpeed config)")
+    o.add_argument("--model-config", default=None,
+                   help="JSON object (or path to a JSON file) of LoupeConfig fields to override, "
+                        "e.g. '{\"vision_layers\": 2, \"embed_dim\": 64}'")
+    o.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training precision")
+    r = p.add_argument_group("output")
+    r.add_argument("--output", default="runs/loupe", help="directory for checkpoints, model.pt and logs")
+    r.add_argument("--resume", default=None,
+                   help="'latest' (the newest checkpoint under --output) or a checkpoint tag")
+    r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    r.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate on the validation split every N steps (0: only at the end)")
+    r.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    r.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
+                   help="also log scalars to TensorBoard (needs the tensorboard package)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    import deepspeed  # noqa: PLC0415  (adds --deepspeed / --deepspeed_config)
+
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help=argparse.SUPPRESS)
+    p = deepspeed.add_config_arguments(p)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.dataset_type in ("csv", "webdataset") and not args.train_data:
+        p.error(f"--dataset-type {args.dataset_type} needs --train-data")
+    if args.train_data and args.dataset_type in ("csv",) and not os.path.exists(args.train_data):
+        p.error(f"--train-data {args.train_data!r} does not exist")
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if args.lr <= 0:
+        p.error("--lr must be > 0")
+    if args.warmup < 0 or args.save_every < 1 or args.eval_every < 0:
+        p.error("--warmup and --eval-every must be >= 0, --save-every >= 1")
+    if args.model_config:
+        text = args.model_config
+        if os.path.exists(text):
+            with open(text) as f:
+                text = f.read()
+        try:
+            args.model_overrides = json.loads(text)
+        except json.JSONDecodeError as e:
+            p.error(f"--model-config is neither a JSON object nor a JSON file: {e}")
+        if not isinstance(args.model_overrides, dict):
+            p.error("--model-config must be a JSON object")
+        from loupe.model import LoupeConfig
+        try:
+            LoupeConfig(**{**args.model_overrides, "objective": args.objective})
+        except (TypeError, ValueError) as e:
+            p.error(f"--model-config: {e}")
+    else:
+        args.model_overrides = {}
+    if args.deepspeed_config is None:
+        args.deepspeed_config = DEFAULT_DS_CONFIG
+    if not os.path.exists(args.deepspeed_config):
+        p.error(f"--deepspeed_config {args.deepspeed_config!r} does not exist")
+    return args
+
+
+def build_ds_config(args, world_size: int) -> dict:
+    with open(args.deepspeed_config) as f:
+        cfg = json.load(f)
+    for k in ("train_micro_batch_size_per_gpu", "optimizer", "scheduler"):
+        cfg.pop(k, None) if k != "train_micro_batch_size_per_gpu" else None
+    gbs = args.batch_size or cfg.get("train_batch_size", 64)
+    gas = cfg.get("gradient_accumulation_steps", 1)
+    if gbs % (world_size * gas):
+        raise SystemExit(f"--batch-size {gbs} must be divisible by world size {world_size} x "
+                         f"gradient_accumulation_steps {gas}")
+    cfg["train_batch_size"] = gbs
+    cfg["train_micro_batch_size_per_gpu"] = gbs // (world_size * gas)
+    cfg["gradient_accumulation_steps"] = gas
+    if args.zero_stage is not None:
+        cfg.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    cfg["bf16"] = {"enabled": args.precision == "bf16"}
+    cfg.pop("fp16", None)
+    cfg["steps_per_print"] = cfg.get("steps_per_print", 10**6)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# data order: a pure function of (seed, step, rank)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class StepBatchSampler:
+    """Yields, for steps ``start..steps-1``, this rank's slice of the global batch.
+
+    Global batch ``s`` = positions ``s*B .. s*B+B-1`` of an endless sequence of seeded
+    permutations of the dataset (one per epoch); rank ``r`` takes the ``r``-th ``B/world`` chunk,
+    so ranks never overlap and any step can be recomputed without replaying the ones before.
+    """
+
+    n: int
+    global_batch: int
+    rank: int
+    world: int
+    seed: int
+    start: int
+    steps: int
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def indices(self, step: int) -> list[int]:
+        local = self.global_batch // self.world
+        lo = step * self.global_batch + self.rank * local
+        out = []
+        epoch, cached = None, None
+        for pos in range(lo, lo + local):
+            e = pos // self.n
+            if e != epoch:
+                epoch, cached = e, self._perm(e)
+            out.append(int(cached[pos % self.n]))
+        return out
+
+    def __iter__(self):
+        for s in range(self.start, self.steps):
+            yield self.indices(s)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# log, checkpoints
+# ------------------------------------------------------------------------------------------------
+def truncate_log(path: str, last_step: int) -> int:
+    """Keep the lines of ``log.jsonl`` with ``step <= last_step``; returns how many were dropped."""
+    if not os.path.exists(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if rec.get("step", 0) <= last_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return dropped
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def resolve_resume_tag(ckpt_dir: str, resume: str | None) -> str | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        path = os.path.join(ckpt_dir, "latest")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return f.read().strip()
+    if not os.path.isdir(os.path.join(ckpt_dir, resume)):
+        raise SystemExit(f"--resume {resume!r}: no checkpoint {os.path.join(ckpt_dir, resume)}")
+    return resume
+
+
+def param_groups(model: torch.nn.Module, wd: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "norm" in name or name.endswith(".bias") or "logit_scale" in name \
+                or "embedding" in name.split(".")[-1]:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+LOGGED_PREFIXES = ("loss", "uansil", "diag", "logit_scale")
+
+
+def mean_over_ranks(out: dict, device: torch.device, world: int) -> dict[str, float]:
+    """The scalar outputs to log (losses, UANSIL statistics, diagnostics), averaged over ranks:
+    with local losses the mean over ranks is the global batch's loss."""
+    keys = sorted(k for k, v in out.items() if k.startswith(LOGGED_PREFIXES)
+                  and ((isinstance(v, torch.Tensor) and v.numel() == 1)
+                       or (isinstance(v, (int, float)) and not isinstance(v, bool))))
+    if not keys:
+        return {}
+    vals = torch.tensor([float(out[k].detach().float()) if isinstance(out[k], torch.Tensor) else float(out[k])
+                         for k in keys], dtype=torch.float64, device=device)
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(vals)
+        vals /= world
+    return dict(zip(keys, vals.tolist()))
+
+
+def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if v.is_floating_point() and k == "images":
+                v = v.to(float_dtype)
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import deepspeed
+    import torch.distributed as dist
+
+    from loupe import data as ldata
+    from loupe.model import LoupeConfig, LoupeModel
+
+    on_gpu = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if on_gpu:
+        torch.cuda.set_device(args.local_rank)
+    device = torch.device("cuda", args.local_rank) if on_gpu else torch.device("cpu")
+    is_main = rank == 0
+
+    out_dir = os.path.abspath(args.output)
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if is_main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    dist.barrier()
+    resume_tag = resolve_resume_tag(ckpt_dir, args.resume)
+    if args.resume == "latest" and resume_tag is None and is_main:
+        print(f"loupe: --resume latest: no checkpoint under {ckpt_dir}, starting from step 0")
+
+    # data and tokenizer (fit once on rank 0, saved with the model, loaded by the other ranks)
+    tok_path = os.path.join(out_dir, "tokenizer.json")
+    train_set = ldata.build_dataset(args.dataset_type, "train", seed=args.seed, path=args.train_data,
+                                    size=args.train_size, img_key=args.csv_img_key,
+                                    caption_key=args.csv_caption_key, separator=args.csv_separator)
+    if is_main and not (resume_tag and os.path.exists(tok_path)):
+        tokenizer = ldata.fit_tokenizer(train_set)
+        tokenizer.save(tok_path)
+    dist.barrier()
+    tokenizer = ldata.load_tokenizer(tok_path)
+
+    cfg_path = os.path.join(out_dir, "config.json")
+    if resume_tag and os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            saved = json.load(f)
+        config = LoupeConfig.from_dict(saved["model"])
+        if config.objective != args.objective:
+            raise SystemExit(f"--resume: the checkpoint was trained with --objective {config.objective}, "
+                             f"not {args.objective}")
+    else:
+        config = LoupeConfig(**{**args.model_overrides, "vocab_size": tokenizer.vocab_size,
+                                "objective": args.objective})
+    torch.manual_seed(args.seed)  # same initialisation on every rank
+    model = LoupeModel(config)
+
+    ds_config = build_ds_config(args, world)
+    local_batch = ds_config["train_micro_batch_size_per_gpu"]
+    if is_main:
+        write_atomic(cfg_path, json.dumps({"model": config.to_dict(), "train": {
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+            "deepspeed": ds_config, "world_size": world}, indent=2))
+
+    optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    start = 0
+    if resume_tag:
+        path, client = engine.load_checkpoint(ckpt_dir, tag=resume_tag)
+        if path is None:
+            raise SystemExit(f"--resume: could not load checkpoint {resume_tag!r} from {ckpt_dir}")
+        start = int(client["step"])
+        if is_main:
+            dropped = truncate_log(log_path, start)
+            print(f"loupe: resumed from {resume_tag} at step {start}"
+                  + (f" (dropped {dropped} log lines past it)" if dropped else ""))
+    elif is_main and os.path.exists(log_path):
+        os.replace(log_path, log_path + ".old")
+    dist.barrier()
+
+    sampler = StepBatchSampler(len(train_set), ds_config["train_batch_size"], rank, world, args.seed,
+                               start, args.steps)
+    collate = ldata.Collator(tokenizer)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=args.workers, persistent_workers=False)
+    float_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+    writer = None
+    if is_main and args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+    bar = None
+    if is_main and not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=start, desc=f"train {args.objective}", unit="step",
+                   dynamic_ncols=True)
+
+    def save(step: int) -> None:
+        tag = f"step{step:07d}"
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step}, save_latest=False)
+        dist.barrier()
+        if is_main:
+            write_atomic(os.path.join(ckpt_dir, "latest"), tag)
+        dist.barrier()
+
+    step, last_saved, skipped_total = start, start, 0
+    t_prev = time.perf_counter()
+    log_f = open(log_path, "a") if is_main else None
+    try:
+        for batch in loader:
+            t_data = time.perf_counter() - t_prev
+            torch.manual_seed(step_seed(args.seed, step, rank))
+            skipped_total += int(batch.pop("skipped", 0))
+            batch = to_device(batch, device, float_dtype)
+            batch["step"] = step
+            batch["seed"] = step_seed(args.seed, step, rank)
+            out = engine(batch)
+            loss = out["loss"]
+            finite = torch.tensor([float(torch.isfinite(loss.detach().float()).item())], device=device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                bad = [k for k, v in out.items() if k.startswith("loss") and isinstance(v, torch.Tensor)
+                       and v.numel() == 1 and not torch.isfinite(v.detach().float()).item()]
+                raise FloatingPointError(
+                    f"non-finite loss at step {step + 1} (terms: {', '.join(bad) or 'loss'}); "
+                    f"the last good checkpoint is step {last_saved} in {ckpt_dir}")
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            now = time.perf_counter()
+            rec = {"step": step, "lr": scheduler.get_last_lr()[0] if scheduler is not None else args.lr,
+                   "samples_per_s": ds_config["train_batch_size"] / max(now - t_prev, 1e-9),
+                   "data_time": t_data, "skipped": skipped_total}
+            rec.update(mean_over_ranks(out, device, world))
+            t_prev = now
+            if is_main:
+                log_f.write(json.dumps(rec) + "\n")
+                log_f.flush()
+                if writer is not None:
+                    for k, v in rec.items():
+                        if k != "step":
+                            writer.add_scalar(k, v, step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
+            if step % args.save_every == 0 or step == args.steps:
+                save(step)
+                last_saved = step
+    finally:
+        if log_f is not None:
+            log_f.close()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+
+    if last_saved != step:
+        save(step)
+    # consolidated fp32 weights, readable without DeepSpeed (loupe.load)
+    if is_main:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            tag = f.read().strip()
+        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+        torch.save({"config": config.to_dict(), "state_dict": state, "step": step},
+                   os.path.join(out_dir, "model.pt.tmp"))
+        os.replace(os.path.join(out_dir, "model.pt.tmp"), os.path.join(out_dir, "model.pt"))
+    dist.barrier()
+    if is_main:
+        print(f"loupe: trained {args.objective} to step {step} on {world} process(es)")
+        print(f"  model:       {os.path.join(out_dir, 'model.pt')} (load with loupe.load({out_dir!r}))")
+        print(f"  checkpoints: {ckpt_dir}")
+        print(f"  log:         {log_path}")
+        if skipped_total:
+            print(f"  skipped {skipped_total} unreadable samples")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
