@@ -527,6 +527,37 @@ def _find_module(model: nn.Module) -> "LoupeShapleyTerms | None":
     return None
 
 
+def _box_feats_and_logits(model: nn.Module, patch_tokens: torch.Tensor, idx: torch.Tensor,
+                          with_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inside features ``[B, M, D]`` (and objectness logits ``[B, M]``) of the chosen candidate boxes only.
+
+    The same values as the model's dense ``box_feats``/``box_logits`` gathered at ``idx``, but the
+    backward pass touches only these M boxes instead of all candidates of every image.
+    """
+    g = model.config.grid_size
+    boxes = model.candidate_boxes[idx]
+    sub = box_subsets(boxes, g, g).to(patch_tokens.dtype)  # [B, M, n]
+    work = patch_tokens if patch_tokens.dtype in (torch.float32, torch.float64) else patch_tokens.float()
+    sums = sub.to(work.dtype) @ work
+    area = sub.sum(-1, keepdim=True).to(work.dtype)
+    n = work.shape[1]
+    inside = F.normalize(sums / area, dim=-1)
+    if not with_logits:
+        return inside.to(patch_tokens.dtype), None
+    out_cnt = n - area
+    outside = (work.sum(1, keepdim=True) - sums) / out_cnt.clamp(min=1)
+    outside = F.normalize(outside, dim=-1) * (out_cnt > 0).to(work.dtype)
+    if model.config.region_detach:
+        inside_h, outside_h = inside.detach(), outside.detach()
+    else:
+        inside_h, outside_h = inside, outside
+    head = model.region_head
+    geo = model.box_geometry[idx].to(inside.dtype)
+    x = torch.cat([inside_h.to(patch_tokens.dtype), outside_h.to(patch_tokens.dtype), geo.to(patch_tokens.dtype)], -1)
+    logits = head.fc2(head.act(head.fc1(x))).squeeze(-1)
+    return inside.to(patch_tokens.dtype), logits
+
+
 def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     """Compute L_TSA, L_FSA, L_UA, the UANSIL statistics and diagnostics once per forward (cached in
     ``out["_loupe_shapley"]``)."""
@@ -578,7 +609,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
                                       text_emb=out["text_emb"], center=opts.tsa_center, backend=opts.backend,
                                       valid=valid, sample=sample, fill=fill)
         z = _standardise(t, valid, opts.min_spread)
-        o = out["box_logits"].gather(1, idx)
+        _, o = _box_feats_and_logits(model, patches, idx)
         kl = soft_kl(z / opts.tau_i, o, valid)
         rows = valid.sum(-1) >= 2
         res["loss_tsa"] = kl.sum() / rows.sum().clamp(min=1) + 0.0 * o.sum()
@@ -614,7 +645,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
                                       out["box_feats_out"], cand, opts.fsa_per_phrase, opts.fsa_scales)
         R = ridx.shape[1]
         P = pf.shape[1]
-        rfeat = out["box_feats"].gather(1, ridx[..., None].expand(B, R, D))
+        rfeat, _ = _box_feats_and_logits(model, patches, ridx, with_logits=False)
         pair_ok = pmask[:, :, None] & rvalid[:, None, :]
         pol = None
         if use_ua and P and R:
