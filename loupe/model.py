@@ -405,6 +405,7 @@ class LoupeModel(nn.Module):
         self.register_buffer("candidate_boxes", boxes, persistent=False)  # [K, 4] patch units
         self.register_buffer("box_geometry", _regions.box_geometry(boxes, g, g), persistent=False)
         self.register_buffer("nms_suppress", iou > config.nms_iou, persistent=False)  # [K, K]
+        self.register_buffer("sat_pooling", _regions.sat_pooling_matrix(g, g, boxes).float(), persistent=False)
 
     # -------------------------------------------------------------------------------- helpers
     @property
@@ -568,7 +569,7 @@ class LoupeModel(nn.Module):
     def box_features(self, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(inside [B, K, D], outside [B, K, D], outside_valid [K])`` for every candidate box."""
         g = self.grid_size
-        return _regions.box_features(patch_tokens, g, g, self.candidate_boxes)
+        return _regions.box_features(patch_tokens, g, g, self.candidate_boxes, pooling_matrix=self.sat_pooling)
 
     def regions(self, patch_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Objectness of every candidate box and the top-M semantic regions after NMS.

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["candidate_boxes", "box_iou", "box_geometry", "summed_area_table", "box_features",
+__all__ = ["candidate_boxes", "box_iou", "box_geometry", "summed_area_table", "sat_pooling_matrix", "box_features",
            "nms_topk", "phrase_features", "grounding_scores", "RegionGenerator", "boxes_to_pixels",
            "NUM_GEOMETRY"]
 
@@ -74,13 +74,46 @@ def summed_area_table(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.pad(sat, (0, 0, 1, 0, 1, 0))  # zero row on top, zero column on the left
 
 
+def sat_pooling_matrix(h: int, w: int, boxes: torch.Tensor) -> torch.Tensor:
+    """``[2K, (h+1)*(w+1)]`` float64 matrix ``M`` such that ``M @ S_flat`` gives, for the summed-area
+    table ``S`` of a grid, the inside means (rows ``0..K-1``) and outside means (rows ``K..2K-1``)
+    of every box.
+
+    Inside row k = the four corner coefficients ``+1 (y1, x1), -1 (y0, x1), -1 (y1, x0), +1 (y0, x0)``
+    divided by the box area; outside row k = (the total-sum corner ``(h, w)`` minus those corners)
+    divided by the number of patches outside (a zero row for the whole-grid box).
+    """
+    boxes = boxes.to(torch.long)
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    stride = w + 1
+    K = boxes.shape[0]
+    C = torch.zeros(K, (h + 1) * stride, dtype=torch.float64, device=boxes.device)
+    rows = torch.arange(K, device=boxes.device)
+    for y, x, sign in ((y1, x1, 1.0), (y0, x1, -1.0), (y1, x0, -1.0), (y0, x0, 1.0)):
+        C.index_put_((rows, y * stride + x), torch.full((K,), sign, dtype=torch.float64, device=boxes.device),
+                     accumulate=True)
+    area = ((x1 - x0) * (y1 - y0)).to(torch.float64)
+    n_out = h * w - area
+    total = torch.zeros_like(C)
+    total[:, -1] = 1.0
+    inside = C / area[:, None]
+    outside = (total - C) * torch.where(n_out > 0, 1.0 / n_out.clamp(min=1), torch.zeros_like(n_out))[:, None]
+    return torch.cat([inside, outside], dim=0)
+
+
 def box_features(tokens: torch.Tensor, h: int, w: int, boxes: torch.Tensor, *, normalize: bool = True,
+                 pooling_matrix: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inside and outside means of the patch tokens for every box, from a summed-area table.
 
     ``tokens [B, h*w, D]``, ``boxes [K, 4]`` long (patch units, end-exclusive). Returns
     ``inside [B, K, D]``, ``outside [B, K, D]`` (L2-normalised after pooling when ``normalize``) and
-    ``outside_valid [K]`` bool (False for the whole-grid box, whose outside is zero). Pooling runs in
+    ``outside_valid [K]`` bool (False for the whole-grid box, whose outside is zero).
+
+    The four-corner lookups of the table, the division by the area and the outside = total - inside
+    step are one fixed linear map (:func:`sat_pooling_matrix`; pass it as ``pooling_matrix`` to
+    reuse it), so pooling is one GEMM forward and one backward instead of gathers, scatter-adds and
+    several passes over ``[B, K, D]`` (about 10x faster on CPU at 1296 boxes). Pooling runs in
     float32 at least and the results have the dtype of ``tokens``.
     """
     if boxes.dim() != 2 or boxes.shape[1] != 4:
@@ -88,26 +121,19 @@ def box_features(tokens: torch.Tensor, h: int, w: int, boxes: torch.Tensor, *, n
     dt = tokens.dtype
     work = tokens if dt in (torch.float32, torch.float64) else tokens.float()
     B, n, D = work.shape
+    K = boxes.shape[0]
     sat = summed_area_table(work, h, w).reshape(B, (h + 1) * (w + 1), D)
     boxes = boxes.to(device=tokens.device, dtype=torch.long)
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    stride = w + 1
-
-    def corner(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return sat.index_select(1, y * stride + x)
-
-    inside_sum = corner(y1, x1) - corner(y0, x1) - corner(y1, x0) + corner(y0, x0)
-    area = ((x1 - x0) * (y1 - y0)).to(work.dtype)
-    total = sat[:, -1:, :]  # [B, 1, D] = sum of all tokens
-    out_count = (n - area)
-    outside_valid = out_count > 0
-    inside = inside_sum / area[None, :, None]
-    outside = (total - inside_sum) / out_count.clamp(min=1)[None, :, None]
-    outside = outside * outside_valid[None, :, None].to(work.dtype)
+    M = pooling_matrix if pooling_matrix is not None else sat_pooling_matrix(h, w, boxes)
+    if M.shape != (2 * K, sat.shape[1]):
+        raise ValueError(f"box_features: pooling_matrix must be [2K, (h+1)*(w+1)] = "
+                         f"{[2 * K, sat.shape[1]]}, got {list(M.shape)}")
+    pooled = torch.matmul(M.to(device=work.device, dtype=work.dtype), sat)  # [B, 2K, D]
     if normalize:
-        inside = F.normalize(inside, dim=-1)
-        outside = F.normalize(outside, dim=-1)
-    return inside.to(dt), outside.to(dt), outside_valid
+        pooled = F.normalize(pooled, dim=-1)
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    outside_valid = (x1 - x0) * (y1 - y0) < n
+    return pooled[:, :K].to(dt), pooled[:, K:].to(dt), outside_valid
 
 
 def nms_topk(scores: torch.Tensor, suppress: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
