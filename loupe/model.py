@@ -68,6 +68,9 @@ class LoupeConfig:
     nms_iou: float = 0.5
     region_hidden: int = 128
     region_detach: bool = False        # True: the objectness head does not train the image encoder
+    # False: the dense outputs over all K boxes (box_feats, box_logits) carry no gradient and only the
+    # M regions (region_feats, region_logits) do (the backward then touches M boxes, not K); True: all
+    dense_region_grad: bool = False
 
     def __post_init__(self) -> None:
         self.special_token_ids = tuple(int(i) for i in self.special_token_ids)
@@ -571,24 +574,48 @@ class LoupeModel(nn.Module):
         g = self.grid_size
         return _regions.box_features(patch_tokens, g, g, self.candidate_boxes, pooling_matrix=self.sat_pooling)
 
+    def box_features_at(self, patch_tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inside, outside) [B, M, D]`` of the candidate boxes ``index [B, M]`` only (differentiable)."""
+        g = self.grid_size
+        return _regions.box_features_at(patch_tokens, g, g, self.sat_pooling, index)
+
+    def objectness(self, inside: torch.Tensor, outside: torch.Tensor, index: torch.Tensor | None = None,
+                   ) -> torch.Tensor:
+        """Objectness logits of boxes from their features: all candidates (``index`` None, features
+        ``[B, K, D]``) or the candidates ``index [B, M]`` (features ``[B, M, D]``)."""
+        if self.config.region_detach:
+            inside, outside = inside.detach(), outside.detach()
+        geo = self.box_geometry if index is None else self.box_geometry[index]
+        return self.region_head(inside, outside, geo)
+
     def regions(self, patch_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Objectness of every candidate box and the top-M semantic regions after NMS.
 
         Returns ``box_feats``/``box_feats_out [B, K, D]``, ``box_logits [B, K]``, and for the M
         regions ``region_index [B, M]`` (into the candidates), ``region_mask [B, M]``,
-        ``region_feats [B, M, D]`` (inside features), ``region_logits [B, M]`` and
-        ``region_boxes [B, M, 4]`` (pixels, xyxy).
+        ``region_feats [B, M, D]`` (inside features), ``region_feats_out [B, M, D]``,
+        ``region_logits [B, M]`` and ``region_boxes [B, M, 4]`` (pixels, xyxy). Unless
+        ``config.dense_region_grad``, the dense ``box_*`` outputs are computed without gradient
+        (ranking, NMS, candidate choice) and the region outputs are recomputed for the M boxes with
+        gradient: the same values, a backward over M boxes instead of K.
         """
-        inside, outside, _ = self.box_features(patch_tokens)
-        head_in, head_out = (inside.detach(), outside.detach()) if self.config.region_detach else (inside, outside)
-        logits = self.region_head(head_in, head_out, self.box_geometry)
+        dense = self.config.dense_region_grad
+        with torch.set_grad_enabled(dense and torch.is_grad_enabled()):
+            inside, outside, _ = self.box_features(patch_tokens)
+            logits = self.objectness(inside, outside)
         idx, valid = _regions.nms_topk(logits, self.nms_suppress, self.config.num_regions)
-        D = inside.shape[-1]
-        feats = inside.gather(1, idx[..., None].expand(*idx.shape, D))
+        if dense:
+            D = inside.shape[-1]
+            feats = inside.gather(1, idx[..., None].expand(*idx.shape, D))
+            feats_out = outside.gather(1, idx[..., None].expand(*idx.shape, D))
+            region_logits = logits.gather(1, idx)
+        else:
+            feats, feats_out = self.box_features_at(patch_tokens, idx)
+            region_logits = self.objectness(feats, feats_out, idx)
         return {
             "box_feats": inside, "box_feats_out": outside, "box_logits": logits,
-            "region_index": idx, "region_mask": valid, "region_feats": feats,
-            "region_logits": logits.gather(1, idx),
+            "region_index": idx, "region_mask": valid, "region_feats": feats, "region_feats_out": feats_out,
+            "region_logits": region_logits,
             "region_boxes": _regions.boxes_to_pixels(self.candidate_boxes[idx], self.config.patch_size),
         }
 

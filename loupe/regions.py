@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["candidate_boxes", "box_iou", "box_geometry", "summed_area_table", "sat_pooling_matrix", "box_features",
+           "box_features_at",
            "nms_topk", "phrase_features", "grounding_scores", "RegionGenerator", "boxes_to_pixels",
            "NUM_GEOMETRY"]
 
@@ -136,6 +137,27 @@ def box_features(tokens: torch.Tensor, h: int, w: int, boxes: torch.Tensor, *, n
     return pooled[:, :K].to(dt), pooled[:, K:].to(dt), outside_valid
 
 
+def box_features_at(tokens: torch.Tensor, h: int, w: int, pooling_matrix: torch.Tensor, index: torch.Tensor,
+                    *, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`box_features` of the chosen boxes only: ``index [B, M]`` into the K candidates whose
+    :func:`sat_pooling_matrix` is ``pooling_matrix [2K, S]``. Returns ``inside, outside [B, M, D]``;
+    the backward touches only these boxes."""
+    if index.dim() != 2 or index.shape[0] != tokens.shape[0]:
+        raise ValueError(f"box_features_at: index must be [B={tokens.shape[0]}, M], got {list(index.shape)}")
+    K = pooling_matrix.shape[0] // 2
+    dt = tokens.dtype
+    work = tokens if dt in (torch.float32, torch.float64) else tokens.float()
+    B, _, D = work.shape
+    sat = summed_area_table(work, h, w).reshape(B, (h + 1) * (w + 1), D)
+    Mx = pooling_matrix.to(device=work.device, dtype=work.dtype)
+    rows = torch.cat([index, index + K], dim=1)  # [B, 2M]
+    pooled = torch.bmm(Mx[rows], sat)  # [B, 2M, D]
+    if normalize:
+        pooled = F.normalize(pooled, dim=-1)
+    m = index.shape[1]
+    return pooled[:, :m].to(dt), pooled[:, m:].to(dt)
+
+
 def nms_topk(scores: torch.Tensor, suppress: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy NMS, stopped after ``k`` kept boxes, batched over images.
 
@@ -237,8 +259,9 @@ class RegionGenerator(nn.Module):
         self.fc2 = nn.Linear(hidden, 1)
 
     def forward(self, inside: torch.Tensor, outside: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
-        """``inside, outside [B, K, D]``, ``geometry [K, 7]`` -> logits ``[B, K]``."""
+        """``inside, outside [B, K, D]``, ``geometry [K, 7]`` or ``[B, K, 7]`` -> logits ``[B, K]``."""
         B, K, _ = inside.shape
-        geo = geometry.to(inside.dtype)[None].expand(B, K, geometry.shape[-1])
+        geo = geometry.to(inside.dtype)
+        geo = geo.expand(B, K, geo.shape[-1]) if geo.dim() == 3 else geo[None].expand(B, K, geo.shape[-1])
         x = torch.cat([inside, outside, geo], dim=-1)
         return self.fc2(self.act(self.fc1(x))).squeeze(-1)

@@ -168,15 +168,23 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # --------------------------------------------------------------------------------------- regions
-def test_regions_in_forward_are_nms_top_m():
-    cfg = tiny()
+@pytest.mark.parametrize("dense", [False, True])
+def test_regions_in_forward_are_nms_top_m(dense):
+    cfg = tiny(dense_region_grad=dense)
     model = build(cfg)
     out = model({**make_batch(cfg, B=3), "return_regions": True})
     assert out["box_logits"].shape == (3, 100)  # 4x4 grid: 10 * 10 boxes
     idx, valid = nms_topk(out["box_logits"], model.nms_suppress, cfg.num_regions)
     assert torch.equal(idx, out["region_index"]) and torch.equal(valid, out["region_mask"])
-    torch.testing.assert_close(out["region_feats"], out["box_feats"].gather(
-        1, idx[..., None].expand(-1, -1, cfg.embed_dim)))
+    # the region outputs equal the dense outputs at the chosen boxes (recomputed or gathered)
+    D = cfg.embed_dim
+    torch.testing.assert_close(out["region_feats"], out["box_feats"].gather(1, idx[..., None].expand(-1, -1, D)))
+    torch.testing.assert_close(out["region_feats_out"],
+                               out["box_feats_out"].gather(1, idx[..., None].expand(-1, -1, D)))
+    torch.testing.assert_close(out["region_logits"], out["box_logits"].gather(1, idx))
+    # gradient: always through the regions; through the dense outputs only with dense_region_grad
+    assert out["region_feats"].requires_grad and out["region_logits"].requires_grad
+    assert out["box_logits"].requires_grad == dense and out["box_feats"].requires_grad == dense
     boxes = out["region_boxes"]
     assert boxes.min() >= 0 and boxes.max() <= cfg.image_size
     assert torch.all(boxes[..., 2] > boxes[..., 0]) and torch.all(boxes[..., 3] > boxes[..., 1])
@@ -209,8 +217,10 @@ def test_gradients_reach_every_trainable_parameter(objective):
     cfg = tiny(objective)
     model = build(cfg)
     missing = _no_grad_params(model, model(make_batch(cfg, B=4))["loss"])
-    # only the objectness head is unused without a term that needs regions
-    assert missing and all(n.startswith("region_head.") for n in missing), missing
+    if model.needs_regions:  # LOUPE terms registered (loupe.objectives imported): all parameters train
+        assert missing == [], missing
+    else:  # only the objectness head is unused without a term that needs regions
+        assert missing and all(n.startswith("region_head.") for n in missing), missing
     if objective == "clip":
         assert model.filip_logit_scale is None
     else:
@@ -230,14 +240,19 @@ def test_registered_term_extends_the_loupe_objective():
 
     def fn(out, batch, model, module):
         out["diag_probe"] = float(out["region_mask"].float().mean())
-        target = torch.zeros_like(out["box_logits"])
-        return module(F.mse_loss(out["box_logits"], target) + (1 - out["region_feats"].sum(-1)).pow(2).mean())
+        target = torch.zeros_like(out["region_logits"])
+        return module(F.mse_loss(out["region_logits"], target) + (1 - out["region_feats"].sum(-1)).pow(2).mean())
 
     register_loss_term(LossTerm("probe", fn, 0.5, objectives=("loupe",), needs=("regions",), build=Head))
     try:
         with pytest.raises(ValueError, match="already registered"):
             register_loss_term(LossTerm("probe", fn))
-        cfg = tiny("loupe")
+        # other LOUPE terms may be registered (loupe.objectives): switch them off for this test
+        others = {n: 0.0 for n, t in LOSS_TERMS.items() if "loupe" in t.objectives
+                  and n not in ("cmc", "filip", "probe")}
+        assert build(tiny("loupe")).loss_weights == {"cmc": 1.0, "filip": 1.0, "probe": 0.5,
+                                                      **{n: LOSS_TERMS[n].default_weight for n in others}}
+        cfg = tiny("loupe", loss_weights=others)
         model = build(cfg)
         assert model.loss_weights == {"cmc": 1.0, "filip": 1.0, "probe": 0.5}
         assert build(tiny("filip")).loss_weights == {"cmc": 1.0, "filip": 1.0}

@@ -4,8 +4,8 @@ import itertools
 import pytest
 import torch
 
-from loupe.regions import (box_features, box_geometry, box_iou, candidate_boxes, grounding_scores, nms_topk,
-                           phrase_features, summed_area_table)
+from loupe.regions import (box_features, box_features_at, box_geometry, box_iou, candidate_boxes, grounding_scores, nms_topk,
+                           phrase_features, sat_pooling_matrix, summed_area_table)
 
 
 def test_candidate_boxes_enumerate_every_whole_patch_box():
@@ -176,3 +176,21 @@ def test_grounding_scores_pick_the_object_box():
     assert best == [2, 1, 5, 4]
     k = 7
     torch.testing.assert_close(scores[0, 0, k], obj @ inside[0, k] - obj @ outside[0, k])
+
+
+def test_box_features_at_equal_dense_features_and_gradients():
+    torch.manual_seed(5)
+    h, w, B, D = 4, 3, 2, 6
+    boxes = candidate_boxes(h, w)
+    M = sat_pooling_matrix(h, w, boxes)
+    idx = torch.randint(0, boxes.shape[0], (B, 5))
+    tokens = torch.randn(B, h * w, D, dtype=torch.float64, requires_grad=True)
+    inside, outside, _ = box_features(tokens, h, w, boxes, pooling_matrix=M)
+    sel_in, sel_out = box_features_at(tokens, h, w, M, idx)
+    gather = lambda x: x.gather(1, idx[..., None].expand(-1, -1, D))  # noqa: E731
+    torch.testing.assert_close(sel_in, gather(inside), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sel_out, gather(outside), rtol=0, atol=1e-12)
+    wts = torch.randn_like(sel_in)
+    g1 = torch.autograd.grad(((gather(inside) + gather(outside)) * wts).sum(), tokens)[0]
+    g2 = torch.autograd.grad(((sel_in + sel_out) * wts).sum(), tokens)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
