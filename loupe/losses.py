@@ -13,12 +13,14 @@ Objectives are weighted sums of registered :class:`LossTerm` s:
 - ``clip``  = L_CMC
 - ``filip`` = L_CMC + L_FILIP
 - ``loupe`` = L_CMC + f L_FILIP + every term registered for the ``loupe`` objective (the Shapley
-  terms TSA, FSA, UA live in their own module and call :func:`register_loss_term`).
+  terms TSA, FSA, UA live in ``loupe.objectives``, which :data:`OBJECTIVE_MODULES` imports when
+  the objective is resolved, and register themselves with :func:`register_loss_term`).
 
 ``LoupeConfig.loss_weights`` overrides the weights (a weight of 0 drops the term).
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -213,6 +215,9 @@ class LossTerm:
 
 LOSS_TERMS: dict[str, LossTerm] = {}
 OBJECTIVES: tuple[str, ...] = ("clip", "filip", "loupe")
+#: modules whose import registers further terms of an objective; imported when the objective is
+#: resolved, so that ``LoupeConfig(objective="loupe")`` always gets its Shapley terms
+OBJECTIVE_MODULES: dict[str, tuple[str, ...]] = {"loupe": ("loupe.objectives",)}
 _KNOWN_NEEDS = ("regions", "filip_scale")
 
 
@@ -241,6 +246,8 @@ def resolve_loss_weights(objective: str, loss_weights: Mapping[str, float] | Non
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    for module in OBJECTIVE_MODULES.get(objective, ()):
+        importlib.import_module(module)
     weights = {name: t.default_weight for name, t in LOSS_TERMS.items() if objective in t.objectives}
     for name, w in (loss_weights or {}).items():
         if name not in LOSS_TERMS:
