@@ -280,7 +280,7 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-LOGGED_PREFIXES = ("loss", "uansil", "diag", "logit_scale")
+LOGGED_PREFIXES = ("loss", "uansil", "diag", "logit_scale", "filip_logit_scale")
 
 
 def mean_over_ranks(out: dict, device: torch.device, world: int) -> dict[str, float]:
@@ -297,7 +297,8 @@ def mean_over_ranks(out: dict, device: torch.device, world: int) -> dict[str, fl
         import torch.distributed as dist
         dist.all_reduce(vals)
         vals /= world
-    return dict(zip(keys, vals.tolist()))
+    # NaN statistics (e.g. a calibration with no calibration games yet) are logged as null
+    return {k: (v if math.isfinite(v) else None) for k, v in zip(keys, vals.tolist())}
 
 
 def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
