@@ -1,7 +1,9 @@
 """Plain-PyTorch references of every op (the oracles the fused kernels are tested against)."""
 from .token_region_similarity import token_region_similarity_reference
+from .interaction_loss import uncertainty_interaction_loss_reference
 from .shapley import (exact_shapley_interaction, sample_coalitions_reference, shapley_interaction_pooled_reference,
                       shapley_interaction_reference)
 
 __all__ = ["token_region_similarity_reference", "exact_shapley_interaction", "sample_coalitions_reference",
-           "shapley_interaction_reference", "shapley_interaction_pooled_reference"]
+           "shapley_interaction_reference", "shapley_interaction_pooled_reference",
+           "uncertainty_interaction_loss_reference"]

@@ -30,4 +30,18 @@ std::vector<at::Tensor> shapley_pooled_cpu(const at::Tensor& features, const at:
 at::Tensor shapley_coalitions_cpu(const at::Tensor& subsets, const at::Tensor& player_mask, int64_t num_samples,
                                   uint64_t seed, int64_t schedule);
 
+// Uncertainty-weighted interaction loss (METHOD section 8). Inputs contiguous, one dtype (float16,
+// bfloat16, float32, float64), same numel; target_var / weight optional. reduction 0 none, 1 mean,
+// 2 sum. Returns {loss, grad_mu, grad_log_var, status}: for mean/sum with need_grad the gradients
+// of the reduced loss (float32, float64 for float64 input), else empty; status int64 bit mask
+// (1 target not finite where weight != 0, 2 target_var < 0, 4 target_var not finite where weight
+// != 0, 8 weight negative or not finite).
+std::vector<at::Tensor> uil_forward_cpu(const at::Tensor& mu, const at::Tensor& log_var, const at::Tensor& target,
+                                        const c10::optional<at::Tensor>& target_var,
+                                        const c10::optional<at::Tensor>& weight, int64_t reduction, bool need_grad);
+// Backward of reduction none: {d_mu, d_log_var} = grad * dl/d(.), in the input dtype.
+std::vector<at::Tensor> uil_backward_cpu(const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& log_var,
+                                         const at::Tensor& target, const c10::optional<at::Tensor>& target_var,
+                                         const c10::optional<at::Tensor>& weight);
+
 }  // namespace loupe
