@@ -75,6 +75,36 @@ inline float exp_approx(float x) {
 }
 inline double exp_approx(double x) { return std::exp(x); }
 
+// log for float math on positive normal finite x (the only arguments it gets: exp_approx(v) +
+// target_var >= 1.2e-38): exponent from the bits, Cephes' logf polynomial on the mantissa in
+// [sqrt(1/2), sqrt(2)) (about 1 ulp), branch-free.
+inline float log_approx(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(float));
+  float e = float(((bits >> 23) & 0xff) - 126);
+  const int32_t mbits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &mbits, sizeof(float));
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  const float f = small ? (m + m - 1.0f) : (m - 1.0f);
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * e;
+}
+inline double log_approx(double x) { return std::log(x); }
+
 // The loss of one element and its two derivatives, without weight.
 template <typename acc_t, bool HAS_TV>
 inline void element(acc_t mu, acc_t v, acc_t t, acc_t s, acc_t& loss, acc_t& dmu, acc_t& dv) {
@@ -92,7 +122,7 @@ inline void element(acc_t mu, acc_t v, acc_t t, acc_t s, acc_t& loss, acc_t& dmu
     const acc_t inv = acc_t(1) / var;
     const acc_t rs = r * inv;
     const acc_t q = r * rs;
-    loss = acc_t(0.5) * (q + std::log(var));
+    loss = acc_t(0.5) * (q + log_approx(var));
     dmu = -rs;
     dv = acc_t(0.5) * (ev * inv) * (acc_t(1) - q);
   }
