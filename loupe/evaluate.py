@@ -258,9 +258,8 @@ def coco_map(ground_truth: Sequence[dict], detections: Sequence[dict], num_class
             precision[t, :, c] = q
     valid = n_gt > 0
     ap_tc = np.where(precision >= 0, precision, np.nan)  # [T, R, C]
-    with np.errstate(invalid="ignore"):
-        per_class = np.nanmean(ap_tc, axis=(0, 1)) if valid.any() else np.full(C, np.nan)
-    per_class = np.where(valid, per_class, np.nan)
+    per_class = np.full(C, np.nan)
+    per_class[valid] = ap_tc[:, :, valid].mean(axis=(0, 1))  # every entry of a class with ground truth is >= 0
 
     def at(th: float) -> tuple[float, np.ndarray]:
         hit = np.flatnonzero(np.isclose(thr, th))
@@ -690,7 +689,7 @@ def figure_grounding_examples(examples: list[dict], path: str) -> str:
     n = max(1, len(examples))
     cols = min(4, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, e in zip(axes.flat, examples):

@@ -1,0 +1,191 @@
+"""loupe.evaluate and loupe.ground end to end on a tiny checkpoint saved the way train.py saves it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loupe import data as ldata
+from loupe import evaluate as E
+from loupe.ground import ground
+from loupe.model import LoupeConfig, LoupeModel
+
+TINY = {"vision_width": 32, "vision_layers": 1, "vision_heads": 2, "text_width": 32, "text_layers": 1,
+        "text_heads": 2, "embed_dim": 32, "region_hidden": 32}
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def save_checkpoint(directory, objective="loupe", seed=3, **overrides) -> str:
+    """model.pt / config.json / tokenizer.json / log.jsonl in the layout of loupe/train.py."""
+    os.makedirs(directory, exist_ok=True)
+    tok = ldata.fit_tokenizer(ldata.build_dataset("synthetic", "train", seed=seed, size=300))
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    cfg = LoupeConfig(**{**TINY, **overrides, "vocab_size": tok.vocab_size, "objective": objective})
+    torch.manual_seed(0)
+    model = LoupeModel(cfg)
+    torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict(), "step": 7},
+               os.path.join(directory, "model.pt"))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({"model": cfg.to_dict(), "train": {"seed": seed, "dataset_type": "synthetic",
+                                                      "objective": objective}}, f)
+    with open(os.path.join(directory, "log.jsonl"), "w") as f:
+        for s in range(1, 8):
+            f.write(json.dumps({"step": s, "lr": 1e-3, "loss": 5.0 / s, "loss_cmc": 4.0 / s, "logit_scale": 14.3})
+                    + "\n")
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def test_evaluate_checkpoint_paths_ranges_and_files(ckpt, tmp_path):
+    out = str(tmp_path / "ev" / "eval.json")
+    res = E.evaluate_checkpoint(ckpt, out, num_test=40, num_compositional=30, num_single=30, batch_size=20,
+                                progress=False)
+    with open(out) as f:
+        saved = json.load(f)
+    for path in E.REQUIRED_PATHS:
+        v = E.get_path(saved, path)
+        assert isinstance(v, float) and 0.0 <= v <= 1.0, (path, v)
+    g = saved["grounding"]
+    # the built-in scenes are made so that whole-patch boxes reach IoU >= 0.5 with every object
+    assert g["oracle_acc50"] == 1.0 and g["oracle_acc50_compositional"] == 1.0
+    assert 0.0 < g["chance_acc50"] < 0.1 and 0.0 < g["chance_pointing"] < 0.5
+    assert set(g["test"]["by_size"]) <= {"small", "large"} and g["test"]["by_size"]
+    assert sum(r["phrases"] for r in g["test"]["by_size"].values()) == g["test"]["phrases"] > 40
+    assert g["regions"]["acc50"] is not None  # objective loupe: the objectness row exists
+    assert saved["data"]["seed"] == 3 and saved["step"] == 7  # the training run's seed and step
+    assert "filip" in saved["retrieval"] and 0.0 <= saved["retrieval"]["filip"]["t2i_r5"] <= 1.0
+    assert saved["classification"]["classes"] == 6 and saved["classification"]["color_shape_classes"] == 60
+    assert set(saved["detection"]["per_class_ap50"]) == set(ldata.SHAPES)
+    md = open(str(tmp_path / "ev" / "eval.md")).read()
+    assert "Acc@0.5" in md and "mAP@0.5" in md
+    for name in ("grounding_examples", "interaction_maps", "detection_per_class", "training_curves"):
+        p = res["figures"][name]
+        assert os.path.getsize(p) > 1000 and open(p, "rb").read(4) == b"\x89PNG"
+
+
+def test_same_numbers_twice_and_an_untrained_model_is_near_chance(ckpt):
+    a = E.evaluate_checkpoint(ckpt, None, num_test=30, num_compositional=0, num_single=20, figures=False,
+                              progress=False)
+    b = E.evaluate_checkpoint(ckpt, None, num_test=30, num_compositional=0, num_single=20, figures=False,
+                              progress=False)
+    assert a["grounding"]["test"] == b["grounding"]["test"] and a["retrieval"] == b["retrieval"]
+    assert a["grounding"]["acc50_compositional"] is None  # skipped split: null, not a made-up number
+    # a random model: retrieval R@10 of 30 pairs far from perfect
+    assert a["retrieval"]["i2t_r10"] < 0.9
+
+
+def test_grounding_metric_counts_a_planted_answer(ckpt, monkeypatch):
+    """Replace the encoders so that phrases and patches carry the true boxes: Acc@0.5 and pointing 1."""
+    model, _ = E.load_checkpoint(ckpt)
+    ds = ldata.build_dataset("synthetic", "test", seed=3, size=12)
+    D, g, p = model.config.embed_dim, model.grid_size, model.config.patch_size
+    from loupe.data import oracle_iou
+    planted = {}
+    for i in range(len(ds)):
+        sc = ds.scene(i, render=False)
+        planted[i] = [oracle_iou(tuple(float(v) for v in b), 64, 8)[1] for b in sc.boxes]
+
+    state = {}
+
+    def enc_img(images):
+        B = images.shape[0]
+        idx = state["index"]
+        x = torch.zeros(B, g, g, D)
+        x[..., D - 1] = 1.0
+        for b in range(B):
+            for k, (x0, y0, x1, y1) in enumerate(planted[int(idx[b])]):
+                x[b, y0 // p:y1 // p, x0 // p:x1 // p] = 0.0
+                x[b, y0 // p:y1 // p, x0 // p:x1 // p, k] = 1.0
+        x = x.reshape(B, g * g, D)
+        return x[:, 0], x
+
+    orig_text = model.encode_text_tokens
+
+    def enc_txt(input_ids, attention_mask=None):
+        pooled, tokens, wmask = orig_text(input_ids, attention_mask)
+        t = torch.zeros_like(tokens)
+        spans = state["spans"]
+        for b in range(t.shape[0]):
+            for k in range(spans.shape[1]):
+                s, e = spans[b, k].tolist()
+                t[b, s:e, k] = 1.0
+        return pooled, t, wmask
+
+    real_batches = E._batches
+
+    def batches(ds_, n, collate, bs):
+        for items, batch in real_batches(ds_, n, collate, bs):
+            state["index"], state["spans"] = batch["index"], batch["phrase_spans"]
+            yield items, batch
+
+    monkeypatch.setattr(model, "encode_image_tokens", enc_img)
+    monkeypatch.setattr(model, "encode_text_tokens", enc_txt)
+    monkeypatch.setattr(E, "_batches", batches)
+    rec, _, _ = E._encode_split(model, ds, len(ds), E.EvalOptions(progress=False), "x", regions=False)
+    s = E._summarise_grounding(rec)
+    assert s["phrases"] == sum(len(v) for v in planted.values())
+    assert s["acc50"] == 1.0 and s["pointing"] == 1.0
+
+
+def test_ground_returns_boxes_in_input_pixels(ckpt):
+    model, _ = E.load_checkpoint(ckpt)
+    img = (torch.rand(3, 48, 96) * 255).to(torch.uint8)
+    res = ground(model, img, "a small red circle left of a big blue square", top_k=3)
+    assert [r["phrase"] for r in res] == ["a small red circle", "a big blue square"]
+    for r in res:
+        assert len(r["boxes"]) == 3 and r["scores"] == sorted(r["scores"], reverse=True)
+        x0, y0, x1, y1 = r["box"]
+        # the centre crop of a 96x48 image is columns 24..72: boxes map back inside it
+        assert 24 - 1e-6 <= x0 < x1 <= 72 + 1e-6 and 0 <= y0 < y1 <= 48 + 1e-6
+    one = ground(model, img, "ring")
+    assert len(one) == 1 and one[0]["phrase"] == "ring"
+    with pytest.raises(ValueError, match="text"):
+        ground(model, img, "   ")
+
+
+def _cli(args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=REPO)
+
+
+def test_cli_errors_for_missing_and_incompatible_checkpoints(tmp_path):
+    p = _cli(["loupe.evaluate", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")])
+    assert p.returncode == 2 and "does not exist" in p.stderr
+    bad = save_checkpoint(tmp_path / "bad")
+    ck = torch.load(os.path.join(bad, "model.pt"), weights_only=True)
+    ck["config"]["embed_dim"] = 48  # the weights no longer fit the config
+    torch.save(ck, os.path.join(bad, "model.pt"))
+    p = _cli(["loupe.evaluate", "--checkpoint", bad, "--out", str(tmp_path / "x.json"), "--no-progress"])
+    assert p.returncode == 2 and "does not fit" in p.stderr, p.stderr
+    ck["config"]["no_such_field"] = 1
+    torch.save(ck, os.path.join(bad, "model.pt"))
+    p = _cli(["loupe.evaluate", "--checkpoint", bad, "--out", str(tmp_path / "x.json"), "--no-progress"])
+    assert p.returncode == 2 and "incompatible config" in p.stderr, p.stderr
+    assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_cli_evaluate_and_ground(ckpt, tmp_path):
+    out = str(tmp_path / "e.json")
+    p = _cli(["loupe.evaluate", "--checkpoint", ckpt, "--out", out, "--num-test", "20", "--num-compositional", "10",
+              "--num-single", "10", "--no-figures"])
+    assert p.returncode == 0, p.stderr
+    assert "| grounding |" in p.stdout and os.path.exists(out)
+    assert "encode (test)" in p.stderr  # the progress bar
+    from PIL import Image
+    Image.fromarray(ldata.build_dataset("synthetic", "test", seed=3, size=1)[0]["image"].numpy().transpose(1, 2, 0)
+                    ).save(tmp_path / "im.png")
+    p = _cli(["loupe.ground", "--checkpoint", ckpt, str(tmp_path / "im.png"), "a red circle and a blue square",
+              "--out", str(tmp_path / "g.png")])
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(x) for x in p.stdout.strip().splitlines()]
+    assert [x["phrase"] for x in lines] == ["a red circle", "a blue square"]
+    assert open(tmp_path / "g.png", "rb").read(4) == b"\x89PNG"
