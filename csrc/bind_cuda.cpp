@@ -75,6 +75,75 @@ at::Tensor coalitions(const at::Tensor& subsets, const at::Tensor& player_mask, 
 }  // namespace loupe_shapley_cuda
 
 // ---- interaction_loss (includes / wrappers) ----
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/interaction_loss.h"
+
+namespace loupe_uil_cuda {
+
+inline int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return LOUPE_UIL_F32;
+    case at::kDouble: return LOUPE_UIL_F64;
+    case at::kHalf: return LOUPE_UIL_F16;
+    case at::kBFloat16: return LOUPE_UIL_BF16;
+    default: TORCH_CHECK(false, "uil_cuda: mu must be float16, bfloat16, float32 or float64");
+  }
+  return -1;
+}
+
+inline const void* ptr(const at::Tensor& mu, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.is_contiguous() && t.device() == mu.device(), "uil_cuda: ", name,
+              " must be a contiguous CUDA tensor on the device of mu");
+  TORCH_CHECK(t.scalar_type() == mu.scalar_type(), "uil_cuda: ", name, " must have the dtype of mu");
+  TORCH_CHECK(t.numel() == mu.numel(), "uil_cuda: ", name, " must have as many elements as mu");
+  return t.data_ptr();
+}
+
+inline const void* opt_ptr(const at::Tensor& mu, const c10::optional<at::Tensor>& t, const char* name) {
+  return (t.has_value() && t->defined()) ? ptr(mu, *t, name) : nullptr;
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& mu, const at::Tensor& log_var, const at::Tensor& target,
+                                const c10::optional<at::Tensor>& target_var, const c10::optional<at::Tensor>& weight,
+                                int64_t reduction, bool need_grad) {
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "uil_forward: reduction must be 0, 1 or 2");
+  const int dt = dtype_code(mu);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  const int64_t n = mu.numel();
+  const bool write_grad = need_grad && reduction != 0;
+  const auto gdt = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = reduction == 0 ? at::empty_like(mu) : at::empty({}, mu.options());
+  at::Tensor gmu = at::empty(write_grad ? mu.sizes() : at::IntArrayRef{0}, mu.options().dtype(gdt));
+  at::Tensor gv = at::empty(write_grad ? mu.sizes() : at::IntArrayRef{0}, mu.options().dtype(gdt));
+  const int64_t nb = std::max<int64_t>(loupe_uil_num_blocks(n), 1);
+  at::Tensor partials = at::empty({nb}, mu.options().dtype(at::kDouble));
+  at::Tensor block_status = at::zeros({nb}, mu.options().dtype(at::kInt));
+  at::Tensor status = at::zeros({}, mu.options().dtype(at::kInt));
+  const cudaError_t e = loupe_uil_forward(
+      ptr(mu, mu, "mu"), ptr(mu, log_var, "log_var"), ptr(mu, target, "target"), opt_ptr(mu, target_var, "target_var"),
+      opt_ptr(mu, weight, "weight"), dt, n, int(reduction), write_grad ? 1 : 0, loss.data_ptr(),
+      write_grad ? gmu.data_ptr() : nullptr, write_grad ? gv.data_ptr() : nullptr, partials.data_ptr<double>(),
+      block_status.data_ptr<int>(), status.data_ptr<int>(), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(e == cudaSuccess, "uil_forward: CUDA error ", cudaGetErrorString(e));
+  return {loss, gmu, gv, status.to(at::kLong)};
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& log_var,
+                                 const at::Tensor& target, const c10::optional<at::Tensor>& target_var,
+                                 const c10::optional<at::Tensor>& weight) {
+  const int dt = dtype_code(mu);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  at::Tensor dmu = at::empty_like(mu), dv = at::empty_like(mu);
+  const cudaError_t e = loupe_uil_backward(
+      ptr(mu, grad, "grad"), ptr(mu, mu, "mu"), ptr(mu, log_var, "log_var"), ptr(mu, target, "target"),
+      opt_ptr(mu, target_var, "target_var"), opt_ptr(mu, weight, "weight"), dt, mu.numel(), dmu.data_ptr(),
+      dv.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(e == cudaSuccess, "uil_backward: CUDA error ", cudaGetErrorString(e));
+  return {dmu, dv};
+}
+
+}  // namespace loupe_uil_cuda
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "loupe CUDA kernels";
@@ -86,4 +155,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shapley_coalitions", &loupe_shapley_cuda::coalitions, "coalitions of the pinned draw (CUDA)");
 
   // ---- interaction_loss (m.def) ----
+  m.def("uil_forward", &loupe_uil_cuda::forward, "uncertainty-weighted interaction loss forward (CUDA)");
+  m.def("uil_backward", &loupe_uil_cuda::backward, "uncertainty-weighted interaction loss backward, none (CUDA)");
 }
