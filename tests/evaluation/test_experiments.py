@@ -1,0 +1,82 @@
+"""loupe.experiments: the comparison table (constructed values) and one real tiny comparison (slow)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from loupe import experiments as X
+
+TINY = json.dumps({"vision_width": 32, "vision_layers": 1, "vision_heads": 2, "text_width": 32, "text_layers": 1,
+                   "text_heads": 2, "embed_dim": 32, "region_hidden": 32})
+
+
+def test_summarise_mean_and_sample_std():
+    s = X.summarise([0.1, 0.2, 0.6])
+    assert s["mean"] == pytest.approx(0.3) and s["n"] == 3
+    assert s["std"] == pytest.approx(math.sqrt(((0.2) ** 2 + 0.1 ** 2 + 0.3 ** 2) / 2))
+    assert X.summarise([0.5])["std"] == 0.0
+    assert X.summarise([None, float("nan")])["n"] == 0
+
+
+def test_comparison_table_rows_and_cells():
+    def res(acc, r1, regions=None):
+        g = {"acc50": acc, "pointing": 0.5}
+        if regions is not None:
+            g["regions"] = {"acc50": regions}
+        return {"grounding": g, "retrieval": {"i2t_r1": r1}}
+    results = {"clip": [res(0.1, 0.5), res(0.3, 0.7)], "loupe": [res(0.4, 0.6, 0.5), res(0.6, 0.6, 0.7)]}
+    table, summary = X.comparison_table(results, title="t")
+    assert summary["grounding.acc50"]["clip"]["mean"] == pytest.approx(0.2)
+    assert summary["grounding.acc50"]["loupe"]["std"] == pytest.approx(math.sqrt(0.02))
+    lines = {ln.split(" | ")[0]: ln for ln in table.splitlines() if ln.startswith("| ")}
+    assert lines["| grounding Acc@0.5 (test)"] == "| grounding Acc@0.5 (test) | 20.0 ± 14.1 | 50.0 ± 14.1 |"
+    assert lines["| Acc@0.5, objectness regions (test)"].endswith("| - | 60.0 ± 14.1 |")
+    assert "| detection mAP@0.5" not in lines  # no model has it: the row is left out
+    one, _ = X.comparison_table({"clip": [res(0.1, 0.5)]})
+    assert "| grounding Acc@0.5 (test) | 10.0 |" in one  # one seed: no spread
+
+
+def test_train_command_same_settings_for_every_objective(tmp_path):
+    cmds = [X.train_command(str(tmp_path / o), o, 1, 50, 16, "synthetic", 300, TINY) for o in X.OBJECTIVES]
+    strip = lambda c: [x for i, x in enumerate(c) if i == 0 or c[i - 1] not in ("--output", "--objective",  # noqa
+                                                                                 "--master_port")]
+    assert strip(cmds[0]) == strip(cmds[1]) == strip(cmds[2])
+    c = cmds[2]
+    assert c[c.index("--objective") + 1] == "loupe" and c[c.index("--steps") + 1] == "50"
+    assert c[c.index("--seed") + 1] == "1" and c[c.index("--batch-size") + 1] == "16"
+    assert c[c.index("--model-config") + 1] == TINY
+
+
+def test_compare_rejects_unknown_objective(tmp_path):
+    with pytest.raises(ValueError, match="objective"):
+        X.compare(str(tmp_path), objectives=["clip", "blip"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_compare_end_to_end_tiny(tmp_path):
+    logs = []
+    out = str(tmp_path / "cmp")
+    res = X.compare(out, seeds=[0], steps=2, batch_size=8, train_size=128, model_config=TINY,
+                    objectives=["clip", "loupe"], eval_opts={"num_test": 20, "num_compositional": 10,
+                                                             "num_single": 10, "figures": False, "progress": False},
+                    log=logs.append)
+    assert os.path.exists(os.path.join(out, "compare.md")) and os.path.exists(os.path.join(out, "compare.json"))
+    for o in ("clip", "loupe"):
+        run = os.path.join(out, "synthetic", f"{o}-seed0")
+        assert os.path.exists(os.path.join(run, "model.pt")) and os.path.exists(os.path.join(run, "eval.json"))
+        with open(os.path.join(run, "config.json")) as f:
+            cfg = json.load(f)
+        assert cfg["model"]["objective"] == o and cfg["train"]["seed"] == 0 and cfg["train"]["steps"] == 2
+    s = res["summary"]["grounding.acc50"]
+    assert s["clip"]["n"] == 1 and 0.0 <= s["loupe"]["mean"] <= 1.0
+    assert res["summary"]["grounding.regions.acc50"]["clip"]["n"] == 0  # CLIP has no trained region head
+    # a second call reuses the trained runs
+    logs.clear()
+    X.compare(out, seeds=[0], steps=2, batch_size=8, train_size=128, model_config=TINY, objectives=["clip"],
+              reuse=True, eval_opts={"num_test": 10, "num_compositional": 0, "num_single": 10, "figures": False,
+                                     "progress": False}, log=logs.append)
+    assert any("reuse" in m for m in logs) and not any("train clip" in m for m in logs)
