@@ -1,9 +1,9 @@
 // Token-region similarity on the CPU (METHOD section 3).
 //
 // s(a, b) = mean over valid j of max over valid i of <q_aj, k_bi>.
-// Forward: tiles of the score matrix come from one BLAS GEMM each (at::mm_out into a reused
-// buffer of at most kTileElems scores); a parallel pass reduces each tile to the running sum of
-// row maxima and the int32 arg-max. The full Bq*Bk*Lq*Lk score tensor never exists.
+// Forward: one parallel region over blocks of query items; each task computes score tiles with a
+// sequential BLAS GEMM into its own buffer (at most kTileElems/4 scores) and reduces each tile to
+// the running sum of row maxima and the int32 arg-max. The full Bq*Bk*Lq*Lk scores never exist.
 // Backward: a gather (d_query, parallel over query items) and a scatter (d_key, parallel over key
 // items, each thread owning its rows), both deterministic.
 #include <ATen/ATen.h>
@@ -49,33 +49,40 @@ void forward_pairwise(const at::Tensor& q, const at::Tensor& k, const bool* qm, 
   const int64_t Bk = k.size(0), Lk = k.size(1);
   const at::Tensor q2 = q.view({Bq * Lq, D});
   const at::Tensor k2 = k.view({Bk * Lk, D});
-  const int64_t cb = std::clamp<int64_t>(kTileElems / std::max<int64_t>(1, Bq * Lq * Lk), 1, Bk);
-  const int64_t ta = std::clamp<int64_t>(kTileElems / std::max<int64_t>(1, Lq * cb * Lk), 1, Bq);
-  at::Tensor buf = at::empty({ta * Lq, cb * Lk}, q.options());
+  // One parallel region over blocks of query items; each task walks all key items in chunks, with
+  // its own score tile and a sequential GEMM (BLAS runs single-threaded inside the region). A single
+  // region matters on a loaded machine: every extra fork/join waits for the slowest core.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t rows_target = 256;  // query rows per tile
+  int64_t ta = std::clamp<int64_t>(rows_target / std::max<int64_t>(1, Lq), 1, Bq);
+  ta = std::min(ta, std::max<int64_t>(1, (Bq + 2 * threads - 1) / (2 * threads)));  // >= 2 tasks per thread
+  const int64_t cb = std::clamp<int64_t>(kTileElems / 4 / std::max<int64_t>(1, ta * Lq * Lk), 1, Bk);
+  const int64_t n_tasks = (Bq + ta - 1) / ta;
   T* outp = out.data_ptr<T>();
   int32_t* ap = amax.data_ptr<int32_t>();
-  for (int64_t b0 = 0; b0 < Bk; b0 += cb) {
-    const int64_t nb = std::min(cb, Bk - b0);
-    const at::Tensor kt = k2.narrow(0, b0 * Lk, nb * Lk).t();
-    for (int64_t a0 = 0; a0 < Bq; a0 += ta) {
-      const int64_t na = std::min(ta, Bq - a0);
-      at::Tensor s = buf.narrow(0, 0, na * Lq).narrow(1, 0, nb * Lk);
-      at::mm_out(s, q2.narrow(0, a0 * Lq, na * Lq), kt);
-      const T* sp = s.data_ptr<T>();
-      const int64_t ld = s.stride(0);
-      at::parallel_for(0, na, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t ai = lo; ai < hi; ++ai) {
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t_lo, int64_t t_hi) {
+    at::Tensor buf = at::empty({ta * Lq, cb * Lk}, q.options());
+    for (int64_t t = t_lo; t < t_hi; ++t) {
+      const int64_t a0 = t * ta, na = std::min(ta, Bq - a0);
+      const at::Tensor qa = q2.narrow(0, a0 * Lq, na * Lq);
+      for (int64_t b0 = 0; b0 < Bk; b0 += cb) {
+        const int64_t nb = std::min(cb, Bk - b0);
+        at::Tensor s = buf.narrow(0, 0, na * Lq).narrow(1, 0, nb * Lk);
+        at::mm_out(s, qa, k2.narrow(0, b0 * Lk, nb * Lk).t());
+        const T* sp = s.data_ptr<T>();
+        const int64_t ld = s.stride(0);
+        for (int64_t ai = 0; ai < na; ++ai) {
           const int64_t a = a0 + ai;
           for (int64_t bi = 0; bi < nb; ++bi) {
             const int64_t b = b0 + bi;
             int32_t* arow = ap + (a * Bk + b) * Lq;
-            T acc = 0;
             if (!key_any_valid[b]) {
               for (int64_t j = 0; j < Lq; ++j) arow[j] = -1;
               outp[a * Bk + b] = 0;
               continue;
             }
             const bool* kv = key_all_valid[b] ? nullptr : km + b * Lk;
+            T acc = 0;
             for (int64_t j = 0; j < Lq; ++j) {
               if (!qm[a * Lq + j]) { arow[j] = -1; continue; }
               T m;
@@ -85,9 +92,9 @@ void forward_pairwise(const at::Tensor& q, const at::Tensor& k, const bool* qm, 
             outp[a * Bk + b] = acc;
           }
         }
-      });
+      }
     }
-  }
+  });
 }
 
 template <typename T>
@@ -170,8 +177,10 @@ std::vector<at::Tensor> trs_forward_cpu(const at::Tensor& query, const at::Tenso
                              : at::empty({Bq, Lq}, query.options().dtype(at::kInt));
   if (out.numel() == 0) return {out, amax};
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "trs_forward_cpu", [&] {
-    if (pairwise) forward_pairwise<scalar_t>(query, key, qm, km, all_valid, any_valid, out, amax);
-    else forward_aligned<scalar_t>(query, key, qm, km, all_valid, any_valid, out, amax);
+    // detached views: grad mode is thread-local and the worker threads don't inherit no-grad
+    const at::Tensor qd = query.detach(), kd = key.detach();
+    if (pairwise) forward_pairwise<scalar_t>(qd, kd, qm, km, all_valid, any_valid, out, amax);
+    else forward_aligned<scalar_t>(qd, kd, qm, km, all_valid, any_valid, out, amax);
     const std::vector<scalar_t> inv = inverse_counts<scalar_t>(qm, Bq, Lq);
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t cols = pairwise ? Bk : 1;
