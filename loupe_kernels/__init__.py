@@ -8,10 +8,11 @@ from ._backends import BACKENDS, available_backends, backend_status
 from .token_region_similarity import TokenRegionSimilarity, token_region_similarity
 from .shapley import sample_coalitions, shapley_interaction, shapley_interaction_pooled
 from .interaction_loss import UncertaintyInteractionLoss, uncertainty_interaction_loss
+from . import uansil
 from . import reference
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "BACKENDS", "available_backends", "backend_status",
            "token_region_similarity", "TokenRegionSimilarity", "shapley_interaction", "shapley_interaction_pooled",
-           "sample_coalitions", "reference", "uncertainty_interaction_loss", "UncertaintyInteractionLoss"]
+           "sample_coalitions", "reference", "uncertainty_interaction_loss", "UncertaintyInteractionLoss", "uansil"]
