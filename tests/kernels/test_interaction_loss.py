@@ -331,3 +331,23 @@ def test_torch_compile_through_op(reduction):
     torch.testing.assert_close(got, want)
     for a, b in zip(g, w):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_zero_dim_inputs(backend):
+    gen = torch.Generator().manual_seed(15)
+    mu = torch.randn(6, 8, generator=gen, dtype=torch.float64)[:, ::2]
+    lv = torch.randn(4, 6, generator=gen, dtype=torch.float64).t()
+    t = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    for reduction in REDUCTIONS:
+        got = lk.uncertainty_interaction_loss(mu, lv, t, reduction=reduction, backend=backend)
+        want, _, _ = oracle(mu, lv, t, reduction=reduction)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    s = torch.tensor(0.3, dtype=torch.float64)
+    out, dmu, dlv = run(backend, s, torch.tensor(-1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
+                        None, None, "none")
+    want, wmu, wlv = oracle(s, torch.tensor(-1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
+                            reduction="none")
+    assert out.shape == () and dmu.shape == ()
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dmu, wmu, rtol=1e-12, atol=1e-12)
