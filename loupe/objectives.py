@@ -270,17 +270,10 @@ NUM_GAME_FEATURES_EXTRA = _regions.NUM_GEOMETRY + 2  # geometry, s/n, kind (0 TS
 def _ua_loss(estimate: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor, target_var: torch.Tensor) -> torch.Tensor:
     """Heteroscedastic Gaussian NLL of METHOD 8 with variance ``exp(ls) + se^2`` (mean over games).
 
-    Uses ``loupe_kernels.uncertainty_interaction_loss`` when that op exists.
+    Through the fused ``loupe_kernels.uncertainty_interaction_loss`` (targets are data).
     """
-    try:
-        from loupe_kernels import uncertainty_interaction_loss as op  # type: ignore[attr-defined]
-    except ImportError:
-        op = None
-    if op is not None:
-        return op(estimate, mu, log_var, target_var=target_var)
-    ls = log_var.clamp(-20.0, 20.0)
-    var = ls.exp() + target_var
-    return 0.5 * ((estimate - mu) ** 2 / var + var.log()).mean()
+    from loupe_kernels import uncertainty_interaction_loss
+    return uncertainty_interaction_loss(mu, log_var, estimate.detach(), target_var=target_var.detach())
 
 
 class UANSIL(nn.Module):
