@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loupe = CMC + FILIP + TSA + FSA + UA; filip = CMC + FILIP; clip = CMC")
     o.add_argument("--batch-size", type=int, default=None,
                    help="GLOBAL batch size over all ranks (overrides the DeepSpeed config; default 64)")
-    o.add_argument("--steps", type=int, default=400,
+    o.add_argument("--steps", type=int, default=600,
                    help="total optimizer steps (a resumed run continues up to this step)")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     o.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (not on norms, biases, scale)")
@@ -329,6 +329,11 @@ def main(argv=None) -> int:
     if on_gpu:
         torch.cuda.set_device(args.local_rank)
     device = torch.device("cuda", args.local_rank) if on_gpu else torch.device("cpu")
+    if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
+        # share the cores among the ranks of this machine: oversubscribed OpenMP threads spin
+        # against each other and slow every rank down many times over
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     is_main = rank == 0
 
     out_dir = os.path.abspath(args.output)
