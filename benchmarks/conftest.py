@@ -104,7 +104,7 @@ def _summary(benchmarks) -> list[str]:
             rows.append("| {} | {} | {:.3f} ms | {} | {} | {} | {} | {} | {} | {} |".format(
                 group.replace("|", "/"), name, med * 1e3, vs or "",
                 f"{speedup:.2f}x" if speedup is not None else "",
-                f">= {target['min_speedup']}x" if "min_speedup" in target else "",
+                f">= {target['min_speedup']:.3g}x" if "min_speedup" in target else "",
                 f"{mem:.1f}" if mem is not None else "",
                 f"{mem_ratio:.3f}" if mem_ratio is not None else "",
                 f"<= {target['max_mem_ratio']}" if "max_mem_ratio" in target else "",
