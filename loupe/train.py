@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'latest' (the newest checkpoint under --output) or a checkpoint tag")
     r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     r.add_argument("--eval-every", type=int, default=0,
-                   help="evaluate on the validation split every N steps (0: only at the end)")
+                   help="every N steps, log the losses on fixed validation batches as val_* "
+                        "(0: never); the full evaluation runs at the end")
     r.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     r.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
                    help="also log scalars to TensorBoard (needs the tensorboard package)")
@@ -404,6 +405,32 @@ def main(argv=None) -> int:
                                          num_workers=args.workers, persistent_workers=False)
     float_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
+    val_batches = []
+    if args.eval_every:
+        if args.dataset_type in ("csv", "webdataset") and not args.val_data:
+            if is_main:
+                print("loupe: --eval-every needs --val-data for csv/webdataset; no validation losses")
+        else:
+            val_set = ldata.build_dataset(args.dataset_type, "val", seed=args.seed, path=args.val_data,
+                                          size=None, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                                          separator=args.csv_separator)
+            vs = StepBatchSampler(len(val_set), ds_config["train_batch_size"], rank, world, args.seed + 1, 0, 2)
+            val_batches = [collate([val_set[i] for i in idx]) for idx in vs]
+
+    def validate() -> dict[str, float]:
+        engine.eval()
+        sums: dict[str, float] = {}
+        with torch.no_grad():
+            for vb in val_batches:
+                vb = to_device(dict(vb), device, float_dtype)
+                vb.pop("skipped", None)
+                vb["step"], vb["seed"] = step, step_seed(args.seed + 1, step, rank)
+                for k, v in mean_over_ranks(engine(vb), device, world).items():
+                    if k.startswith("loss") and v is not None:
+                        sums["val_" + k] = sums.get("val_" + k, 0.0) + v / len(val_batches)
+        engine.train()
+        return sums
+
     writer = None
     if is_main and args.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
@@ -451,6 +478,9 @@ def main(argv=None) -> int:
                    "samples_per_s": ds_config["train_batch_size"] / max(now - t_prev, 1e-9),
                    "data_time": t_data, "skipped": skipped_total}
             rec.update(mean_over_ranks(out, device, world))
+            if val_batches and step % args.eval_every == 0:
+                rec.update(validate())
+                now = time.perf_counter()  # validation time is not data time
             t_prev = now
             if is_main:
                 log_f.write(json.dumps(rec) + "\n")
@@ -484,12 +514,24 @@ def main(argv=None) -> int:
         torch.save({"config": config.to_dict(), "state_dict": state, "step": step},
                    os.path.join(out_dir, "model.pt.tmp"))
         os.replace(os.path.join(out_dir, "model.pt.tmp"), os.path.join(out_dir, "model.pt"))
+    eval_json = os.path.join(out_dir, "eval.json")
+    eval_done = False
+    if is_main and not args.no_eval:
+        try:
+            from loupe.evaluate import evaluate_checkpoint
+            evaluate_checkpoint(out_dir, out_json=eval_json, progress=not args.no_progress)
+            eval_done = True
+        except Exception as e:  # noqa: BLE001 - the trained model is saved; say why evaluation failed
+            print(f"loupe: evaluation failed ({e.__class__.__name__}: {e}); run "
+                  f"`python -m loupe.evaluate --checkpoint {out_dir} --out {eval_json}` to retry")
     dist.barrier()
     if is_main:
         print(f"loupe: trained {args.objective} to step {step} on {world} process(es)")
         print(f"  model:       {os.path.join(out_dir, 'model.pt')} (load with loupe.load({out_dir!r}))")
         print(f"  checkpoints: {ckpt_dir}")
         print(f"  log:         {log_path}")
+        if eval_done:
+            print(f"  evaluation:  {eval_json} (+ .md table and figures beside it)")
         if skipped_total:
             print(f"  skipped {skipped_total} unreadable samples")
     dist.barrier()
