@@ -368,6 +368,7 @@ def _batches(ds, n: int, collate, batch_size: int):
 def _encode_split(model, ds, n: int, opts: EvalOptions, desc: str, *, regions: bool, keep_examples: int = 0):
     """Encode ``n`` samples; per phrase: grounding predictions, pointing, oracle, chance, size."""
     from .data import Collator
+    from .regions import phrase_features
     dev = model.logit_scale.device
     g, p = model.grid_size, model.config.patch_size
     cand_px = model.candidate_boxes.double() * p
@@ -387,7 +388,6 @@ def _encode_split(model, ds, n: int, opts: EvalOptions, desc: str, *, regions: b
         glob["patches"].append(patches.float().cpu())
         glob["words"].append(words.float().cpu())
         glob["wmask"].append(wmask.cpu())
-        from .regions import phrase_features
         pf, pmask = phrase_features(words, wmask, batch["phrase_spans"].to(dev), batch["phrase_mask"].to(dev))
         valid = (pmask.cpu() & batch["box_mask"])
         idx, score = grounding_predictions(pf, patches, g, model.candidate_boxes, model.sat_pooling)
@@ -791,11 +791,11 @@ def figure_training_curves(log_path: str, path: str) -> str | None:
     a1.set_title("training losses (log.jsonl)", fontsize=9)
     a2.plot(steps, [r.get("lr", float("nan")) for r in recs], label="lr")
     a2.set_xlabel("step")
-    a2.set_ylabel("learning rate")
+    a2.set_ylabel("learning rate (blue)")
     if any("logit_scale" in r for r in recs):
         ax3 = a2.twinx()
         ax3.plot(steps, [r.get("logit_scale", float("nan")) for r in recs], color="tab:orange", label="logit scale")
-        ax3.set_ylabel("logit scale")
+        ax3.set_ylabel("logit scale (orange)")
     a2.set_title("learning rate and logit scale", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

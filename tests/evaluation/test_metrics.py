@@ -1,7 +1,6 @@
 """Metric functions of loupe.evaluate against direct computations and pycocotools."""
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
