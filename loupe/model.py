@@ -488,6 +488,11 @@ class LoupeModel(nn.Module):
         pooled, tokens = self.text(input_ids, attention_mask)
         return pooled, tokens, self.word_mask(input_ids, attention_mask)
 
+    def ground(self, image, text, **kw):
+        """Boxes with scores for each phrase of ``text`` in ``image`` (see :func:`loupe.ground.ground`)."""
+        from .ground import ground
+        return ground(self, image, text, **kw)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised global image embeddings ``[B, D]``."""
         return self.encode_image_tokens(images)[0]
