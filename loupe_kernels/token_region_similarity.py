@@ -14,8 +14,11 @@ Contract
   query token, ties going to the lowest index (as ``max(dim).indices``).
 - fp32, fp16 and bf16 accumulate in fp32; fp64 on the reference and cpu backends. The output has
   the dtype of the inputs. The cpu backward is deterministic.
-- Backends: ``cpu`` (C++), ``reference`` (plain PyTorch, materialises all scores), and the GPU
-  backends where registered. ``backend=None`` chooses automatically.
+- Under ``torch.autocast`` (cpu or cuda) fp16/fp32 inputs are cast to the autocast dtype first.
+- Backends: ``cpu`` (C++), ``triton`` (tiled ``tl.dot`` with a running max over key tiles),
+  ``cuda`` (torch-free kernels in ``csrc/cuda/token_region_similarity.cu``; its backward is
+  deterministic when ``torch.use_deterministic_algorithms(True)`` is on), ``reference`` (plain
+  PyTorch, materialises all scores). ``backend=None`` chooses automatically.
 """
 from __future__ import annotations
 
@@ -120,7 +123,34 @@ def _cpu_backward(grad, query, key, qm, amax, pairwise):
     return dq.to(dt), dk.to(dt)
 
 
-KERNELS: dict[str, tuple[Callable, Callable]] = {"cpu": (_cpu_forward, _cpu_backward)}
+def _triton_mod():
+    from . import triton_token_region_similarity  # lazy: TRITON_INTERPRET is read when triton is imported
+    return triton_token_region_similarity
+
+
+def _triton_forward(query, key, qm, km, pairwise):
+    return _triton_mod().forward(query, key, qm, km, pairwise)
+
+
+def _triton_backward(grad, query, key, qm, amax, pairwise):
+    return _triton_mod().backward(grad, query, key, qm, amax, pairwise)
+
+
+def _cuda_forward(query, key, qm, km, pairwise):
+    return extension("cuda").trs_forward(query, key, qm, km, pairwise)
+
+
+def _cuda_backward(grad, query, key, qm, amax, pairwise):
+    # deterministic (no atomics) when torch.use_deterministic_algorithms(True) is on
+    return extension("cuda").trs_backward(grad.contiguous(), query, key, qm, amax, pairwise,
+                                          torch.are_deterministic_algorithms_enabled())
+
+
+KERNELS: dict[str, tuple[Callable, Callable]] = {
+    "cpu": (_cpu_forward, _cpu_backward),
+    "triton": (_triton_forward, _triton_backward),
+    "cuda": (_cuda_forward, _cuda_backward),
+}
 
 
 @torch.library.custom_op("loupe_kernels::trs_forward", mutates_args=())
@@ -176,6 +206,11 @@ def token_region_similarity(query: torch.Tensor, key: torch.Tensor, query_mask: 
                             backend: str | None = None) -> torch.Tensor:
     """Masked max-sim of every query item against every key item (see the module docstring)."""
     qm, km = _validate(query, key, query_mask, key_mask, pairwise)
+    dev = query.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and query.dtype != torch.float64:
+        # follow autocast like a matmul: inputs in the autocast dtype, fp32 accumulation inside
+        amp = torch.get_autocast_dtype(dev)
+        query, key = query.to(amp), key.to(amp)
     chosen = resolve_backend(OP, backend, query.device, supported=("reference", *KERNELS))
     if chosen == "reference":
         return token_region_similarity_reference(query, key, qm, km, pairwise=pairwise)
