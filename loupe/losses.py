@@ -152,9 +152,21 @@ def filip_scores(patch_tokens: torch.Tensor, patch_mask: torch.Tensor | None, wo
     return s_i2t, s_t2i
 
 
+def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the valid tokens per item ``[B, D]`` (zero for an item without valid tokens)."""
+    m = mask.to(tokens.dtype)[..., None]
+    return (tokens * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def filip_loss(patch_tokens: torch.Tensor, patch_mask: torch.Tensor | None, word_tokens: torch.Tensor,
-               word_mask: torch.Tensor, logit_scale: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+               word_mask: torch.Tensor, logit_scale: torch.Tensor, *, backend: str | None = None,
+               center: bool = False) -> torch.Tensor:
     """Token-wise (FILIP) contrastive loss, both directions, through ``token_region_similarity``.
+
+    ``center=True`` [ours] plays the max-sim on similarities centred per query token over the key
+    item's tokens, ``max_i (s_ji - mean_i' s_ji')``: a key token earns credit only for standing out
+    from the average token of its item (a background patch that carries the image's global content
+    no longer wins). Exactly ``s(a, b) - <mean_j q_aj, mean_i k_bi>``, so it costs one small GEMM.
 
     Image->text: this rank's images (patches as queries) against every rank's captions; text->image:
     this rank's captions (words as queries) against every rank's images. Tokens and masks are
@@ -175,6 +187,9 @@ def filip_loss(patch_tokens: torch.Tensor, patch_mask: torch.Tensor | None, word
     all_wmask, _ = gather_padded(word_mask, pad_value=False)
     s_i2t = token_region_similarity(patch_tokens, all_word, patch_mask, all_wmask, backend=backend)
     s_t2i = token_region_similarity(word_tokens, all_patch, word_mask, all_pmask, backend=backend)
+    if center:
+        s_i2t = s_i2t - _masked_mean(patch_tokens, patch_mask) @ _masked_mean(all_word, all_wmask).T
+        s_t2i = s_t2i - _masked_mean(word_tokens, word_mask) @ _masked_mean(all_patch, all_pmask).T
     work = torch.float64 if s_i2t.dtype == torch.float64 else torch.float32
     scale = logit_scale.to(work)
     labels = torch.arange(patch_tokens.shape[0], device=patch_tokens.device) + offset
@@ -268,7 +283,8 @@ def _cmc_term(out: dict, batch: Mapping[str, Any], model: nn.Module, module: nn.
 
 def _filip_term(out: dict, batch: Mapping[str, Any], model: nn.Module, module: nn.Module | None) -> torch.Tensor:
     return filip_loss(out["patch_tokens"], out["patch_mask"], out["word_tokens"], out["word_mask"],
-                      out["filip_logit_scale"], backend=getattr(model.config, "kernel_backend", None))
+                      out["filip_logit_scale"], backend=getattr(model.config, "kernel_backend", None),
+                      center=bool(getattr(model.config, "filip_center", False)))
 
 
 register_loss_term(LossTerm("cmc", _cmc_term, 1.0, objectives=("clip", "filip", "loupe")))

@@ -63,6 +63,7 @@ class LoupeConfig:
     logit_scale_init: float = 1.0 / 0.07
     logit_scale_max: float = 100.0
     kernel_backend: str | None = None  # backend of loupe_kernels ops (None = automatic)
+    filip_center: bool = False         # L_FILIP on per-item centred token similarities (loupe.losses)
     # candidate regions
     num_regions: int = 8               # M: semantic regions per image after NMS
     nms_iou: float = 0.5
