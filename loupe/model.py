@@ -64,6 +64,7 @@ class LoupeConfig:
     logit_scale_max: float = 100.0
     kernel_backend: str | None = None  # backend of loupe_kernels ops (None = automatic)
     filip_center: bool = False         # L_FILIP on per-item centred token similarities (loupe.losses)
+    vision_registers: int = 0          # register tokens of the ViT (dropped at its output)
     # candidate regions
     num_regions: int = 8               # M: semantic regions per image after NMS
     nms_iou: float = 0.5
@@ -88,6 +89,9 @@ class LoupeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"LoupeConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.vision_registers, int) or isinstance(self.vision_registers, bool) \
+                or self.vision_registers < 0:
+            raise ValueError(f"LoupeConfig.vision_registers must be an int >= 0, got {self.vision_registers!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"LoupeConfig.image_size ({self.image_size}) must be a multiple of "
                              f"patch_size ({self.patch_size})")
@@ -180,6 +184,11 @@ class VisionTransformer(nn.Module):
                                      bias=False)
         self.class_embedding = nn.Parameter(torch.randn(W) * W ** -0.5)
         self.positional_embedding = nn.Parameter(torch.randn(1 + g * g, W) * W ** -0.5)
+        # register tokens (Darcet et al., ICLR 2024): extra learnable tokens, dropped at the output,
+        # that give global computation a place other than low-information background patches
+        self.num_registers = cfg.vision_registers
+        self.registers = (nn.Parameter(torch.randn(cfg.vision_registers, W) * W ** -0.5)
+                          if cfg.vision_registers else None)
         self.norm_pre = nn.LayerNorm(W)
         self.blocks = nn.ModuleList(Block(W, cfg.vision_heads, cfg.mlp_ratio) for _ in range(cfg.vision_layers))
         self.norm_post = nn.LayerNorm(W)
@@ -189,9 +198,14 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, n, W]
         cls = self.class_embedding.to(x.dtype)[None, None].expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        R = self.num_registers
+        if R:
+            reg = self.registers.to(x.dtype)[None].expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], reg, x[:, 1:]], dim=1)
         x = self.norm_pre(x)
         for blk in self.blocks:
             x = blk(x)
+        x = torch.cat([x[:, :1], x[:, 1 + R:]], dim=1) if R else x
         x = F.normalize(self.proj(self.norm_post(x)), dim=-1)  # the same norm + projection for all
         return x[:, 0], x[:, 1:]
 
