@@ -43,7 +43,7 @@ rem pool players left including this one).
 Outputs are float32 (float64 for float64 input; float16/bfloat16 are evaluated in float32). No
 gradient flows (the inputs are detached). Backends: ``cpu`` (C++), ``triton``, ``cuda`` where
 available, and ``reference`` (vectorised PyTorch over the coalitions of :func:`sample_coalitions`).
-The pooled game runs on cpu and reference; the region-phrase game on cpu, cuda and reference.
+Every game runs on every backend (the cuda kernels are compiled, not run on a GPU here).
 """
 from __future__ import annotations
 
@@ -489,6 +489,10 @@ def _triton_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched):
     return _triton_mod().maxsim(sim.contiguous(), qm, subsets, pm, query_players, K, seed, sched)
 
 
+def _triton_pooled(features, target, subsets, pm, K, seed, sched):
+    return _triton_mod().pooled(features.contiguous(), target.contiguous(), subsets, pm, K, seed, sched)
+
+
 def _triton_coalitions(subsets, pm, K, seed, sched):
     return _triton_mod().coalitions(subsets, pm, K, seed, sched)
 
@@ -505,7 +509,8 @@ def _cuda_coalitions(subsets, pm, K, seed, sched):
 KERNELS: dict[str, dict[str, Callable]] = {
     # "maxsim_qp": the max-sim game with query_players=True (the region-phrase game)
     "cpu": {"maxsim": _cpu_maxsim, "maxsim_qp": _cpu_maxsim, "pooled": _cpu_pooled, "coalitions": _cpu_coalitions},
-    "triton": {"maxsim": _triton_maxsim, "coalitions": _triton_coalitions},
+    "triton": {"maxsim": _triton_maxsim, "maxsim_qp": _triton_maxsim, "pooled": _triton_pooled,
+               "coalitions": _triton_coalitions},
     "cuda": {"maxsim": _cuda_maxsim, "maxsim_qp": _cuda_maxsim, "coalitions": _cuda_coalitions},
 }
 

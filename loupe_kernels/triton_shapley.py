@@ -2,14 +2,21 @@
 
 One program per (game g, subset m, block of BLOCK_K samples); the lanes are the samples. Each lane
 draws its coalition with ``tl.random.philox(seed, k, m, g, b)`` (the pinned Philox4x32-10 draw,
-identical to the reference and the C++ kernel) by selection sampling over the players in order,
-and folds every member into its running masked max ``mC [BLOCK_K, Lq]`` as it is taken: nothing of
-size [K, P] is materialised. ``v(C u {i})`` and ``v(C u S)`` then follow from element-wise maxima.
-The per-sample values ``G(C)`` ``[G, M, K]`` are written out; mean and standard error are reduced
-by PyTorch. The coalition kernel (the same draw, writing C) serves the cross-backend tests.
+identical to the reference and the C++ kernel) by selection sampling over the players in order:
+the four words of the current block are kept in registers and the next block is computed only when
+the pool position moves past it. Every member is folded into the lane's running state as it is
+taken, so nothing of size [K, P] is materialised:
 
-Supports the max-sim game with ``query_players=False``; the pooled game and the region-phrase
-game run on the other backends.
+- max-sim game (also with ``query_players=True``, the region-phrase game): the running masked max
+  ``mC [BLOCK_K, BLOCK_Q]`` over the key players in C (and, for the region-phrase game, the query
+  players in C as a bit tile). ``v(C u {i})`` and ``v(C u S)`` follow from element-wise maxima.
+- pooled game: the running feature sum ``zC [BLOCK_K, BLOCK_D]`` of C; ``v(C u {i})`` and
+  ``v(C u S)`` follow by adding ``x_i`` or the sum of the features of S, then one dot product with
+  the target and one norm each.
+
+Accumulation is in float32 (float64 for float64 input). The per-sample values ``G(C)``
+``[G, M, K]`` are written out; mean and standard error are reduced by PyTorch. The coalition kernel
+(the same draw, writing C) serves the cross-backend tests.
 """
 from __future__ import annotations
 
@@ -19,128 +26,289 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["maxsim", "coalitions"]
+__all__ = ["maxsim", "pooled", "coalitions"]
+
+_NORM_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# the pinned draw
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _pool_size(S_ptr, pm_ptr, pid, g, P, BLOCK_P: tl.constexpr):
+    """Number of valid players outside S of task (g, m) (scalar int32)."""
+    npool = 0
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < P
+        s = tl.load(S_ptr + pid * P + offs_p, mask=pmask, other=1)
+        v = tl.load(pm_ptr + g * P + offs_p, mask=pmask, other=0)
+        npool += tl.sum(((v != 0) & (s == 0)).to(tl.int32), axis=0)
+    return npool
 
 
 @triton.jit
-def _stream_word(seed, kvec, m32, g32, w):
-    """Word w (scalar) of the streams of the lanes' counters (k, m, g, .)."""
-    b = (w // 4).to(tl.uint32)
+def _draw_init(seed, npool, offs_k, m, g, SCHED: tl.constexpr):
+    """Counters of the lanes, the coalition sizes r and the words of block 0 of each stream."""
+    npr = (npool + 1).to(tl.uint64)
+    kvec = offs_k.to(tl.uint32)
+    zero = kvec * 0
+    m32 = zero + m.to(tl.uint32)
+    g32 = zero + g.to(tl.uint32)
+    w0, w1, w2, w3 = tl.random.philox(seed, kvec, m32, g32, zero)
+    if SCHED == 0:
+        r = ((w0.to(tl.uint64) * npr) >> 32).to(tl.int64)
+    else:
+        o0, _a, _b, _c = tl.random.philox(seed, zero, m32, g32, zero)
+        off = (o0.to(tl.uint64) * npr) >> 32
+        r = ((offs_k.to(tl.uint64) + off) % npr).to(tl.int64)
+    return kvec, m32, g32, r, w0, w1, w2, w3
+
+
+@triton.jit
+def _draw_step(seed, kvec, m32, g32, inpool, npool, t, c, r, blk, w0, w1, w2, w3):
+    """Selection-sampling decision of the next player (pool position t when ``inpool``).
+
+    Word ``1 + t`` of each lane's stream decides: take iff ``u * rem < (r - c) * 2^32``. Returns the
+    decisions and the updated state (t, c, current block index and its four words).
+    """
+    w = 1 + t
+    b = w // 4
+    if b != blk:
+        w0, w1, w2, w3 = tl.random.philox(seed, kvec, m32, g32, kvec * 0 + b.to(tl.uint32))
+        blk = b
     j = w % 4
-    u0, u1, u2, u3 = tl.random.philox(seed, kvec, m32, g32, kvec * 0 + b)
-    return tl.where(j == 0, u0, tl.where(j == 1, u1, tl.where(j == 2, u2, u3)))
+    u = tl.where(j == 0, w0, tl.where(j == 1, w1, tl.where(j == 2, w2, w3)))
+    rem = (npool - t).to(tl.uint64)
+    need = (r - c).to(tl.uint64)
+    take = inpool & ((u.to(tl.uint64) * rem) < (need << 32))
+    c += take.to(tl.int64)
+    t += inpool.to(tl.int32)
+    return take, t, c, blk, w0, w1, w2, w3
 
 
 @triton.jit
-def _shapley_kernel(sim_ptr, qm_ptr, S_ptr, pm_ptr, coal_ptr, samples_ptr, seed, K, M, Lq, n,
-                    SCHED: tl.constexpr, HAS_SIM: tl.constexpr, WRITE_C: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr):
+def _coalitions_kernel(S_ptr, pm_ptr, coal_ptr, seed, K, M, P,
+                       SCHED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
     kb = tl.program_id(1)
     g = pid // M
     m = pid % M
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = offs_k < K
-    # pool size: valid players outside S
-    npool = 0
-    for p0 in range(0, n, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        pmask = offs_p < n
-        s = tl.load(S_ptr + pid * n + offs_p, mask=pmask, other=1)
-        v = tl.load(pm_ptr + g * n + offs_p, mask=pmask, other=0)
-        npool += tl.sum(((v != 0) & (s == 0)).to(tl.int32), axis=0)
-    npr = (npool + 1).to(tl.uint64)
-    kvec = offs_k.to(tl.uint32)
-    zero = kvec * 0
-    m32 = zero + m.to(tl.uint32)
-    g32 = zero + g.to(tl.uint32)
-    u0, _a, _b, _c = tl.random.philox(seed, kvec, m32, g32, zero)
-    if SCHED == 0:
-        r = ((u0.to(tl.uint64) * npr) >> 32).to(tl.int64)
-    else:
-        o0, _d, _e, _f = tl.random.philox(seed, zero, m32, g32, zero)
-        off = (o0.to(tl.uint64) * npr) >> 32
-        r = ((offs_k.to(tl.uint64) + off) % npr).to(tl.int64)
+    npool = _pool_size(S_ptr, pm_ptr, pid, g, P, BLOCK_P)
+    kvec, m32, g32, r, w0, w1, w2, w3 = _draw_init(seed, npool, offs_k, m, g, SCHED)
     c = tl.zeros([BLOCK_K], dtype=tl.int64)
     t = npool * 0
-    if HAS_SIM:
-        offs_q = tl.arange(0, BLOCK_Q)
-        qin = offs_q < Lq
+    blk = npool * 0
+    for p in range(0, P):
+        sp = tl.load(S_ptr + pid * P + p) != 0
+        vp = tl.load(pm_ptr + g * P + p) != 0
+        take, t, c, blk, w0, w1, w2, w3 = _draw_step(seed, kvec, m32, g32, vp & (sp == 0), npool, t, c, r,
+                                                     blk, w0, w1, w2, w3)
+        tl.store(coal_ptr + (pid * K + offs_k) * P + p, take.to(tl.int8), mask=kmask)
+
+
+# --------------------------------------------------------------------------------------------
+# max-sim game (keys as players, or queries and keys as players: the region-phrase game)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _maxsim_value(best, inq, keys, ACC: tl.constexpr):
+    """Mean over the query tokens marked in ``inq`` of ``best``; 0 without keys or query tokens."""
+    cnt = tl.sum(inq.to(ACC), axis=1)
+    tot = tl.sum(tl.where(inq, best, 0.0), axis=1)
+    return tl.where((keys > 0) & (cnt > 0), tot / tl.maximum(cnt, 1.0), 0.0)
+
+
+@triton.jit
+def _maxsim_kernel(sim_ptr, qm_ptr, S_ptr, pm_ptr, samples_ptr, seed, K, M, Lq, n,
+                   SCHED: tl.constexpr, QP: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0)
+    kb = tl.program_id(1)
+    g = pid // M
+    m = pid % M
+    if QP:
+        qoff = Lq          # players 0..Lq-1 are the query tokens, then the n keys
+    else:
+        qoff = 0
+    P = qoff + n
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs_k < K
+    offs_q = tl.arange(0, BLOCK_Q)
+    qin = offs_q < Lq
+    npool = _pool_size(S_ptr, pm_ptr, pid, g, P, BLOCK_P)
+    kvec, m32, g32, r, w0, w1, w2, w3 = _draw_init(seed, npool, offs_k, m, g, SCHED)
+    c = tl.zeros([BLOCK_K], dtype=tl.int64)
+    t = npool * 0
+    blk = npool * 0
+    sim_g = sim_ptr + g * Lq * n + offs_q * n
+    mC = tl.full([BLOCK_K, BLOCK_Q], float("-inf"), ACC)
+    sS = tl.full([BLOCK_Q], float("-inf"), ACC)
+    sq = offs_q < 0                      # query players of S
+    s_cnt = npool * 0                    # |S|
+    s_keys = npool * 0                   # key players in S
+    if QP:
+        inq = (offs_k[:, None] < 0) & (offs_q[None, :] < 0)   # query players in C
+        for p in range(0, qoff):
+            sp = tl.load(S_ptr + pid * P + p) != 0
+            vp = tl.load(pm_ptr + g * P + p) != 0
+            take, t, c, blk, w0, w1, w2, w3 = _draw_step(seed, kvec, m32, g32, vp & (sp == 0), npool, t, c, r,
+                                                         blk, w0, w1, w2, w3)
+            hit = offs_q == p
+            inq = inq | (take[:, None] & hit[None, :])
+            sq = sq | (hit & sp)
+            s_cnt += sp.to(tl.int32)
+    else:
         qv = (tl.load(qm_ptr + g * Lq + offs_q, mask=qin, other=0) != 0) & qin
-        nq = tl.maximum(tl.sum(qv.to(ACC), axis=0), 1.0)
-        mC = tl.full([BLOCK_K, BLOCK_Q], float("-inf"), ACC)
-        sS = tl.full([BLOCK_Q], float("-inf"), ACC)
-        s_cnt = npool * 0
+        inq = (offs_k[:, None] >= 0) & qv[None, :]
+    nk = tl.zeros([BLOCK_K], dtype=tl.int32)   # key players in C
+    for p in range(qoff, P):
+        sp = tl.load(S_ptr + pid * P + p) != 0
+        vp = tl.load(pm_ptr + g * P + p) != 0
+        take, t, c, blk, w0, w1, w2, w3 = _draw_step(seed, kvec, m32, g32, vp & (sp == 0), npool, t, c, r,
+                                                     blk, w0, w1, w2, w3)
+        col = tl.load(sim_g + (p - qoff), mask=qin, other=float("-inf")).to(ACC)
+        mC = tl.where(take[:, None], tl.maximum(mC, col[None, :]), mC)
+        sS = tl.where(sp, tl.maximum(sS, col), sS)
+        nk += take.to(tl.int32)
+        s_cnt += sp.to(tl.int32)
+        s_keys += sp.to(tl.int32)
+    vC = _maxsim_value(mC, inq, nk, ACC)
+    acc = _maxsim_value(tl.maximum(mC, sS[None, :]), inq | sq[None, :], nk + s_keys, ACC)
+    if QP:
+        for p in range(0, qoff):
+            sp = tl.load(S_ptr + pid * P + p) != 0
+            if sp:
+                acc -= _maxsim_value(mC, inq | (offs_q == p)[None, :], nk, ACC)
+    for p in range(qoff, P):
+        sp = tl.load(S_ptr + pid * P + p) != 0
+        if sp:
+            col = tl.load(sim_g + (p - qoff), mask=qin, other=float("-inf")).to(ACC)
+            acc -= _maxsim_value(tl.maximum(mC, col[None, :]), inq, nk + 1, ACC)
+    acc += (s_cnt - 1).to(ACC) * vC
+    tl.store(samples_ptr + pid * K + offs_k, acc, mask=kmask)
+
+
+# --------------------------------------------------------------------------------------------
+# pooled game
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _pooled_value(z, tv, EPS: tl.constexpr):
+    """<normalize(z), t> per row of ``z [BLOCK_K, BLOCK_D]``; normalize(z) = z / max(||z||, EPS)."""
+    num = tl.sum(z * tv[None, :], axis=1)
+    nrm = tl.sqrt(tl.sum(z * z, axis=1))
+    return num / tl.maximum(nrm, EPS)
+
+
+@triton.jit
+def _pooled_kernel(x_ptr, t_ptr, S_ptr, pm_ptr, samples_ptr, seed, K, M, n, D,
+                   SCHED: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0)
+    kb = tl.program_id(1)
+    g = pid // M
+    m = pid % M
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs_k < K
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    npool = _pool_size(S_ptr, pm_ptr, pid, g, n, BLOCK_P)
+    kvec, m32, g32, r, w0, w1, w2, w3 = _draw_init(seed, npool, offs_k, m, g, SCHED)
+    c = tl.zeros([BLOCK_K], dtype=tl.int64)
+    t = npool * 0
+    blk = npool * 0
+    x_g = x_ptr + g * n * D + offs_d
+    tv = tl.load(t_ptr + g * D + offs_d, mask=dmask, other=0.0).to(ACC)
+    zC = tl.zeros([BLOCK_K, BLOCK_D], dtype=ACC)     # running sum of the features of C
+    zS = tl.zeros([BLOCK_D], dtype=ACC)              # sum of the features of S
+    s_cnt = npool * 0
     for p in range(0, n):
         sp = tl.load(S_ptr + pid * n + p) != 0
         vp = tl.load(pm_ptr + g * n + p) != 0
-        inpool = vp & (sp == 0)
-        u = _stream_word(seed, kvec, m32, g32, 1 + t)
-        rem = (npool - t).to(tl.uint64)
-        need = (r - c).to(tl.uint64)
-        take = inpool & ((u.to(tl.uint64) * rem) < (need << 32))
-        c += take.to(tl.int64)
-        t += inpool.to(tl.int32)
-        if WRITE_C:
-            tl.store(coal_ptr + (pid * K + offs_k) * n + p, take.to(tl.int8), mask=kmask)
-        if HAS_SIM:
-            col = tl.load(sim_ptr + g * Lq * n + offs_q * n + p, mask=qin, other=float("-inf")).to(ACC)
-            mC = tl.where(take[:, None], tl.maximum(mC, col[None, :]), mC)
-            sS = tl.where(sp, tl.maximum(sS, col), sS)
-            s_cnt += sp.to(tl.int32)
-    if HAS_SIM:
-        vC = tl.sum(tl.where(qv[None, :], mC, 0.0), axis=1) / nq
-        vC = tl.where(c > 0, vC, 0.0)
-        acc = tl.sum(tl.where(qv[None, :], tl.maximum(mC, sS[None, :]), 0.0), axis=1) / nq
-        for p in range(0, n):
-            sp = tl.load(S_ptr + pid * n + p) != 0
-            col = tl.load(sim_ptr + g * Lq * n + offs_q * n + p, mask=qin, other=float("-inf")).to(ACC)
-            vi = tl.sum(tl.where(qv[None, :], tl.maximum(mC, col[None, :]), 0.0), axis=1) / nq
-            acc = acc - tl.where(sp, vi, 0.0)
-        acc = acc + (s_cnt - 1).to(ACC) * vC
-        tl.store(samples_ptr + pid * K + offs_k, acc, mask=kmask)
+        take, t, c, blk, w0, w1, w2, w3 = _draw_step(seed, kvec, m32, g32, vp & (sp == 0), npool, t, c, r,
+                                                     blk, w0, w1, w2, w3)
+        xp = tl.load(x_g + p * D, mask=dmask, other=0.0).to(ACC)
+        zC = tl.where(take[:, None], zC + xp[None, :], zC)
+        zS = tl.where(sp, zS + xp, zS)
+        s_cnt += sp.to(tl.int32)
+    vC = _pooled_value(zC, tv, EPS)
+    acc = _pooled_value(zC + zS[None, :], tv, EPS)
+    for p in range(0, n):
+        sp = tl.load(S_ptr + pid * n + p) != 0
+        if sp:
+            xp = tl.load(x_g + p * D, mask=dmask, other=0.0).to(ACC)
+            acc -= _pooled_value(zC + xp[None, :], tv, EPS)
+    acc += (s_cnt - 1).to(ACC) * vC
+    tl.store(samples_ptr + pid * K + offs_k, acc, mask=kmask)
 
 
-def _blocks(K: int, n: int):
-    return max(16, min(64, triton.next_power_of_2(K))), max(16, min(256, triton.next_power_of_2(n)))
+# --------------------------------------------------------------------------------------------
+# launchers (validated, contiguous inputs; called from loupe_kernels.shapley)
+# --------------------------------------------------------------------------------------------
+def _block_k(K: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(K)))
 
 
-def _seed_arg(seed: int) -> int:
-    return int(seed)
+def _block_p(P: int) -> int:
+    return max(16, min(256, triton.next_power_of_2(P)))
+
+
+def _acc(dt: torch.dtype):
+    return tl.float64 if dt == torch.float64 else tl.float32
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
 
 
 def coalitions(subsets: torch.Tensor, player_mask: torch.Tensor, K: int, seed: int, schedule: int) -> torch.Tensor:
+    """The coalitions of the pinned draw, bool ``[G, M, K, P]``."""
     G, M, P = subsets.shape
     out = torch.zeros((G, M, K, P), dtype=torch.int8, device=subsets.device)
     if out.numel() == 0:
         return out.bool()
-    BLOCK_K, BLOCK_P = _blocks(K, P)
-    S8 = subsets.contiguous().view(torch.uint8)
-    pm8 = player_mask.contiguous().view(torch.uint8)
+    BLOCK_K = _block_k(K)
     grid = (G * M, math.ceil(K / BLOCK_K))
-    _shapley_kernel[grid](S8, S8, S8, pm8, out, out, _seed_arg(seed), K, M, 1, P,
-                          SCHED=schedule, HAS_SIM=False, WRITE_C=True, ACC=tl.float32,
-                          BLOCK_K=BLOCK_K, BLOCK_Q=16, BLOCK_P=BLOCK_P)
+    _coalitions_kernel[grid](_u8(subsets), _u8(player_mask), out, int(seed), K, M, P,
+                             SCHED=schedule, BLOCK_K=BLOCK_K, BLOCK_P=_block_p(P))
     return out.bool()
 
 
-def maxsim(sim, query_mask, subsets, player_mask, query_players, K, seed, schedule):
-    """Per-sample values in the kernel, then mean and standard error (max-sim game, keys as players)."""
-    from .shapley import _stats, _out_dtype
-    if query_players:
-        raise NotImplementedError("the triton backend implements the max-sim game with query_players=False")
+def maxsim(sim: torch.Tensor, query_mask: torch.Tensor, subsets: torch.Tensor, player_mask: torch.Tensor,
+           query_players: bool, K: int, seed: int, schedule: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-sim game (``query_players``: the region-phrase game): per-sample values in the kernel,
+    then mean and standard error."""
+    from .shapley import _out_dtype, _stats
     G, Lq, n = sim.shape
-    M = subsets.shape[1]
+    M, P = subsets.shape[1], subsets.shape[2]
     dt = _out_dtype(sim.dtype)
     samples = torch.empty((G, M, K), dtype=dt, device=sim.device)
     if samples.numel():
-        BLOCK_K, BLOCK_P = _blocks(K, n)
-        BLOCK_Q = max(16, triton.next_power_of_2(Lq))
+        BLOCK_K = _block_k(K)
         grid = (G * M, math.ceil(K / BLOCK_K))
-        _shapley_kernel[grid](sim.contiguous(), query_mask.contiguous().view(torch.uint8),
-                              subsets.contiguous().view(torch.uint8), player_mask.contiguous().view(torch.uint8),
-                              samples, samples, _seed_arg(seed), K, M, Lq, n,
-                              SCHED=schedule, HAS_SIM=True, WRITE_C=False,
-                              ACC=tl.float64 if dt == torch.float64 else tl.float32,
-                              BLOCK_K=BLOCK_K, BLOCK_Q=BLOCK_Q, BLOCK_P=BLOCK_P)
+        _maxsim_kernel[grid](sim.contiguous(), _u8(query_mask), _u8(subsets), _u8(player_mask), samples,
+                             int(seed), K, M, Lq, n,
+                             SCHED=schedule, QP=bool(query_players), ACC=_acc(dt),
+                             BLOCK_K=BLOCK_K, BLOCK_Q=max(16, triton.next_power_of_2(Lq)), BLOCK_P=_block_p(P))
+    return _stats(samples, dt)
+
+
+def pooled(features: torch.Tensor, target: torch.Tensor, subsets: torch.Tensor, player_mask: torch.Tensor,
+           K: int, seed: int, schedule: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled game: per-sample values in the kernel, then mean and standard error."""
+    from .shapley import _out_dtype, _stats
+    G, n, D = features.shape
+    M = subsets.shape[1]
+    dt = _out_dtype(features.dtype)
+    samples = torch.empty((G, M, K), dtype=dt, device=features.device)
+    if samples.numel():
+        BLOCK_D = max(16, triton.next_power_of_2(D))
+        # keep the running sums zC [BLOCK_K, BLOCK_D] at about 4096 elements (32 registers a thread)
+        BLOCK_K = max(16, min(_block_k(K), 4096 // BLOCK_D))
+        grid = (G * M, math.ceil(K / BLOCK_K))
+        _pooled_kernel[grid](features.contiguous(), target.contiguous(), _u8(subsets), _u8(player_mask), samples,
+                             int(seed), K, M, n, D,
+                             SCHED=schedule, ACC=_acc(dt), EPS=_NORM_EPS,
+                             BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_P=_block_p(n))
     return _stats(samples, dt)

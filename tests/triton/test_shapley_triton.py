@@ -42,6 +42,20 @@ def test_coalitions_identical_to_reference(schedule, seed):
     assert torch.equal(out.cpu(), ref.cpu())
 
 
+def _tol(ref_lo, ref64, scale, dtype):
+    """2x the error of the same PyTorch math in the working dtype, plus one rounding unit of the
+    magnitude of a sample (``scale``: (max |S| + 2) times the largest value a term can take)."""
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return 2 * float((ref_lo.double() - ref64).abs().max()) + eps * scale
+
+
+def _check_close(out, ref_lo, ref64, scale, dtype):
+    assert out[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for i in range(2):
+        err = float((out[i].double() - ref64[i]).abs().max())
+        assert err <= _tol(ref_lo[i], ref64[i], scale, dtype), (i, err)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("schedule", ["uniform", "round_robin"])
 def test_estimates_match_reference(dtype, schedule):
@@ -51,11 +65,7 @@ def test_estimates_match_reference(dtype, schedule):
     ref64 = lk.shapley_interaction(sim.double(), sub, backend="reference", **kw)
     ref_lo = lk.shapley_interaction(sim, sub, backend="reference", **kw)
     out = lk.shapley_interaction(sim, sub, backend="triton", **kw)
-    assert out[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    for i in range(2):
-        err_ref = float((ref_lo[i].double() - ref64[i]).abs().max())
-        tol = 2 * err_ref + 1e-6 * float(ref64[i].abs().max()) + 1e-12
-        assert float((out[i].double() - ref64[i]).abs().max()) <= tol
+    _check_close(out, ref_lo, ref64, 5 * float(sim.double().abs().max()), dtype)
 
 
 def test_additive_game_and_singletons_exactly_zero():
@@ -72,9 +82,112 @@ def test_additive_game_and_singletons_exactly_zero():
     assert torch.equal(est, torch.zeros_like(est))
 
 
-def test_region_phrase_game_not_on_triton():
-    sim, _, _, _ = _case()
-    sub = torch.zeros(2, 1, 16, dtype=torch.bool, device=DEV)
-    sub[:, 0, [0, 6]] = True
-    with pytest.raises(ValueError, match="backend 'triton'"):
-        lk.shapley_interaction(sim, sub, query_players=True, backend="triton")
+def _rp_case(seed=0, G=2, M=3, Lq=5, n=11):
+    """Region-phrase game: players = Lq query tokens, then n keys; some invalid on both sides."""
+    g = torch.Generator().manual_seed(seed)
+    P = Lq + n
+    pm = torch.rand(G, P, generator=g) > 0.25
+    pm[:, [0, 1, Lq, Lq + 1]] = True
+    sub = torch.zeros(G, M, P, dtype=torch.bool)
+    sub[:, 0, [0, Lq]] = True            # a phrase and a region
+    sub[:, 1, [0, 1]] = True             # two phrases
+    sub[:, 2, [1, Lq, Lq + 1]] = True    # a phrase and two regions
+    sim = torch.randn(G, Lq, n, generator=g)
+    return sim.to(DEV), sub.to(DEV), pm.to(DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("schedule", ["uniform", "round_robin"])
+def test_region_phrase_estimates_match_reference(dtype, schedule):
+    sim, sub, pm = _rp_case(3)
+    sim = sim.to(dtype)
+    kw = dict(player_mask=pm, query_players=True, num_samples=20, seed=11, size_schedule=schedule)
+    ref64 = lk.shapley_interaction(sim.double(), sub, backend="reference", **kw)
+    ref_lo = lk.shapley_interaction(sim, sub, backend="reference", **kw)
+    out = lk.shapley_interaction(sim, sub, backend="triton", **kw)
+    assert float(ref64[0].abs().max()) > 0.05          # a non-trivial game
+    _check_close(out, ref_lo, ref64, 5 * float(sim.double().abs().max()), dtype)
+
+
+def _pooled_case(seed=0, G=2, M=3, n=11, D=12):
+    g = torch.Generator().manual_seed(seed)
+    _, _, sub, pm = _case(seed, G=G, M=M, n=n)
+    x = 3 * torch.randn(G, n, D, generator=g)
+    t = torch.randn(G, D, generator=g)
+    return x.to(DEV), t.to(DEV), sub, pm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("schedule", ["uniform", "round_robin"])
+def test_pooled_estimates_match_reference(dtype, schedule):
+    x, t, sub, pm = _pooled_case(4)
+    x, t = x.to(dtype), t.to(dtype)
+    kw = dict(player_mask=pm, num_samples=20, seed=5, size_schedule=schedule)
+    ref64 = lk.shapley_interaction_pooled(x.double(), t.double(), sub, backend="reference", **kw)
+    ref_lo = lk.shapley_interaction_pooled(x, t, sub, backend="reference", **kw)
+    out = lk.shapley_interaction_pooled(x, t, sub, backend="triton", **kw)
+    assert float(ref64[0].abs().max()) > 0.05
+    _check_close(out, ref_lo, ref64, 5 * float(t.double().norm(dim=-1).max()), dtype)
+
+
+@pytest.mark.skipif("cpu" not in lk.available_backends(), reason="cpu extension not built")
+def test_pooled_matches_cpu_backend():
+    x, t, sub, pm = _pooled_case(6, D=40)
+    kw = dict(player_mask=pm, num_samples=33, seed=2**40 + 3)
+    cpu = lk.shapley_interaction_pooled(x.cpu(), t.cpu(), sub.cpu(), backend="cpu", **{**kw, "player_mask": pm.cpu()})
+    cpu64 = lk.shapley_interaction_pooled(x.cpu().double(), t.cpu().double(), sub.cpu(), backend="cpu",
+                                          **{**kw, "player_mask": pm.cpu()})
+    out = lk.shapley_interaction_pooled(x, t, sub, backend="triton", **kw)
+    _check_close(tuple(o.cpu() for o in out), cpu, cpu64, 5 * float(t.norm(dim=-1).max()), torch.float32)
+
+
+def test_singletons_exactly_zero_pooled_and_region_phrase():
+    x, t, sub, pm = _pooled_case(7)
+    est, se = lk.shapley_interaction_pooled(x, t, sub[:, 1:2], player_mask=pm, num_samples=18, seed=1,
+                                            backend="triton")
+    assert torch.equal(est, torch.zeros_like(est)) and torch.equal(se, torch.zeros_like(se))
+    sim, sub, pm = _rp_case(8)
+    one = torch.zeros_like(sub[:, :2])
+    one[:, 0, 1] = True        # a phrase
+    one[:, 1, 5] = True        # a region
+    est, se = lk.shapley_interaction(sim, one, player_mask=pm, query_players=True, num_samples=18, seed=1,
+                                     backend="triton")
+    assert torch.equal(est, torch.zeros_like(est)) and torch.equal(se, torch.zeros_like(se))
+
+
+def test_invalid_players_never_drawn_nor_used():
+    """Coalitions avoid S and invalid players; changing what invalid players hold changes nothing."""
+    _, _, sub, pm = _case(9)
+    C = lk.sample_coalitions(sub, player_mask=pm, num_samples=40, seed=3, backend="triton")
+    assert not bool((C & ~pm[:, None, None, :]).any()) and not bool((C & sub[:, :, None, :]).any())
+    assert bool(C.any())
+    x, t, sub, pm = _pooled_case(9)
+    a = lk.shapley_interaction_pooled(x, t, sub, player_mask=pm, num_samples=20, seed=3, backend="triton")
+    x2 = torch.where(pm[..., None], x, torch.full_like(x, 1e4))
+    b = lk.shapley_interaction_pooled(x2, t, sub, player_mask=pm, num_samples=20, seed=3, backend="triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    sim, sub, pm = _rp_case(9)
+    Lq = sim.shape[1]
+    a = lk.shapley_interaction(sim, sub, player_mask=pm, query_players=True, num_samples=20, seed=3,
+                               backend="triton")
+    sim2 = torch.where(pm[:, None, Lq:], sim, torch.full_like(sim, 1e4))
+    b = lk.shapley_interaction(sim2, sub, player_mask=pm, query_players=True, num_samples=20, seed=3,
+                               backend="triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_many_players_coalitions_and_determinism():
+    """260 players (more than one 256-wide block for the pool count; 65 Philox blocks per stream)."""
+    g = torch.Generator().manual_seed(10)
+    P = 260
+    pm = torch.rand(1, P, generator=g) > 0.1
+    pm[0, :3] = True
+    sub = torch.zeros(1, 2, P, dtype=torch.bool)
+    sub[0, 0, [0, 1]] = True
+    sub[0, 1, 2] = True
+    sub, pm = sub.to(DEV), pm.to(DEV)
+    kw = dict(player_mask=pm, num_samples=16, seed=123, size_schedule="round_robin")
+    ref = lk.sample_coalitions(sub, backend="reference", **kw)
+    out = lk.sample_coalitions(sub, backend="triton", **kw)
+    assert torch.equal(out.cpu(), ref.cpu())
+    assert torch.equal(out, lk.sample_coalitions(sub, backend="triton", **kw))
