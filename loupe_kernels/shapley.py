@@ -502,6 +502,11 @@ def _cuda_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched):
                                             _seed_i64(seed), sched)
 
 
+def _cuda_pooled(features, target, subsets, pm, K, seed, sched):
+    return extension("cuda").shapley_pooled(features.contiguous(), target.contiguous(), subsets, pm, K,
+                                            _seed_i64(seed), sched)
+
+
 def _cuda_coalitions(subsets, pm, K, seed, sched):
     return extension("cuda").shapley_coalitions(subsets, pm, K, _seed_i64(seed), sched)
 
@@ -511,7 +516,7 @@ KERNELS: dict[str, dict[str, Callable]] = {
     "cpu": {"maxsim": _cpu_maxsim, "maxsim_qp": _cpu_maxsim, "pooled": _cpu_pooled, "coalitions": _cpu_coalitions},
     "triton": {"maxsim": _triton_maxsim, "maxsim_qp": _triton_maxsim, "pooled": _triton_pooled,
                "coalitions": _triton_coalitions},
-    "cuda": {"maxsim": _cuda_maxsim, "maxsim_qp": _cuda_maxsim, "coalitions": _cuda_coalitions},
+    "cuda": {"maxsim": _cuda_maxsim, "maxsim_qp": _cuda_maxsim, "pooled": _cuda_pooled, "coalitions": _cuda_coalitions},
 }
 
 
