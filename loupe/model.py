@@ -65,6 +65,7 @@ class LoupeConfig:
     kernel_backend: str | None = None  # backend of loupe_kernels ops (None = automatic)
     filip_center: bool = False         # L_FILIP on per-item centred token similarities (loupe.losses)
     vision_registers: int = 0          # register tokens of the ViT (dropped at its output)
+    vision_local_radius: int | None = None  # patch tokens attend only to patches this near (None: global)
     # candidate regions
     num_regions: int = 8               # M: semantic regions per image after NMS
     nms_iou: float = 0.5
@@ -92,6 +93,10 @@ class LoupeConfig:
         if not isinstance(self.vision_registers, int) or isinstance(self.vision_registers, bool) \
                 or self.vision_registers < 0:
             raise ValueError(f"LoupeConfig.vision_registers must be an int >= 0, got {self.vision_registers!r}")
+        if self.vision_local_radius is not None and (not isinstance(self.vision_local_radius, int) or isinstance(
+                self.vision_local_radius, bool) or self.vision_local_radius < 0):
+            raise ValueError(f"LoupeConfig.vision_local_radius must be None or an int >= 0, "
+                             f"got {self.vision_local_radius!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"LoupeConfig.image_size ({self.image_size}) must be a multiple of "
                              f"patch_size ({self.patch_size})")
@@ -173,6 +178,24 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def local_attention_mask(grid: int, registers: int, radius: int | None) -> torch.Tensor | None:
+    """Boolean attention mask ``[1+R+n, 1+R+n]`` (True = may attend) of a ViT whose patch tokens
+    see only the patches within Chebyshev distance ``radius`` on the grid (never [CLS] or the
+    registers), while [CLS] and the registers see everything; ``None`` (global attention) when
+    ``radius`` is None. Global content then reaches the patch tokens only by diffusion over
+    ``radius`` patches per layer, so a patch token describes its neighbourhood [ours]."""
+    if radius is None:
+        return None
+    n = grid * grid
+    total = 1 + registers + n
+    yx = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1).reshape(n, 2)
+    near = (yx[:, None, :] - yx[None, :, :]).abs().amax(-1) <= radius
+    mask = torch.ones(total, total, dtype=torch.bool)
+    mask[1 + registers:, :] = False
+    mask[1 + registers:, 1 + registers:] = near
+    return mask
+
+
 class VisionTransformer(nn.Module):
     """ViT: returns the normalised [CLS] embedding ``[B, D]`` and patch tokens ``[B, n, D]``."""
 
@@ -191,6 +214,8 @@ class VisionTransformer(nn.Module):
                           if cfg.vision_registers else None)
         self.norm_pre = nn.LayerNorm(W)
         self.blocks = nn.ModuleList(Block(W, cfg.vision_heads, cfg.mlp_ratio) for _ in range(cfg.vision_layers))
+        mask = local_attention_mask(g, cfg.vision_registers, cfg.vision_local_radius)
+        self.register_buffer("attn_mask", mask, persistent=False)
         self.norm_post = nn.LayerNorm(W)
         self.proj = nn.Linear(W, cfg.embed_dim, bias=False)
 
@@ -204,7 +229,7 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x[:, :1], reg, x[:, 1:]], dim=1)
         x = self.norm_pre(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, self.attn_mask)
         x = torch.cat([x[:, :1], x[:, 1 + R:]], dim=1) if R else x
         x = F.normalize(self.proj(self.norm_post(x)), dim=-1)  # the same norm + projection for all
         return x[:, 0], x[:, 1:]

@@ -1,0 +1,77 @@
+"""ViT options: register tokens (``vision_registers``) and local patch attention (``vision_local_radius``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loupe.model import LoupeConfig, LoupeModel
+
+SMALL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
+             text_layers=1, text_heads=2, embed_dim=16, vocab_size=50, context_length=8, objective="filip")
+
+
+def test_registers_are_dropped_at_the_output_and_take_part_inside():
+    torch.manual_seed(0)
+    model = LoupeModel(LoupeConfig(vision_registers=3, **SMALL)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    cls, patches = model.encode_image_tokens(images)
+    assert cls.shape == (2, 16) and patches.shape == (2, 16, 16)
+    with torch.no_grad():
+        model.visual.registers.add_(torch.randn_like(model.visual.registers))  # attended to: outputs change
+    cls2, patches2 = model.encode_image_tokens(images)
+    assert not torch.allclose(cls, cls2) and not torch.allclose(patches, patches2)
+
+
+def test_registers_get_gradients():
+    torch.manual_seed(0)
+    model = LoupeModel(LoupeConfig(vision_registers=2, **SMALL))
+    cls, patches = model.encode_image_tokens(torch.randn(2, 3, 32, 32))
+    (cls.sum() + patches.pow(2).sum()).backward()
+    g = model.visual.registers.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_bad_register_count(bad):
+    with pytest.raises(ValueError, match="vision_registers"):
+        LoupeConfig(vision_registers=bad, **SMALL)
+
+
+@pytest.mark.parametrize("radius,layers", [(0, 1), (1, 1), (1, 2)])
+@pytest.mark.parametrize("registers", [0, 2])
+def test_local_attention_limits_the_receptive_field(radius, layers, registers):
+    """A patch token changes only when a patch within radius*layers (Chebyshev) of it changes;
+    [CLS] sees every patch."""
+    torch.manual_seed(0)
+    cfg = dict(SMALL, vision_layers=layers)
+    model = LoupeModel(LoupeConfig(vision_registers=registers, vision_local_radius=radius, **cfg)).eval()
+    g = 4  # 32 / 8
+    x = torch.randn(1, 3, 32, 32)
+    x2 = x.clone()
+    x2[..., 8:16, 16:24] += torch.randn(3, 8, 8)  # patch (row 1, col 2)
+    with torch.no_grad():
+        c1, p1 = model.encode_image_tokens(x)
+        c2, p2 = model.encode_image_tokens(x2)
+    changed = (p1 - p2).abs().amax(-1)[0].view(g, g) > 1e-6
+    rows, cols = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    reach = torch.maximum((rows - 1).abs(), (cols - 2).abs()) <= radius * layers
+    assert torch.equal(changed, reach)
+    assert not torch.allclose(c1, c2)
+
+
+def test_global_attention_is_the_default():
+    torch.manual_seed(0)
+    model = LoupeModel(LoupeConfig(**SMALL)).eval()
+    assert model.visual.attn_mask is None
+    x = torch.randn(1, 3, 32, 32)
+    x2 = x.clone()
+    x2[..., :8, :8] += 1.0 + torch.randn(3, 8, 8)
+    with torch.no_grad():
+        changed = (model.encode_image_tokens(x)[1] - model.encode_image_tokens(x2)[1]).abs().amax(-1) > 1e-6
+    assert changed.all()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_bad_local_radius(bad):
+    with pytest.raises(ValueError, match="vision_local_radius"):
+        LoupeConfig(vision_local_radius=bad, **SMALL)
