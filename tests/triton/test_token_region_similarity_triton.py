@@ -1,0 +1,371 @@
+"""token_region_similarity, Triton backend, against an independent float64 oracle and the cpu backend.
+
+Runs under the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without a GPU) with
+tiny shapes, or on a GPU. Each case runs twice where it matters: with the automatic block sizes and
+with forced 16-wide blocks ("small"), so that the multi-tile paths (several key tiles with a running
+max across them, D in chunks, several key-row tiles and query blocks in the backward, several key
+items per program) are exercised by odd, non-multiple-of-16 sizes too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported) or a CUDA device",
+                allow_module_level=True)
+pytest.importorskip("triton")
+
+import loupe_kernels as lk  # noqa: E402
+from loupe_kernels import triton_token_region_similarity as T  # noqa: E402
+from loupe_kernels.token_region_similarity import token_region_similarity_reference  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_CPU = "cpu" in lk.available_backends()
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="cpu backend (C++ extension) not built")
+
+
+# ------------------------------------------------------------------------------------------------
+# independent float64 oracle: loops over pairs and tokens, explicit first arg-max, explicit grads
+# ------------------------------------------------------------------------------------------------
+def oracle(q, k, qm, km, pairwise, gout=None):
+    """(out, d_query, d_key, argmax) in float64; argmax -1 where no valid query token or key item."""
+    q, k, qm, km = q.double().cpu(), k.double().cpu(), qm.cpu(), km.cpu()
+    Bq, Lq, _ = q.shape
+    Bk, Lk = k.shape[0], k.shape[1]
+    shape = (Bq, Bk) if pairwise else (Bq,)
+    pairs = [(a, b) for a in range(Bq) for b in range(Bk)] if pairwise else [(a, a) for a in range(Bq)]
+    out = torch.zeros(shape, dtype=torch.float64)
+    amax = torch.full((*shape, Lq), -1, dtype=torch.int32)
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    for a, b in pairs:
+        at = (a, b) if pairwise else (a,)
+        qi = [j for j in range(Lq) if qm[a, j]]
+        ki = [i for i in range(Lk) if km[b, i]]
+        if not qi or not ki:
+            continue
+        w = 0.0 if gout is None else float(gout.double().cpu()[at]) / len(qi)
+        scores = (q[a, qi] @ k[b, ki].T).tolist()
+        total = 0.0
+        for r, j in enumerate(qi):
+            best = max(scores[r])
+            i = ki[scores[r].index(best)]  # first occurrence = lowest key index
+            total += best
+            amax[(*at, j)] = i
+            dq[a, j] += w * k[b, i]
+            dk[b, i] += w * q[a, j]
+        out[at] = total / len(qi)
+    return out, dq, dk, amax
+
+
+def random_masks(Bq, Lq, Bk, Lk, gen):
+    qm = torch.rand(Bq, Lq, generator=gen) > 0.3
+    km = torch.rand(Bk, Lk, generator=gen) > 0.3
+    if Bq > 1:
+        qm[1] = False  # a fully masked query item
+    if Bk > 2:
+        km[2] = False  # a fully masked key item
+    return qm, km
+
+
+def quantized(shape, gen, levels=6):
+    """Entries m/4 with |m| <= levels: exact in fp16/bf16, dot products exact in fp32, so every
+    backend sees the same scores and the same arg-max (ties included)."""
+    return torch.randint(-levels, levels + 1, shape, generator=gen).double() / 4
+
+
+def tol_bound(dtype, ref_err, scale):
+    """Twice the error of the same PyTorch math in `dtype`, plus one rounding unit of the output."""
+    return 2 * ref_err + torch.finfo(dtype).eps * max(scale, 1.0)
+
+
+def assert_bounded(got, ref, want, dtype, what=""):
+    ref_err = (ref.double().cpu() - want).abs().max().item() if want.numel() else 0.0
+    err = (got.double().cpu() - want).abs().max().item() if want.numel() else 0.0
+    scale = want.abs().max().item() if want.numel() else 0.0
+    assert err <= tol_bound(dtype, ref_err, scale), (what, err, ref_err)
+
+
+def _small_config(orig):
+    def cfg(Bq, Bk, Lq, Lk, D, pairwise):
+        c = orig(Bq, Bk, Lq, Lk, D, pairwise)
+        return dataclasses.replace(
+            c, fwd_block_a=2 if pairwise else 1, items_b=2 if pairwise else 1, block_k=16, fwd_block_d=16,
+            one_d=False, dq_block_a=2 if pairwise else 1, dq_block_d=16, dk_block_a=2 if pairwise else 1,
+            dk_block_kr=16, dk_block_d=16)
+    return cfg
+
+
+@pytest.fixture(params=["auto", "small"])
+def blocks(request, monkeypatch):
+    if request.param == "small":
+        monkeypatch.setattr(T, "_config", _small_config(T._config))
+    return request.param
+
+
+def grads(fn, q64, k64, gout, dtype):
+    q = q64.to(DEV, dtype).requires_grad_()
+    k = k64.to(DEV, dtype).requires_grad_()
+    out = fn(q, k)
+    out.backward(gout.to(DEV, dtype))
+    return out.detach(), q.grad, k.grad
+
+
+SHAPES = [  # Bq, Lq, Bk, Lk, D (odd; Lk=70 spans two 64-wide key tiles)
+    (3, 5, 3, 7, 11),
+    (5, 7, 4, 13, 17),
+    (4, 3, 6, 70, 19),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# forward, gradients and arg-max against the oracle (fp32, quantized: exact scores)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_matches_oracle_with_masks(shape, pairwise, blocks):
+    Bq, Lq, Bk, Lk, D = shape
+    if not pairwise:
+        Bk = Bq
+    gen = torch.Generator().manual_seed(hash((shape, pairwise)) % 2**31)
+    q64, k64 = quantized((Bq, Lq, D), gen), quantized((Bk, Lk, D), gen)
+    qm, km = random_masks(Bq, Lq, Bk, Lk, gen)
+    gout = torch.randn((Bq, Bk) if pairwise else (Bq,), generator=gen, dtype=torch.float64)
+    want, dq_want, dk_want, amax_want = oracle(q64, k64, qm, km, pairwise, gout)
+    qm_d, km_d = qm.to(DEV), km.to(DEV)
+
+    out, amax = T.forward(q64.float().to(DEV), k64.float().to(DEV), qm_d, km_d, pairwise)
+    assert out.dtype == torch.float32 and amax.dtype == torch.int32
+    assert torch.equal(amax.cpu(), amax_want)  # exact scores: the same first arg-max, -1 where undefined
+    assert (out.cpu()[1] == 0).all()  # the fully masked query item
+    if Bk > 2 and pairwise:
+        assert (out.cpu()[:, 2] == 0).all()  # the fully masked key item
+
+    got, dq, dk = grads(lambda q, k: lk.token_region_similarity(q, k, qm_d, km_d, pairwise=pairwise,
+                                                                 backend="triton"), q64, k64, gout, torch.float32)
+    ref, rq, rk = grads(lambda q, k: token_region_similarity_reference(q, k, qm_d, km_d, pairwise=pairwise),
+                        q64, k64, gout, torch.float32)
+    assert_bounded(got, ref, want, torch.float32, "out")
+    assert_bounded(dq, rq, dq_want, torch.float32, "d_query")
+    assert_bounded(dk, rk, dk_want, torch.float32, "d_key")
+    assert dq.abs().sum() > 0 and dk.abs().sum() > 0  # the test can fail: gradients are not all zero
+
+
+@needs_cpu
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_argmax_agrees_with_cpu_backend(pairwise, blocks):
+    gen = torch.Generator().manual_seed(21)
+    Bq, Lq, Bk, Lk, D = 5, 9, 4 if pairwise else 5, 21, 13
+    q, k = quantized((Bq, Lq, D), gen).float(), quantized((Bk, Lk, D), gen).float()
+    qm, km = random_masks(Bq, Lq, Bk, Lk, gen)
+    from loupe_kernels.token_region_similarity import KERNELS
+    out_c, amax_c = KERNELS["cpu"][0](q, k, qm, km, pairwise)
+    out_t, amax_t = T.forward(q.to(DEV), k.to(DEV), qm.to(DEV), km.to(DEV), pairwise)
+    assert torch.equal(amax_t.cpu(), amax_c)
+    assert (amax_c == -1).any()  # the undefined positions are compared too
+    torch.testing.assert_close(out_t.cpu(), out_c, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# dtypes: error bounded by the same PyTorch math in that dtype
+# ------------------------------------------------------------------------------------------------
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_forward_dtypes_error_bounded_by_torch_math(dtype, pairwise):
+    gen = torch.Generator().manual_seed(7)
+    Bq, Lq, Bk, Lk, D = 6, 9, 6, 23, 37
+    q64 = torch.randn(Bq, Lq, D, generator=gen, dtype=torch.float64) / D**0.25
+    k64 = torch.randn(Bk, Lk, D, generator=gen, dtype=torch.float64) / D**0.25
+    qm, km = random_masks(Bq, Lq, Bk, Lk, gen)
+    q, k = q64.to(DEV, dtype), k64.to(DEV, dtype)
+    qm_d, km_d = qm.to(DEV), km.to(DEV)
+    want, _, _, _ = oracle(q, k, qm, km, pairwise)  # the oracle of the rounded inputs
+    ref = token_region_similarity_reference(q, k, qm_d, km_d, pairwise=pairwise)
+    got = lk.token_region_similarity(q, k, qm_d, km_d, pairwise=pairwise, backend="triton")
+    assert got.dtype == dtype and got.shape == want.shape
+    assert not torch.isnan(got).any()
+    assert_bounded(got, ref, want, dtype, "out")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_gradients_dtypes_error_bounded_by_torch_math(dtype, pairwise):
+    Bq, Lq, Bk, Lk, D = 5, 7, 4 if pairwise else 5, 13, 17
+    gen = torch.Generator().manual_seed(11)
+    q64, k64 = quantized((Bq, Lq, D), gen), quantized((Bk, Lk, D), gen)
+    qm, km = random_masks(Bq, Lq, Bk, Lk, gen)
+    qm_d, km_d = qm.to(DEV), km.to(DEV)
+    gout = torch.randn((Bq, Bk) if pairwise else (Bq,), generator=gen, dtype=torch.float64)
+    want, dq_want, dk_want, _ = oracle(q64, k64, qm, km, pairwise, gout)
+    got, dq, dk = grads(lambda q, k: lk.token_region_similarity(q, k, qm_d, km_d, pairwise=pairwise,
+                                                                 backend="triton"), q64, k64, gout, dtype)
+    ref, rq, rk = grads(lambda q, k: token_region_similarity_reference(q, k, qm_d, km_d, pairwise=pairwise),
+                        q64, k64, gout, dtype)
+    assert got.dtype == dq.dtype == dk.dtype == dtype
+    assert_bounded(got, ref, want, dtype, "out")
+    assert_bounded(dq, rq, dq_want, dtype, "d_query")
+    assert_bounded(dk, rk, dk_want, dtype, "d_key")
+
+
+# ------------------------------------------------------------------------------------------------
+# ties
+# ------------------------------------------------------------------------------------------------
+def _pow2_masks(Bq, Lq, Bk, Lk, gen):
+    """Query items with 0, 1, 2 or 4 valid tokens (1/count exact), random key masks."""
+    qm = torch.zeros(Bq, Lq, dtype=torch.bool)
+    for a in range(Bq):
+        n = (0, 1, 2, 4)[a % 4]
+        qm[a, torch.randperm(Lq, generator=gen)[:n]] = True
+    km = torch.rand(Bk, Lk, generator=gen) > 0.2
+    km[min(2, Bk - 1)] = False
+    return qm, km
+
+
+@needs_cpu
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_exact_ties_identical_to_cpu(pairwise, blocks):
+    # entries in {-1/2, 0, 1/2} with D=5: many exactly tied scores; gradients m/4 with power-of-two
+    # counts: every operation is exact, so outputs, arg-max and gradients must be bit-identical.
+    gen = torch.Generator().manual_seed(5)
+    Bq, Lq, Lk, D = 6, 6, 37, 5
+    Bk = 5 if pairwise else Bq
+    q64 = torch.randint(-1, 2, (Bq, Lq, D), generator=gen).double() / 2
+    k64 = torch.randint(-1, 2, (Bk, Lk, D), generator=gen).double() / 2
+    qm, km = _pow2_masks(Bq, Lq, Bk, Lk, gen)
+    gout = torch.randint(-8, 9, (Bq, Bk) if pairwise else (Bq,), generator=gen).double() / 4
+    want, dq_want, dk_want, amax_want = oracle(q64, k64, qm, km, pairwise, gout)
+    from loupe_kernels.token_region_similarity import KERNELS
+    q, k = q64.float(), k64.float()
+    out_c, amax_c = KERNELS["cpu"][0](q, k, qm, km, pairwise)
+    dq_c, dk_c = KERNELS["cpu"][1](gout.float(), q, k, qm, amax_c, pairwise)
+    out_t, amax_t = T.forward(q.to(DEV), k.to(DEV), qm.to(DEV), km.to(DEV), pairwise)
+    dq_t, dk_t = T.backward(gout.float().to(DEV), q.to(DEV), k.to(DEV), qm.to(DEV), amax_t, pairwise)
+    assert torch.equal(amax_t.cpu(), amax_c) and torch.equal(amax_c, amax_want)
+    for t, c, w in ((out_t, out_c, want), (dq_t, dq_c, dq_want), (dk_t, dk_c, dk_want)):
+        assert torch.equal(t.cpu(), c) and torch.equal(t.cpu().double(), w)
+    # the data really has ties: some query token has several keys at its maximum
+    s = torch.einsum("aqd,bkd->abqk", q64, k64) if pairwise else torch.einsum("bqd,bkd->bqk", q64, k64)
+    s = s.masked_fill(~(km[None, :, None, :] if pairwise else km[:, None, :]), float("-inf"))
+    assert ((s == s.max(dim=-1, keepdim=True).values) & torch.isfinite(s)).sum(dim=-1).max() > 1
+
+
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_ties_across_key_tiles_go_to_lowest_index(pairwise, blocks):
+    # the maximum is reached at keys 3, 5 and 67 (another 64-wide tile); with 3 masked, 5 wins
+    Lk, D = 70, 4
+    q = torch.zeros(1, 2, D)
+    q[0, 0, 0] = 1.0
+    q[0, 1, 1] = 1.0
+    k = torch.full((1, Lk, D), 0.25)
+    for i in (3, 5, 67):
+        k[0, i] = torch.tensor([2.0, -1.0, 0.0, 0.0])
+    k[0, 40] = torch.tensor([0.0, 3.0, 0.0, 0.0])
+    k[0, 69] = torch.tensor([0.0, 3.0, 0.0, 0.0])
+    qm = torch.ones(1, 2, dtype=torch.bool)
+    for masked, first in ((None, 3), (3, 5), ((3, 5), 67)):
+        km = torch.ones(1, Lk, dtype=torch.bool)
+        if masked is not None:
+            km[0, list(masked) if isinstance(masked, tuple) else masked] = False
+        out, amax = T.forward(q.to(DEV), k.to(DEV), qm.to(DEV), km.to(DEV), pairwise)
+        assert amax.cpu().reshape(-1).tolist() == [first, 40]
+        assert out.cpu().reshape(-1).tolist() == [2.5]
+        dq, dk = T.backward(torch.ones_like(out), q.to(DEV), k.to(DEV), qm.to(DEV), amax, pairwise)
+        hit = dk.cpu()[0].abs().sum(dim=1).nonzero().reshape(-1).tolist()
+        assert hit == sorted([first, 40])
+
+
+def test_negative_scores_padding_never_wins():
+    q = torch.tensor([[[1.0, 0.0]]], device=DEV)
+    k = torch.tensor([[[-1.0, 0.0], [0.0, 0.0]]], device=DEV)
+    km = torch.tensor([[True, False]], device=DEV)
+    assert lk.token_region_similarity(q, k, key_mask=km, backend="triton").item() == -1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd, autocast, torch.compile, determinism, edge sizes
+# ------------------------------------------------------------------------------------------------
+@needs_cpu
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_autograd_under_autocast_matches_cpu_backend(pairwise):
+    # fp32 leaves, autocast to bf16: the op runs in bf16 and returns bf16; exact-arithmetic data
+    # (quantized values, power-of-two counts, gradients m/4) makes both backends bit-identical.
+    gen = torch.Generator().manual_seed(3)
+    Bq, Lq, Lk, D = 5, 6, 11, 8
+    Bk = 3 if pairwise else Bq
+    q0, k0 = quantized((Bq, Lq, D), gen).float(), quantized((Bk, Lk, D), gen).float()
+    qm, km = _pow2_masks(Bq, Lq, Bk, Lk, gen)
+    w = torch.randint(-4, 5, (Bq, Bk) if pairwise else (Bq,), generator=gen).float() / 4
+    res = {}
+    for backend in ("cpu", "triton"):
+        dev = "cpu" if backend == "cpu" else DEV
+        q = q0.to(dev).requires_grad_()
+        k = k0.to(dev).requires_grad_()
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            out = lk.token_region_similarity(q, k, qm.to(dev), km.to(dev), pairwise=pairwise, backend=backend)
+        assert out.dtype == torch.bfloat16
+        (out.float() * w.to(dev)).sum().backward()
+        assert q.grad.dtype == torch.float32
+        res[backend] = (out.cpu(), q.grad.cpu(), k.grad.cpu())
+    for t, c in zip(res["triton"], res["cpu"]):
+        assert torch.equal(t, c)
+    assert res["triton"][2].abs().sum() > 0
+
+
+def test_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(2)
+    q = quantized((4, 5, 8), gen).float().to(DEV).requires_grad_()
+    k = quantized((3, 6, 8), gen).float().to(DEV).requires_grad_()
+
+    def loss(q, k):
+        return (lk.token_region_similarity(q, k, backend="triton") * 2.0).logsumexp(dim=1).sum()
+
+    t0 = time.time()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = compiled(q, k)
+    gq, gk = torch.autograd.grad(got, (q, k))
+    want = loss(q, k)
+    wq, wk = torch.autograd.grad(want, (q, k))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gq, wq)
+    torch.testing.assert_close(gk, wk)
+    assert time.time() - t0 < 60
+
+
+def test_backward_deterministic():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(6, 7, 9, generator=gen).to(DEV)
+    k = torch.randn(5, 10, 9, generator=gen).to(DEV)
+    qm = torch.ones(6, 7, dtype=torch.bool, device=DEV)
+    km = torch.ones(5, 10, dtype=torch.bool, device=DEV)
+    out, amax = T.forward(q, k, qm, km, True)
+    g = torch.randn(out.shape, generator=gen).to(DEV)
+    first = T.backward(g, q, k, qm, amax, True)
+    second = T.backward(g, q, k, qm, amax, True)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 3, 4, 5), (2, 3, 3, 0, 5), (0, 3, 2, 4, 5), (2, 3, 3, 4, 0)])
+def test_empty_sizes(shape):
+    Bq, Lq, Bk, Lk, D = shape
+    q, k = torch.randn(Bq, Lq, D, device=DEV), torch.randn(Bk, Lk, D, device=DEV)
+    qm = torch.ones(Bq, Lq, dtype=torch.bool, device=DEV)
+    km = torch.ones(Bk, Lk, dtype=torch.bool, device=DEV)
+    want, dq_want, dk_want, amax_want = oracle(q, k, qm, km, True, torch.ones(Bq, Bk))
+    out, amax = T.forward(q, k, qm, km, True)
+    assert torch.equal(out.cpu().double(), want) and torch.equal(amax.cpu(), amax_want)
+    dq, dk = T.backward(torch.ones_like(out), q, k, qm, amax, True)
+    assert torch.equal(dq.cpu().double(), dq_want) and torch.equal(dk.cpu().double(), dk_want)
+
+
+def test_bad_dtype_is_a_clear_error():
+    x = torch.ones(1, 2, 3, dtype=torch.int32, device=DEV)
+    m = torch.ones(1, 2, dtype=torch.bool, device=DEV)
+    with pytest.raises(TypeError, match="query must be"):
+        T.forward(x, x, m, m, True)
