@@ -285,12 +285,15 @@ def maxsim(sim: torch.Tensor, query_mask: torch.Tensor, subsets: torch.Tensor, p
     dt = _out_dtype(sim.dtype)
     samples = torch.empty((G, M, K), dtype=dt, device=sim.device)
     if samples.numel():
-        BLOCK_K = _block_k(K)
+        BLOCK_Q = max(16, triton.next_power_of_2(Lq))
+        # the running maxima mC [BLOCK_K, BLOCK_Q] stay at or under 4096 registers-resident elements
+        # (sm_90 builds: 72-133 registers a thread, no spills, for BLOCK_Q up to 64)
+        BLOCK_K = max(16, min(_block_k(K), 4096 // BLOCK_Q))
         grid = (G * M, math.ceil(K / BLOCK_K))
         _maxsim_kernel[grid](sim.contiguous(), _u8(query_mask), _u8(subsets), _u8(player_mask), samples,
                              int(seed), K, M, Lq, n,
                              SCHED=schedule, QP=bool(query_players), ACC=_acc(dt),
-                             BLOCK_K=BLOCK_K, BLOCK_Q=max(16, triton.next_power_of_2(Lq)), BLOCK_P=_block_p(P))
+                             BLOCK_K=BLOCK_K, BLOCK_Q=BLOCK_Q, BLOCK_P=_block_p(P))
     return _stats(samples, dt)
 
 
@@ -304,8 +307,11 @@ def pooled(features: torch.Tensor, target: torch.Tensor, subsets: torch.Tensor, 
     samples = torch.empty((G, M, K), dtype=dt, device=features.device)
     if samples.numel():
         BLOCK_D = max(16, triton.next_power_of_2(D))
-        # keep the running sums zC [BLOCK_K, BLOCK_D] at about 4096 elements (32 registers a thread)
-        BLOCK_K = max(16, min(_block_k(K), 4096 // BLOCK_D))
+        # the running sums zC [BLOCK_K, BLOCK_D] and the term temporaries live in registers: about 2048
+        # elements (1024 in float64) keep an sm_90 build of this kernel free of spills up to D = 256
+        # (checked with ptxas; no tl.dot here, so BLOCK_K may be 8)
+        budget = 1024 if dt == torch.float64 else 2048
+        BLOCK_K = max(8, min(_block_k(K), budget // BLOCK_D))
         grid = (G * M, math.ceil(K / BLOCK_K))
         _pooled_kernel[grid](features.contiguous(), target.contiguous(), _u8(subsets), _u8(player_mask), samples,
                              int(seed), K, M, n, D,
