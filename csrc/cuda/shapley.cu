@@ -206,6 +206,9 @@ __global__ void maxsim_kernel(const T* __restrict__ sim, const uint8_t* __restri
 
 constexpr double kNormEps = 1e-12;
 
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
+
 // value of the pooled game for z = zC (mode 0), zC + zS (mode 1), zC + x (mode 2): <z, t> / max(||z||, eps)
 template <typename T, typename A>
 __device__ __forceinline__ double pooled_value(const A* zC, const A* zS, const T* x, const A* tv, int D, int lane,
@@ -215,8 +218,8 @@ __device__ __forceinline__ double pooled_value(const A* zC, const A* zS, const T
     A z = zC[d];
     if (mode == 1) z = z + zS[d];
     else if (mode == 2) z = z + load_acc<T, A>(x + d);
-    num = fma(z, tv[d], num);
-    nn = fma(z, z, nn);
+    num = fma_acc(z, tv[d], num);
+    nn = fma_acc(z, z, nn);
   }
   const double tot = warp_sum(double(num)), sq = warp_sum(double(nn));
   const double nrm = sqrt(sq);
