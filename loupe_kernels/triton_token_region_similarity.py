@@ -50,7 +50,6 @@ import triton.language as tl
 __all__ = ["forward", "backward"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INT_MAX = 2147483647
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,7 +114,7 @@ def _fwd_kernel(q_ptr, k_ptr, qm_ptr, km_ptr, cnt_ptr, out_ptr, amax_ptr,
                     s = tl.dot(qc, tl.trans(kc), s, input_precision=PREC, out_dtype=ACC)
             s = tl.where(kvalid[None, :], s, float("-inf"))
             tmax = tl.max(s, axis=1)
-            targ = tl.min(tl.where(s == tmax[:, None], kk[None, :], _INT_MAX), axis=1)
+            targ = tl.min(tl.where(s == tmax[:, None], kk[None, :], 2147483647), axis=1)
             better = tmax > best  # strict: an equal max in a later tile keeps the lower index
             best = tl.where(better, tmax, best)
             arg = tl.where(better, targ, arg)
@@ -228,30 +227,38 @@ class _Config:
     bwd_warps: int
 
 
-def _config(Bq: int, Bk: int, Lq: int, Lk: int, D: int, pairwise: bool) -> _Config:
-    """Block sizes (all >= 16 where they enter tl.dot). A fixed heuristic aimed at the GPU target
-    (Lq=32, Lk=196, D=256): 128 query rows per forward program, the whole D in one chunk up to 256,
-    key tiles of 64. The interpreter prefers few programs, so it takes more key items per program."""
+def _config(Bq: int, Bk: int, Lq: int, Lk: int, D: int, pairwise: bool, itemsize: int = 2) -> _Config:
+    """Block sizes (all >= 16 where they enter tl.dot) from a fixed heuristic aimed at the GPU target
+    (Lq=32, Lk=196, D=256, bf16): 128 query rows per forward program, the whole D in one chunk while
+    the query tile stays within 64 KiB, key tiles of 64. fp32/fp64 (``itemsize`` 4/8) take narrower D
+    chunks so that shared memory and registers fit sm_90. Checked by an ahead-of-time compile for
+    sm_90 (no spills and shared memory within limits at the target shape, all four dtypes); never
+    timed on a GPU. The interpreter prefers few programs, so it takes more key items per program."""
+    wide = max(1, itemsize // 2)  # 1 for fp16/bf16, 2 for fp32, 4 for fp64
     lq_pad = _np2(Lq)
     d_pad = _np2(D)
-    rows_target = 128
+    rows_target = 128 if itemsize <= 2 else 64  # fp32 runs three TF32 dots (tf32x3): fewer rows
     fwd_block_a = max(1, min(rows_target // lq_pad, triton.next_power_of_2(max(Bq, 1)))) if pairwise else 1
     rows = fwd_block_a * lq_pad
     block_k = min(64, _np2(Lk))
-    one_d = rows * d_pad <= 128 * 256
-    fwd_block_d = d_pad if one_d else max(16, min(128, 16384 // rows))
+    if itemsize <= 2:
+        max_block_d = 256 if rows <= 128 else 64
+    else:
+        max_block_d = 64 if itemsize == 4 else 32
+    one_d = d_pad <= max_block_d  # the query tile is loaded once and kept for every key tile
+    fwd_block_d = min(d_pad, max_block_d)
     if not pairwise:
         items_b = 1
     elif _INTERPRET:
         items_b = max(1, min(Bk, 64))
     else:
         items_b = max(1, min(Bk, 8))
-    fwd_warps = 8 if rows * block_k >= 128 * 64 else 4
+    fwd_warps = 8 if rows * block_k >= 128 * 64 or itemsize > 2 else 4
     dq_block_a = fwd_block_a
-    dq_block_d = min(d_pad, 128)
+    dq_block_d = max(16, min(d_pad, 8192 // rows // wide))
     dk_block_a = max(1, min(64 // lq_pad, triton.next_power_of_2(max(Bq, 1)))) if pairwise else 1
-    dk_block_kr = min(_np2(Lk), 256)
-    dk_block_d = max(16, min(d_pad, 16384 // dk_block_kr))
+    dk_block_kr = min(_np2(Lk), 128)
+    dk_block_d = max(16, min(d_pad, 128, 16384 // (dk_block_a * lq_pad)) // wide)
     return _Config(lq_pad, fwd_block_a, items_b, block_k, fwd_block_d, one_d, fwd_warps,
                    dq_block_a, dq_block_d, dk_block_a, dk_block_kr, dk_block_d, 8)
 
@@ -265,8 +272,10 @@ def _acc_dtype(dt: torch.dtype):
 
 
 def _precision(dt: torch.dtype) -> str:
-    if dt == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
+    """fp32: three-pass TF32 on tensor cores (about fp32 accuracy), or plain TF32 when PyTorch allows
+    TF32 matmuls; fp16/bf16 ignore it; fp64 needs IEEE."""
+    if dt == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
     return "ieee"
 
 
@@ -313,7 +322,7 @@ def forward(query: torch.Tensor, key: torch.Tensor, qmask: torch.Tensor, kmask: 
     amax = torch.empty((*out_shape, Lq), dtype=torch.int32, device=query.device)
     if out.numel() == 0:
         return out, amax
-    cfg = _config(Bq, Bk, Lq, Lk, D, pairwise)
+    cfg = _config(Bq, Bk, Lq, Lk, D, pairwise, query.element_size())
     rows = cfg.fwd_block_a * cfg.lq_pad
     s_ga, s_gb = _strides(pairwise, Bk)
     grid = (triton.cdiv(Bq, cfg.fwd_block_a), triton.cdiv(Bk, cfg.items_b) if pairwise else 1)
@@ -341,7 +350,7 @@ def backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, qmask: 
     dk = torch.empty_like(key)
     if dq.numel() == 0 and dk.numel() == 0:
         return dq, dk
-    cfg = _config(Bq, Bk, Lq, Lk, D, pairwise)
+    cfg = _config(Bq, Bk, Lq, Lk, D, pairwise, query.element_size())
     s_ga, s_gb = _strides(pairwise, Bk)
     cnt = _counts(qmask, query.dtype)
     prec = _precision(query.dtype)

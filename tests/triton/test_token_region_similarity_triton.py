@@ -91,8 +91,8 @@ def assert_bounded(got, ref, want, dtype, what=""):
 
 
 def _small_config(orig):
-    def cfg(Bq, Bk, Lq, Lk, D, pairwise):
-        c = orig(Bq, Bk, Lq, Lk, D, pairwise)
+    def cfg(Bq, Bk, Lq, Lk, D, pairwise, itemsize=2):
+        c = orig(Bq, Bk, Lq, Lk, D, pairwise, itemsize)
         return dataclasses.replace(
             c, fwd_block_a=2 if pairwise else 1, items_b=2 if pairwise else 1, block_k=16, fwd_block_d=16,
             one_d=False, dq_block_a=2 if pairwise else 1, dq_block_d=16, dk_block_a=2 if pairwise else 1,
