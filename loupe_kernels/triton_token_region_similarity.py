@@ -30,13 +30,16 @@ exactly one program, reductions in a fixed order), with ``w(a, b) = g(a, b) / co
   one-hot scatter as a matrix). P is rounded to the input dtype (as the reference rounds
   ``g / count`` in that dtype), accumulation is fp32.
 
-Dtypes: fp16/bf16/fp32 accumulate in fp32; fp64 runs the same kernels in fp64 (tested in the
-interpreter only; on a GPU fp64 ``tl.dot`` is slow and not a target). fp32 dots use IEEE fp32 unless
-``torch.backends.cuda.matmul.allow_tf32`` is on. Under the interpreter (``TRITON_INTERPRET=1``)
-tiles are upcast to the accumulator dtype before ``tl.dot`` (its bf16 dot is wrong); on a GPU the
-dot runs natively in bf16/fp16. Block sizes come from ``_config`` (a fixed heuristic, no autotune).
+Dtypes: fp16/bf16/fp32 accumulate in fp32; fp64 runs the same kernels in fp64 (a slow path on a
+GPU, not a target). On a GPU fp32 dots run as three-pass TF32 (``tf32x3``, about fp32 accuracy on
+tensor cores), or one-pass TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is on. Under the
+interpreter (``TRITON_INTERPRET=1``) tiles are upcast to the accumulator dtype before ``tl.dot``
+(its bf16 dot is wrong) and the precision option is ignored; on a GPU the dot runs natively in
+bf16/fp16. Block sizes come from ``_config`` (a fixed heuristic per dtype, no autotune).
 
-Status: run only in the Triton interpreter on CPU tensors; never run on a GPU yet.
+Status: numerics run only in the Triton interpreter on CPU tensors; never run on a GPU. The real
+compiler builds every kernel for sm_90 (an ahead-of-time compile in the tests checks shared memory
+and register spills at the GPU target shape); speed is unmeasured.
 """
 from __future__ import annotations
 
