@@ -1,6 +1,16 @@
 // Shapley coalition sampling on CUDA (METHOD section 5). Torch-free; compiled, not run on a GPU here.
 //
-// Max-sim kernel: one block per (game g, subset m), one warp per sample k (warps stride over K).
+// Max-sim, lanes kernel (used when Lq <= 64 and the game's columns fit in shared memory): one block
+// per (game g, subset m), one THREAD per sample k (threads stride over K). The block stages the key
+// columns of sim[g] transposed (colT[i][j], float) in shared memory and lists the pool and the members
+// of S with ballots. Each thread draws its own coalition from its Philox stream (k, m, g, b), walking
+// the pool positions in order, and folds each member into its running maxima mC[LQ] held in registers
+// (all threads of a warp read the same column: broadcast loads). The query players of C (region-phrase
+// game) are a bit set in registers. v(C), v(C u {i}), v(C u S) are then one masked sum over the tokens
+// each, with identical arithmetic for v(C u S) and v(C u {i}) when S = {i} (so |S| = 1 gives exactly 0).
+// Welford per thread, merged per block in a fixed order.
+//
+// Max-sim, warp kernel (any Lq, any n): one block per (game g, subset m), one warp per sample k.
 // The warp draws its coalition from the pinned Philox4x32-10 counter (k, m, g, b) in registers
 // (all lanes compute the same words: the decisions are warp-uniform), walking the players in order
 // with selection sampling; each member taken is folded at once into the warp's running masked max
@@ -204,6 +214,170 @@ __global__ void maxsim_kernel(const T* __restrict__ sim, const uint8_t* __restri
   }
 }
 
+__device__ __forceinline__ float amax(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double amax(double a, double b) { return fmax(a, b); }
+
+// Welford states (count, mean, m2) of the threads (or warps) in wf[3 * i], merged in index order.
+__device__ __forceinline__ void merge_welford(const double* wf, int parts, double& mean, double& se) {
+  double N = 0, mu = 0, m2 = 0;
+  for (int w = 0; w < parts; ++w) {  // Chan et al. merge
+    const double nb = wf[3 * w], mb = wf[3 * w + 1], qb = wf[3 * w + 2];
+    if (nb == 0) continue;
+    const double tot = N + nb, delta = mb - mu;
+    mu += delta * nb / tot;
+    m2 += qb + delta * delta * N * nb / tot;
+    N = tot;
+  }
+  mean = mu;
+  se = N > 1 ? sqrt(m2 / (N - 1)) / sqrt(N) : double(INFINITY);
+}
+
+// LQ: compile-time bound on Lq (32 or 64); T input type, A compute type.
+template <typename T, typename A, int LQ>
+__global__ void maxsim_lanes_kernel(const T* __restrict__ sim, const uint8_t* __restrict__ qm,
+                                    const uint8_t* __restrict__ S, const uint8_t* __restrict__ pm, int M, int Lq,
+                                    int n, int P, int K, int query_players, uint64_t seed, int schedule, A* est,
+                                    A* se) {
+  constexpr int W = LQ / 32;  // bit-set words over the tokens
+  extern __shared__ __align__(16) unsigned char lanes_smem[];
+  const int nthreads = blockDim.x, tid = threadIdx.x, lane = tid & 31;
+  const int task = blockIdx.x, g = task / M, m = task % M;
+  const uint8_t* Sg = S + int64_t(task) * P;
+  const uint8_t* valid = pm + int64_t(g) * P;
+  const T* sg = sim + int64_t(g) * Lq * n;
+  const int qoff = query_players ? Lq : 0;  // players < qoff are query tokens
+
+  // shared layout: welford[threads][3] (double), colT[n][LQ] (A), sS[LQ] (A), idx[P] (int), bits
+  double* wf = reinterpret_cast<double*>(lanes_smem);
+  A* colT = reinterpret_cast<A*>(wf + 3 * nthreads);
+  A* sS = colT + int64_t(n) * LQ;
+  int* idx = reinterpret_cast<int*>(sS + LQ);   // idx[0..npool) pool ascending, idx[P-1-j] member j of S
+  uint32_t* qvb = reinterpret_cast<uint32_t*>(idx + P);   // query tokens counted (non-QP: query_mask)
+  uint32_t* sqb = qvb + W;                                // query players of S (QP)
+  __shared__ int npool_s, s_s, skeys_s;
+
+  for (int e = tid; e < Lq * n; e += nthreads) {     // coalesced reads of sim[g], transposed writes
+    const int j = e / n, i = e - j * n;
+    colT[int64_t(i) * LQ + j] = load_acc<T, A>(sg + e);
+  }
+  for (int e = tid; e < n * (LQ - Lq); e += nthreads) {
+    const int i = e / (LQ - Lq), j = Lq + (e - i * (LQ - Lq));
+    colT[int64_t(i) * LQ + j] = A(0);   // padding tokens: never counted
+  }
+  if (tid < 32) {
+    const unsigned lt = (1u << lane) - 1u;
+    int np = 0, ns = 0, nk = 0;
+    for (int base = 0; base < P; base += 32) {
+      const int p = base + lane;
+      const bool inS = p < P && Sg[p] != 0;
+      const bool inPool = p < P && !inS && valid[p] != 0;
+      const unsigned bp = __ballot_sync(0xffffffffu, inPool), bs = __ballot_sync(0xffffffffu, inS);
+      const unsigned bk = __ballot_sync(0xffffffffu, inS && p >= qoff);
+      if (inPool) idx[np + __popc(bp & lt)] = p;
+      if (inS) idx[P - 1 - (ns + __popc(bs & lt))] = p;
+      np += __popc(bp);
+      ns += __popc(bs);
+      nk += __popc(bk);
+    }
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      const int j = 32 * w + lane;
+      const bool q = j < Lq && (query_players ? valid[j] != 0 : qm[int64_t(g) * Lq + j] != 0);
+      const bool sq = j < Lq && query_players && Sg[j] != 0;
+      const unsigned bq = __ballot_sync(0xffffffffu, q), bsq = __ballot_sync(0xffffffffu, sq);
+      if (lane == 0) { qvb[w] = bq; sqb[w] = bsq; }
+    }
+    if (lane == 0) { npool_s = np; s_s = ns; skeys_s = nk; }
+  }
+  __syncthreads();
+  const int npool = npool_s, s = s_s, s_keys = skeys_s;
+  for (int j = tid; j < LQ; j += nthreads) {
+    A best = A(-INFINITY);
+    for (int a = 0; a < s; ++a) {
+      const int p = idx[P - 1 - a];
+      if (p >= qoff) best = amax(best, colT[int64_t(p - qoff) * LQ + j]);
+    }
+    sS[j] = best;
+  }
+  __syncthreads();
+
+  A mC[LQ];
+  uint32_t inq[W];
+  // v of C plus an optional extra column (element-wise max) and optional extra query players;
+  // keys = key players in the union. Identical arithmetic whatever the extras come from.
+  auto value = [&](const A* extra, const uint32_t* addq, int keys) -> double {
+    A sum = A(0);
+    int cnt = 0;
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      const uint32_t bits = inq[w] | (addq ? addq[w] : 0u);
+      cnt += __popc(bits);
+#pragma unroll
+      for (int b = 0; b < 32; ++b) {
+        A v = mC[32 * w + b];
+        if (extra) v = amax(v, extra[32 * w + b]);
+        sum += ((bits >> b) & 1u) ? v : A(0);
+      }
+    }
+    return (keys == 0 || cnt == 0) ? 0.0 : double(sum) / double(cnt);
+  };
+
+  double w_n = 0, w_mean = 0, w_m2 = 0;
+  for (int k = tid; k < K; k += nthreads) {
+    Stream st(seed, uint32_t(k), uint32_t(m), uint32_t(g));
+    const int64_t r = draw_size(st, seed, k, m, g, npool, schedule);
+#pragma unroll
+    for (int j = 0; j < LQ; ++j) mC[j] = A(-INFINITY);
+#pragma unroll
+    for (int w = 0; w < W; ++w) inq[w] = query_players ? 0u : qvb[w];
+    int64_t c = 0;
+    int nk = 0;
+    for (int64_t t = 0; t < npool && c < r; ++t) {
+      if (!take_it(st, t, npool - t, r - c)) continue;
+      ++c;
+      const int p = idx[t];
+      if (p >= qoff) {
+        ++nk;
+        const A* col = colT + int64_t(p - qoff) * LQ;
+#pragma unroll
+        for (int j = 0; j < LQ; ++j) mC[j] = amax(mC[j], col[j]);
+      } else {
+#pragma unroll
+        for (int w = 0; w < W; ++w)
+          if (w == (p >> 5)) inq[w] |= 1u << (p & 31);
+      }
+    }
+    const double vC = value(nullptr, nullptr, nk);
+    double gk = value(s_keys ? sS : nullptr, sqb, nk + s_keys);
+    for (int a = 0; a < s; ++a) {
+      const int p = idx[P - 1 - a];
+      if (p >= qoff) {
+        gk -= value(colT + int64_t(p - qoff) * LQ, nullptr, nk + 1);
+      } else {
+        uint32_t qb[W];
+#pragma unroll
+        for (int w = 0; w < W; ++w) qb[w] = (w == (p >> 5)) ? (1u << (p & 31)) : 0u;
+        gk -= value(nullptr, qb, nk);
+      }
+    }
+    gk += double(s - 1) * vC;
+    w_n += 1.0;
+    const double d = gk - w_mean;
+    w_mean += d / w_n;
+    w_m2 += d * (gk - w_mean);
+  }
+  wf[3 * tid] = w_n;
+  wf[3 * tid + 1] = w_mean;
+  wf[3 * tid + 2] = w_m2;
+  __syncthreads();
+  if (tid == 0) {
+    double mean, sd;
+    merge_welford(wf, nthreads, mean, sd);
+    est[task] = A(mean);
+    se[task] = A(sd);
+  }
+}
+
 constexpr double kNormEps = 1e-12;
 
 __device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
@@ -336,11 +510,48 @@ __global__ void coalitions_kernel(const uint8_t* __restrict__ S, const uint8_t* 
   }
 }
 
+// Shared memory of the lanes kernel for a block of `threads` threads.
+template <typename A>
+size_t lanes_smem_bytes(int LQ, int n, int P, int threads) {
+  return size_t(3 * threads) * sizeof(double) + (size_t(n) + 1) * size_t(LQ) * sizeof(A) + size_t(P) * sizeof(int) +
+         size_t(2 * (LQ / 32)) * sizeof(uint32_t);
+}
+
+constexpr size_t kLanesSmemMax = 96 * 1024;   // above this the warp kernel is used (occupancy)
+
+template <typename T, typename A, int LQ>
+cudaError_t launch_maxsim_lanes(const void* sim, const uint8_t* qm, const uint8_t* S, const uint8_t* pm, int G,
+                                int M, int Lq, int n, int P, int K, int query_players, uint64_t seed, int schedule,
+                                void* est, void* se, cudaStream_t stream) {
+  const int threads = K >= 128 ? 128 : ((K + 31) / 32) * 32;
+  const size_t smem = lanes_smem_bytes<A>(LQ, n, P, threads);
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(maxsim_lanes_kernel<T, A, LQ>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return e;
+  }
+  if (G * M == 0) return cudaSuccess;
+  maxsim_lanes_kernel<T, A, LQ><<<G * M, threads, smem, stream>>>(static_cast<const T*>(sim), qm, S, pm, M, Lq, n, P,
+                                                                  K, query_players, seed, schedule,
+                                                                  static_cast<A*>(est), static_cast<A*>(se));
+  return cudaGetLastError();
+}
+
 template <typename T, typename A>
 cudaError_t launch_maxsim(const void* sim, const uint8_t* qm, const uint8_t* S, const uint8_t* pm, int G, int M,
                           int Lq, int n, int K, int query_players, uint64_t seed, int schedule, void* est, void* se,
                           cudaStream_t stream) {
   const int P = query_players ? Lq + n : n;
+  if (Lq <= 64 && n >= 1 && K >= 1) {
+    const int LQ = Lq <= 32 ? 32 : 64;
+    if (lanes_smem_bytes<A>(LQ, n, P, 128) <= kLanesSmemMax) {
+      if (LQ == 32)
+        return launch_maxsim_lanes<T, A, 32>(sim, qm, S, pm, G, M, Lq, n, P, K, query_players, seed, schedule, est,
+                                             se, stream);
+      return launch_maxsim_lanes<T, A, 64>(sim, qm, S, pm, G, M, Lq, n, P, K, query_players, seed, schedule, est,
+                                           se, stream);
+    }
+  }
   int warps = K < 8 ? (K < 1 ? 1 : K) : 8;
   const size_t smem = size_t(3 * warps) * sizeof(double) + size_t(Lq) * sizeof(A) * (1 + warps) +
                       size_t(Lq) * (2 + warps);

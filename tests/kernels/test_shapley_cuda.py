@@ -193,6 +193,24 @@ def test_pooled_wide_features_fewer_warps():
     _check_close(out, ref_lo, ref64, 5 * float(t.double().norm(dim=-1).max()), torch.float32)
 
 
+@pytest.mark.parametrize("Lq,n,K", [(48, 30, 300), (100, 20, 40), (20, 1000, 40), (1, 5, 7)])
+def test_maxsim_kernel_paths(Lq, n, K):
+    """Thread-per-sample kernel with LQ = 64 and K > 128 (several samples a thread), and the
+    warp-per-sample kernel (Lq > 64; n * Lq too large for shared memory); both games."""
+    sim, qm, sub, pm = maxsim_case(10, G=2, M=3, Lq=Lq, n=n)
+    kw = dict(query_mask=qm, player_mask=pm, num_samples=K, seed=21)
+    ref64 = _maxsim_all(sim.double(), sub, "reference", **kw)
+    ref_lo = _maxsim_all(sim, sub, "reference", **kw)
+    _check_close(_maxsim_all(sim, sub, "cuda", **kw), ref_lo, ref64, 5 * float(sim.abs().max()), torch.float32)
+    if n <= 100:
+        sim, sub, pm = region_phrase_case(10, G=2, M=3, Lq=Lq, n=n)
+        kw = dict(player_mask=pm, query_players=True, num_samples=K, seed=21)
+        ref64 = _maxsim_all(sim.double(), sub, "reference", **kw)
+        ref_lo = _maxsim_all(sim, sub, "reference", **kw)
+        _check_close(_maxsim_all(sim, sub, "cuda", **kw), ref_lo, ref64, 5 * float(sim.abs().max()),
+                     torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------
 # exact properties
 # ------------------------------------------------------------------------------------------------
