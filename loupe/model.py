@@ -66,6 +66,7 @@ class LoupeConfig:
     filip_center: bool = False         # L_FILIP on per-item centred token similarities (loupe.losses)
     vision_registers: int = 0          # register tokens of the ViT (dropped at its output)
     vision_local_radius: int | None = None  # patch tokens attend only to patches this near (None: global)
+    vision_center_patches: bool = False  # subtract the image's mean patch token before normalising
     # candidate regions
     num_regions: int = 8               # M: semantic regions per image after NMS
     nms_iou: float = 0.5
@@ -210,6 +211,7 @@ class VisionTransformer(nn.Module):
         # register tokens (Darcet et al., ICLR 2024): extra learnable tokens, dropped at the output,
         # that give global computation a place other than low-information background patches
         self.num_registers = cfg.vision_registers
+        self.center_patches = cfg.vision_center_patches
         self.registers = (nn.Parameter(torch.randn(cfg.vision_registers, W) * W ** -0.5)
                           if cfg.vision_registers else None)
         self.norm_pre = nn.LayerNorm(W)
@@ -231,8 +233,11 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x, self.attn_mask)
         x = torch.cat([x[:, :1], x[:, 1 + R:]], dim=1) if R else x
-        x = F.normalize(self.proj(self.norm_post(x)), dim=-1)  # the same norm + projection for all
-        return x[:, 0], x[:, 1:]
+        x = self.proj(self.norm_post(x))  # the same norm + projection for all
+        cls, patches = x[:, 0], x[:, 1:]
+        if self.center_patches:  # what a patch adds to its image, not what every patch shares [ours]
+            patches = patches - patches.mean(1, keepdim=True)
+        return F.normalize(cls, dim=-1), F.normalize(patches, dim=-1)
 
 
 def _pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pool: str) -> torch.Tensor:

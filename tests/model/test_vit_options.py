@@ -75,3 +75,16 @@ def test_global_attention_is_the_default():
 def test_bad_local_radius(bad):
     with pytest.raises(ValueError, match="vision_local_radius"):
         LoupeConfig(vision_local_radius=bad, **SMALL)
+
+
+def test_centred_patches_are_normalised_residuals_of_the_image_mean():
+    torch.manual_seed(0)
+    model = LoupeModel(LoupeConfig(vision_center_patches=True, **SMALL)).eval()
+    seen = {}
+    model.visual.proj.register_forward_hook(lambda m, i, o: seen.__setitem__("u", o))
+    with torch.no_grad():
+        cls, patches = model.encode_image_tokens(torch.randn(3, 3, 32, 32))
+    u = seen["u"]
+    want = torch.nn.functional.normalize(u[:, 1:] - u[:, 1:].mean(1, keepdim=True), dim=-1)
+    torch.testing.assert_close(patches, want)
+    torch.testing.assert_close(cls, torch.nn.functional.normalize(u[:, 0], dim=-1))
