@@ -43,6 +43,7 @@ and register spills at the GPU target shape); speed is unmeasured.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -293,17 +294,9 @@ def _strides(pairwise: bool, Bk: int) -> tuple[int, int]:
     return (Bk, 1) if pairwise else (1, 0)
 
 
-class _on_device:
-    def __init__(self, t: torch.Tensor) -> None:
-        self.ctx = torch.cuda.device(t.device) if t.is_cuda else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _as_u8(mask: torch.Tensor) -> torch.Tensor:
