@@ -127,6 +127,36 @@ def pointing_hits(phrase_feats: torch.Tensor, patch_tokens: torch.Tensor, true_b
     return _inside(pts, true_boxes.to(best.device))[:, 0]
 
 
+def map_diagnostics(phrase_feats: torch.Tensor, patch_tokens: torch.Tensor, true_boxes: torch.Tensor,
+                    image_ids: torch.Tensor, grid: int, patch_size: int) -> dict[str, torch.Tensor]:
+    """Per-phrase facts about the phrase-patch similarity map that need no scoring rule.
+
+    Returns ``inside_minus_outside [N]`` (mean similarity of the patches inside the true box minus
+    the mean outside it; NaN where the box covers every patch), ``best_patch [N]`` (the index of the
+    most similar patch) and ``pair_corr [Q]``: the Pearson correlation of the maps of every pair of
+    phrases of the same image (``image_ids [N]``). Maps of different phrases that correlate near 1
+    mean the patch tokens share one component that every phrase follows (e.g. register-like
+    background patches that carry the image's global content).
+    """
+    sim = torch.einsum("nd,nkd->nk", phrase_feats.double(), patch_tokens.double())
+    inside = _inside(patch_centres(grid, patch_size).to(sim.device)[None].expand(len(sim), -1, -1),
+                     true_boxes.to(sim.device))
+    n_in, n_out = inside.sum(1), (~inside).sum(1)
+    mean_in = (sim * inside).sum(1) / n_in.clamp(min=1)
+    mean_out = (sim * ~inside).sum(1) / n_out.clamp(min=1)
+    diff = torch.where((n_in > 0) & (n_out > 0), mean_in - mean_out, torch.full_like(mean_in, float("nan")))
+    corr = []
+    for img in image_ids.unique():
+        rows = sim[image_ids == img]
+        if len(rows) < 2:
+            continue
+        c = torch.corrcoef(rows)
+        iu = torch.triu_indices(len(rows), len(rows), 1)
+        corr.append(c[iu[0], iu[1]])
+    pair_corr = torch.cat(corr) if corr else torch.zeros(0, dtype=torch.float64)
+    return {"inside_minus_outside": diff, "best_patch": sim.argmax(1), "pair_corr": pair_corr}
+
+
 def chance_acc(true_boxes: torch.Tensor, candidates: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Expected hit of a uniformly random candidate box: per true box ``[N, 4]``, the share of the
     ``candidates [K, 4]`` (pixels) with IoU >= ``threshold`` -> ``[N]`` float64 (exact, not sampled)."""
@@ -374,7 +404,7 @@ def _encode_split(model, ds, n: int, opts: EvalOptions, desc: str, *, regions: b
     cand_px = model.candidate_boxes.double() * p
     collate = Collator(model.tokenizer, max_length=min(32, model.config.context_length))
     rec: dict[str, list] = {k: [] for k in ("hit", "point", "oracle", "chance", "chance_point", "size", "iou",
-                                            "hit_regions", "score")}
+                                            "hit_regions", "score", "in_out", "best_patch", "pair_corr")}
     glob = {"img": [], "txt": [], "patches": [], "words": [], "wmask": []}
     examples = []
     bar = _Bar(n, opts.progress, desc)
@@ -406,6 +436,10 @@ def _encode_split(model, ds, n: int, opts: EvalOptions, desc: str, *, regions: b
             rec["hit"].append(iou >= 0.5)
             rec["score"].append(score.cpu()[bi, pi])
             rec["point"].append(pointing_hits(pf.cpu()[bi, pi].float(), patches.cpu()[bi].float(), true, g, p))
+            diag = map_diagnostics(pf.cpu()[bi, pi], patches.cpu()[bi], true, bi, g, p)
+            rec["in_out"].append(diag["inside_minus_outside"])
+            rec["best_patch"].append(diag["best_patch"])
+            rec["pair_corr"].append(diag["pair_corr"])
             rec["oracle"].append(oracle_hits(true, cand_px.cpu()))
             rec["chance"].append(chance_acc(true, cand_px.cpu()))
             rec["chance_point"].append(_inside(patch_centres(g, p)[None].expand(len(true), -1, -1), true).double().mean(1))
@@ -448,6 +482,16 @@ def _summarise_grounding(rec: dict) -> dict:
            "mean_iou": mean(rec["iou"]), "phrases": n, "by_size": {}}
     if isinstance(rec["hit_regions"], torch.Tensor) and len(rec["hit_regions"]):
         out["regions_acc50"] = mean(rec["hit_regions"])
+    if isinstance(rec.get("in_out"), torch.Tensor):
+        d = rec["in_out"][~torch.isnan(rec["in_out"])]
+        counts = torch.bincount(rec["best_patch"])
+        pc = rec["pair_corr"] if isinstance(rec.get("pair_corr"), torch.Tensor) else torch.zeros(0)
+        out["map_diagnostics"] = {
+            "inside_above_outside": mean(d > 0) if len(d) else None,   # share of phrases
+            "inside_minus_outside": mean(d) if len(d) else None,       # mean similarity gap
+            "top_patch_share": float(counts.max()) / n,                # share of phrases won by one patch index
+            "phrase_map_corr": mean(pc) if len(pc) else None,          # same image, different phrases
+        }
     sizes = np.array(rec["size"])
     for s in sorted(set(rec["size"])):
         m = torch.from_numpy(sizes == s)
@@ -854,6 +898,12 @@ def markdown_table(result: dict) -> str:
     if g.get("regions"):
         lines.append(f"| objectness regions (test / compositional) | {_fmt(g['regions'].get('acc50'))} / "
                      f"{_fmt(g['regions'].get('acc50_compositional'))} | | | | |")
+    diag = (g.get("test") or {}).get("map_diagnostics")
+    if diag:
+        lines += ["", "| phrase-patch maps (test), no scoring rule | inside > outside | top-patch share | phrase-map correlation |",
+                  "|---|---|---|---|",
+                  f"| | {_fmt(diag.get('inside_above_outside'))} | {_fmt(diag.get('top_patch_share'))} | "
+                  f"{_fmt(diag.get('phrase_map_corr'))} |"]
     lines += ["", f"Scoring rule: {g.get('rule', '')}.", "",
               "| detection | mAP@0.5 | mAP@[.5:.95] | " + " | ".join(f"AP50 {k}" for k in (d.get("per_class_ap50") or {})) + " |",
               "|---|---|---|" + "---|" * len(d.get("per_class_ap50") or {}),

@@ -264,3 +264,20 @@ def test_coco_map_ties_and_max_dets_match_pycocotools():
         ev.evaluate()
         ev.accumulate()
     np.testing.assert_allclose(ours10["precision"], ev.eval["precision"][:, :, :, 0, 1], atol=1e-12)
+
+
+def test_map_diagnostics_hand_computed():
+    """2x2 grid, 16-pixel patches, D=2. Image 0: phrase 0 likes the top-left patch (its box), phrase 1
+    the bottom-right; image 1: one phrase whose box covers the whole image (no outside -> NaN)."""
+    patches = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0]],
+                            [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])
+    phrase = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    image = torch.tensor([0, 0, 1])
+    boxes = torch.tensor([[0.0, 0, 16, 16], [16.0, 16, 32, 32], [0.0, 0, 32, 32]])
+    d = E.map_diagnostics(phrase, patches[image], boxes, image, grid=2, patch_size=16)
+    # maps: [1,0,0,0], [0,0,0,1], [1,1,1,1]; inside minus outside: 1 - 0, 1 - 0, NaN
+    assert d["inside_minus_outside"][:2].tolist() == [1.0, 1.0] and torch.isnan(d["inside_minus_outside"][2])
+    assert d["best_patch"].tolist() == [0, 3, 0]
+    # one pair of phrases in image 0: corr([1,0,0,0], [0,0,0,1]) = -1/3
+    assert d["pair_corr"].shape == (1,)
+    assert abs(float(d["pair_corr"][0]) + 1 / 3) < 1e-12
