@@ -638,21 +638,34 @@ class LoupeModel(nn.Module):
         geo = self.box_geometry if index is None else self.box_geometry[index]
         return self.region_head(inside, outside, geo)
 
-    def regions(self, patch_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def regions(self, patch_tokens: torch.Tensor, dense_features: bool = False) -> dict[str, torch.Tensor]:
         """Objectness of every candidate box and the top-M semantic regions after NMS.
 
-        Returns ``box_feats``/``box_feats_out [B, K, D]``, ``box_logits [B, K]``, and for the M
-        regions ``region_index [B, M]`` (into the candidates), ``region_mask [B, M]``,
+        Returns ``box_logits [B, K]``, ``box_inv_in``/``box_inv_out [B, K]`` (the normalisation of
+        each box: the normalised inside / outside features are ``box_inv_in * sum_in`` and
+        ``box_inv_out * (total - sum_in)``, see :func:`loupe.regions.box_inverse_scales`), and for the
+        M regions ``region_index [B, M]`` (into the candidates), ``region_mask [B, M]``,
         ``region_feats [B, M, D]`` (inside features), ``region_feats_out [B, M, D]``,
-        ``region_logits [B, M]`` and ``region_boxes [B, M, 4]`` (pixels, xyxy). Unless
-        ``config.dense_region_grad``, the dense ``box_*`` outputs are computed without gradient
-        (ranking, NMS, candidate choice) and the region outputs are recomputed for the M boxes with
-        gradient: the same values, a backward over M boxes instead of K.
+        ``region_logits [B, M]`` and ``region_boxes [B, M, 4]`` (pixels, xyxy). The dense features
+        ``box_feats``/``box_feats_out [B, K, D]`` are returned with ``dense_features=True`` or
+        ``config.dense_region_grad``.
+
+        The objectness of all K boxes runs through :meth:`RegionGenerator.score_all` (the head's
+        first layer on the patch tokens, then box sums: no ``[B, K, 2D+7]`` input). Unless
+        ``config.dense_region_grad``, the dense outputs are computed without gradient (ranking, NMS,
+        candidate choice) and the region outputs are recomputed for the M boxes with gradient: the
+        same values up to float rounding, a backward over M boxes instead of K.
         """
         dense = self.config.dense_region_grad
+        g = self.grid_size
+        res: dict[str, torch.Tensor] = {}
         with torch.set_grad_enabled(dense and torch.is_grad_enabled()):
-            inside, outside, _ = self.box_features(patch_tokens)
-            logits = self.objectness(inside, outside)
+            head_tokens = patch_tokens.detach() if self.config.region_detach else patch_tokens
+            inv_in, inv_out = _regions.box_inverse_scales(head_tokens, g, g)
+            logits = self.region_head.score_all(head_tokens, g, g, self.box_geometry, inv_in, inv_out)
+            if dense or dense_features:
+                inside, outside, _ = self.box_features(patch_tokens)
+                res["box_feats"], res["box_feats_out"] = inside, outside
         idx, valid = _regions.nms_topk(logits, self.nms_suppress, self.config.num_regions)
         if dense:
             D = inside.shape[-1]
@@ -662,12 +675,13 @@ class LoupeModel(nn.Module):
         else:
             feats, feats_out = self.box_features_at(patch_tokens, idx)
             region_logits = self.objectness(feats, feats_out, idx)
-        return {
-            "box_feats": inside, "box_feats_out": outside, "box_logits": logits,
+        res.update({
+            "box_logits": logits, "box_inv_in": inv_in, "box_inv_out": inv_out,
             "region_index": idx, "region_mask": valid, "region_feats": feats, "region_feats_out": feats_out,
             "region_logits": region_logits,
             "region_boxes": _regions.boxes_to_pixels(self.candidate_boxes[idx], self.config.patch_size),
-        }
+        })
+        return res
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -678,7 +692,8 @@ class LoupeModel(nn.Module):
         ``phrase_token_spans [B, P, 2]`` (or ``phrase_spans``, the name ``loupe.data.Collator``
         uses: token positions, end-exclusive) + ``phrase_mask [B, P]``; other keys (boxes, step,
         seed, captions, ...) are passed through to the loss terms untouched. ``return_regions=True``
-        computes the regions even when no term needs them.
+        computes the regions even when no term needs them, ``return_box_feats=True`` adds the dense
+        box features (see :meth:`regions`).
 
         Returns ``loss``, ``loss_<term>`` per term, ``logit_scale`` (and ``filip_logit_scale``),
         ``image_emb``, ``text_emb``, ``patch_tokens``, ``patch_mask``, ``word_tokens``,
@@ -714,7 +729,7 @@ class LoupeModel(nn.Module):
             out["phrase_feats"], out["phrase_mask"] = _regions.phrase_features(
                 word_tokens, word_mask, spans, batch.get("phrase_mask"))
         if self.needs_regions or batch.get("return_regions", False):
-            out.update(self.regions(patch_tokens))
+            out.update(self.regions(patch_tokens, dense_features=bool(batch.get("return_box_feats", False))))
         total = None
         for name, weight in self.loss_weights.items():
             term = _losses.LOSS_TERMS.get(name)

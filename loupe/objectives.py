@@ -369,19 +369,18 @@ def tsa_candidates(box_logits: torch.Tensor, candidate_boxes: torch.Tensor, supp
     return index, valid
 
 
-def fsa_candidates(region_index: torch.Tensor, region_mask: torch.Tensor, phrase_feats: torch.Tensor,
-                   phrase_mask: torch.Tensor, box_in: torch.Tensor, box_out: torch.Tensor,
-                   candidate_boxes: torch.Tensor, per_phrase: int, scales: int,
+def fsa_candidates(region_index: torch.Tensor, region_mask: torch.Tensor, phrase_mask: torch.Tensor,
+                   grounding: torch.Tensor | None, candidate_boxes: torch.Tensor, per_phrase: int, scales: int,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """SSIM candidate regions per image: the top-M semantic regions, plus each phrase's ``per_phrase``
-    best boxes by the fixed grounding score ``<p, in> - <p, out>`` (METHOD 10), plus each phrase's best box
+    best boxes by the fixed grounding score ``<p, in> - <p, out>`` (METHOD 10; ``grounding [B, P, K]``
+    over all candidates, e.g. :func:`loupe.regions.dense_grounding_scores`), plus each phrase's best box
     in each of ``scales`` size bands; duplicates removed. Returns ``index [B, R]``, ``valid [B, R]``."""
     B = region_index.shape[0]
     parts, oks = [region_index], [region_mask]
-    if (per_phrase or scales) and phrase_feats.shape[1] > 0:
+    if (per_phrase or scales) and phrase_mask.shape[1] > 0 and grounding is not None:
         with torch.no_grad():
-            score = _regions.grounding_scores(phrase_feats.detach().float(), box_in.detach().float(),
-                                              box_out.detach().float())  # [B, P, K]
+            score = grounding.detach().float()  # [B, P, K]
             pm = phrase_mask[..., None].expand(-1, -1, per_phrase)
             if per_phrase:
                 best = score.topk(min(per_phrase, score.shape[-1]), dim=-1).indices  # [B, P, k]
@@ -505,10 +504,21 @@ def _true_boxes(batch: Mapping[str, Any], phrase_mask: torch.Tensor) -> tuple[to
     return boxes.to(phrase_mask.device).float(), ok
 
 
+def _batched_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU ``[B, Na, Nb]`` of boxes ``a [B, Na, 4]`` and ``b [B, Nb, 4]`` (xyxy), batched
+    (:func:`loupe.regions.box_iou` per image)."""
+    a, b = a.double(), b.double()
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    wh = (torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:]) - torch.maximum(a[:, :, None, :2], b[:, None, :, :2]))
+    inter = wh.clamp(min=0).prod(-1)
+    union = area_a[:, :, None] + area_b[:, None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
 def _any_iou50(cand_px: torch.Tensor, cand_ok: torch.Tensor, true_px: torch.Tensor) -> torch.Tensor:
     """``[B, P]``: some valid candidate ``[B, R, 4]`` has IoU >= 0.5 with the true box ``[B, P, 4]``."""
-    B = cand_px.shape[0]
-    ious = torch.stack([_regions.box_iou(true_px[b], cand_px[b]) for b in range(B)])  # [B, P, R]
+    ious = _batched_iou(true_px, cand_px)  # [B, P, R]
     return ((ious >= 0.5 - 1e-9) & cand_ok[:, None, :]).any(-1)
 
 
@@ -588,10 +598,11 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         boxes = cand[idx]  # [B, M', 4]
         Mp = idx.shape[1]
         pol = None
+        tsa_in, o = _box_feats_and_logits(model, patches, idx)  # the M' boxes only
         if use_ua and Mp:
             geo = model.box_geometry[idx]  # [B, M', 7]
             size = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).float()
-            feats = torch.cat([out["box_feats"].gather(1, idx[..., None].expand(B, Mp, D)).detach().float(),
+            feats = torch.cat([tsa_in.detach().float(),
                                out["text_emb"].detach().float()[:, None].expand(B, Mp, D), geo.float(),
                                (size / n)[..., None], torch.zeros(B, Mp, 1, device=dev)], dim=-1)
             pol = policy(feats.reshape(B * Mp, -1))
@@ -602,7 +613,6 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
                                       text_emb=out["text_emb"], center=opts.tsa_center, backend=opts.backend,
                                       valid=valid, sample=sample, fill=fill)
         z = _standardise(t, valid, opts.min_spread)
-        _, o = _box_feats_and_logits(model, patches, idx)
         kl = soft_kl(z / opts.tau_i, o, valid)
         rows = valid.sum(-1) >= 2
         res["loss_tsa"] = kl.sum() / rows.sum().clamp(min=1) + 0.0 * o.sum()
@@ -634,8 +644,14 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
     # ---------------------------------------------------------------- FSA
     pf, pmask = _phrases(out, batch)
     if "fsa" in weights or "ua" in weights:
-        ridx, rvalid = fsa_candidates(out["region_index"], out["region_mask"], pf, pmask, out["box_feats"],
-                                      out["box_feats_out"], cand, opts.fsa_per_phrase, opts.fsa_scales)
+        grounding = None
+        if (opts.fsa_per_phrase or opts.fsa_scales) and pf.shape[1] > 0:
+            with torch.no_grad():
+                grounding = _regions.dense_grounding_scores(pf.detach().float(), patches.detach().float(), g, g,
+                                                            out["box_inv_in"].detach().float(),
+                                                            out["box_inv_out"].detach().float())
+        ridx, rvalid = fsa_candidates(out["region_index"], out["region_mask"], pmask, grounding, cand,
+                                      opts.fsa_per_phrase, opts.fsa_scales)
         R = ridx.shape[1]
         P = pf.shape[1]
         rfeat, _ = _box_feats_and_logits(model, patches, ridx, with_logits=False)
@@ -684,7 +700,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
             if bool(has.any()):
                 top = out["box_logits"].detach().argmax(-1)
                 top_px = _regions.boxes_to_pixels(cand[top], ps)[:, None]  # [B, 1, 4]
-                ious = torch.stack([_regions.box_iou(true_px[b], top_px[b]) for b in range(B)])[..., 0]  # [B, P]
+                ious = _batched_iou(true_px, top_px)[..., 0]  # [B, P]
                 over = ((ious > 0) & tok).any(-1)
                 good = ((ious >= 0.5 - 1e-9) & tok).any(-1)
                 res["diag_top_box_overlap"] = float(over[has].float().mean())

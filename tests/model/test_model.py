@@ -172,7 +172,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_regions_in_forward_are_nms_top_m(dense):
     cfg = tiny(dense_region_grad=dense)
     model = build(cfg)
-    out = model({**make_batch(cfg, B=3), "return_regions": True})
+    out = model({**make_batch(cfg, B=3), "return_regions": True, "return_box_feats": True})
     assert out["box_logits"].shape == (3, 100)  # 4x4 grid: 10 * 10 boxes
     idx, valid = nms_topk(out["box_logits"], model.nms_suppress, cfg.num_regions)
     assert torch.equal(idx, out["region_index"]) and torch.equal(valid, out["region_mask"])
@@ -189,6 +189,13 @@ def test_regions_in_forward_are_nms_top_m(dense):
     assert boxes.min() >= 0 and boxes.max() <= cfg.image_size
     assert torch.all(boxes[..., 2] > boxes[..., 0]) and torch.all(boxes[..., 3] > boxes[..., 1])
     assert torch.all(out["region_logits"][:, :-1] >= out["region_logits"][:, 1:])  # best first
+    # the dense logits equal the head on the dense features (the fast path is an exact rewrite)
+    geo = model.box_geometry
+    direct = model.region_head(out["box_feats"], out["box_feats_out"], geo)
+    torch.testing.assert_close(out["box_logits"], direct, rtol=1e-5, atol=1e-5)
+    # dense features only on request (or with dense_region_grad)
+    plain = model({**make_batch(cfg, B=3), "return_regions": True})
+    assert ("box_feats" in plain) == dense and plain["box_logits"].shape == (3, 100)
     # regions are not computed unless needed
     assert "box_logits" not in model(make_batch(cfg, B=3))
 
