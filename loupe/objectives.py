@@ -363,8 +363,8 @@ def tsa_candidates(box_logits: torch.Tensor, candidate_boxes: torch.Tensor, supp
     if nrand:
         keys = torch.rand(B, Kall, generator=gen).to(dev)
         keys = torch.where(eligible[None] & ~taken, keys, torch.full_like(keys, 2.0))
-        ridx = keys.argsort(dim=1)[:, :nrand]
-        rok = keys.gather(1, ridx) < 1.5
+        kv, ridx = keys.topk(nrand, dim=1, largest=False)  # the nrand smallest keys, ascending
+        rok = kv < 1.5
         index[:, ntop:], valid[:, ntop:] = ridx, rok
     return index, valid
 

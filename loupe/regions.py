@@ -205,11 +205,15 @@ def box_inverse_scales(tokens: torch.Tensor, h: int, w: int, eps: float = 1e-12,
     x = tokens.to(torch.float64)
     rx = interval_matrix(w, tokens.device, torch.float64)  # [Kx, w]
     ry = interval_matrix(h, tokens.device, torch.float64)  # [Ky, h]
-    gram = torch.matmul(x, x.transpose(1, 2)).reshape(B, h, w, h, w).permute(0, 1, 3, 2, 4)  # [B, y, y', x, x']
-    q = (torch.matmul(rx, gram) * rx).sum(-1)  # [B, y, y', Kx]: sum over x, x' in each column interval
-    q = q.permute(0, 3, 1, 2)  # [B, Kx, y, y']
-    q = (torch.matmul(ry, q) * ry).sum(-1)  # [B, Kx, Ky]
-    sq_in = q.transpose(1, 2).reshape(B, -1)  # [B, K]
+    kx, ky = rx.shape[0], ry.shape[0]
+    gram = torch.matmul(x, x.transpose(1, 2))  # [B, (y, x), (y', x')]
+    # sum over x, x' in each column interval j: diag_j(rx G rx^T), as one GEMM and one reduction
+    q = torch.matmul(gram.reshape(B * n * h, w), rx.t()).reshape(B, h, w, h, kx)  # [B, y, x, y', j]
+    q = (q * rx.t()[None, None, :, None, :]).sum(2)  # [B, y, y', j]
+    # the same over y, y' in each row interval i
+    q = torch.matmul(q.transpose(2, 3).reshape(B * h * kx, h), ry.t()).reshape(B, h, kx, ky)  # [B, y, j, i]
+    q = (q * ry.t()[None, :, None, :]).sum(1)  # [B, j, i]
+    sq_in = q.transpose(1, 2).reshape(B, -1)  # [B, K] in candidate order (i outer, j inner)
     total = x.sum(1)  # [B, D]
     cross = box_sums(torch.matmul(x, total[:, :, None]), h, w)[..., 0]  # [B, K]: <T, S>
     sq_out = (total * total).sum(-1, keepdim=True) - 2 * cross + sq_in
@@ -255,18 +259,23 @@ def nms_topk(scores: torch.Tensor, suppress: torch.Tensor, k: int) -> tuple[torc
         raise ValueError(f"nms_topk: k must be >= 1, got {k}")
     B, K = scores.shape
     s = scores.detach().float()
-    alive = s > float("-inf")  # NaN and -inf scores are never kept
-    neg = torch.tensor(float("-inf"), device=s.device)
+    neg = float("-inf")
+    # removed (suppressed, or scored -inf / NaN) boxes hold -inf: NaN and -inf scores are never kept
+    masked = torch.where(s > neg, s, torch.full_like(s, neg))
+    picks, oks = [], []
+    for _ in range(min(k, K)):
+        # max returns the first maximal index: ties go to the lower index
+        val, best = masked.max(dim=1)
+        ok = val > neg
+        picks.append(best)
+        oks.append(ok)
+        masked = masked.masked_fill(suppress.index_select(0, best) & ok[:, None], neg)
     index = torch.zeros(B, k, dtype=torch.long, device=s.device)
     valid = torch.zeros(B, k, dtype=torch.bool, device=s.device)
-    for t in range(min(k, K)):
-        masked = torch.where(alive, s, neg)
-        # argmax returns the first maximal index: ties go to the lower index
-        best = masked.argmax(dim=1)
-        ok = alive.gather(1, best[:, None]).squeeze(1)
-        index[:, t] = torch.where(ok, best, torch.zeros_like(best))
-        valid[:, t] = ok
-        alive = alive & ~(suppress.index_select(0, best) & ok[:, None])
+    if picks:
+        ok = torch.stack(oks, 1)
+        index[:, :len(picks)] = torch.where(ok, torch.stack(picks, 1), 0)
+        valid[:, :len(picks)] = ok
     return index, valid
 
 
