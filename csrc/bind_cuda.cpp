@@ -9,6 +9,104 @@
 #endif
 
 // ---- token_region_similarity (includes / wrappers) ----
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/token_region_similarity.h"
+
+namespace loupe_trs_cuda {
+
+inline int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return LOUPE_TRS_F32;
+    case at::kDouble: return LOUPE_TRS_F64;
+    case at::kHalf: return LOUPE_TRS_F16;
+    case at::kBFloat16: return LOUPE_TRS_BF16;
+    default: TORCH_CHECK(false, "token_region_similarity (cuda): query/key must be float16, bfloat16, float32 or "
+                                "float64, got ", t.scalar_type());
+  }
+  return -1;
+}
+
+inline void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda(), "token_region_similarity (cuda): ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == ref.device(), "token_region_similarity (cuda): ", name, " is on ", t.device(),
+              ", query on ", ref.device());
+  TORCH_CHECK(t.is_contiguous(), "token_region_similarity (cuda): ", name, " must be contiguous");
+}
+
+inline const uint8_t* mask_ptr(const at::Tensor& m, const char* name, int64_t B, int64_t L, const at::Tensor& ref) {
+  check_cuda(m, name, ref);
+  TORCH_CHECK(m.scalar_type() == at::kBool, "token_region_similarity (cuda): ", name, " must be bool");
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == L, "token_region_similarity (cuda): ", name,
+              " must be [", B, ", ", L, "], got ", m.sizes());
+  return reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
+}
+
+inline void check_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= INT32_MAX, "token_region_similarity (cuda): ", what, " = ", v, " is out of range");
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qm, const at::Tensor& km,
+                                bool pairwise) {
+  check_cuda(q, "query", q);
+  check_cuda(k, "key", q);
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(2) == k.size(2),
+              "token_region_similarity (cuda): query [Bq, Lq, D] and key [Bk, Lk, D] must share D");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "token_region_similarity (cuda): query and key dtypes differ");
+  const int64_t Bq = q.size(0), Lq = q.size(1), D = q.size(2), Bk = k.size(0), Lk = k.size(1);
+  TORCH_CHECK(pairwise || Bq == Bk, "token_region_similarity (cuda): pairwise=False needs Bq == Bk");
+  check_int(Bq * Lq, "Bq*Lq");
+  check_int(Bk * Lk, "Bk*Lk");
+  check_int(D, "D");
+  const int dt = dtype_code(q);
+  const uint8_t* qmp = mask_ptr(qm, "query_mask", Bq, Lq, q);
+  const uint8_t* kmp = mask_ptr(km, "key_mask", Bk, Lk, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = pairwise ? at::empty({Bq, Bk}, q.options()) : at::empty({Bq}, q.options());
+  at::Tensor amax = pairwise ? at::empty({Bq, Bk, Lq}, q.options().dtype(at::kInt))
+                             : at::empty({Bq, Lq}, q.options().dtype(at::kInt));
+  const size_t ws_bytes = loupe_trs_forward_workspace(dt, int(Bq), int(Bk), int(Lq), pairwise ? 1 : 0);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+  const cudaError_t e = loupe_trs_forward(q.data_ptr(), k.data_ptr(), dt, qmp, kmp, int(Bq), int(Bk), int(Lq), int(Lk),
+                                          int(D), pairwise ? 1 : 0, ws.data_ptr(), out.data_ptr(),
+                                          amax.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(e == cudaSuccess, "token_region_similarity (cuda) forward: ", cudaGetErrorString(e));
+  return {out, amax};
+}
+
+// The backward is always deterministic (no atomics); `deterministic` is accepted for the contract.
+std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& qm, const at::Tensor& amax, bool pairwise, bool deterministic) {
+  (void)deterministic;
+  check_cuda(q, "query", q);
+  check_cuda(k, "key", q);
+  check_cuda(grad, "grad", q);
+  check_cuda(amax, "argmax", q);
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(2) == k.size(2) && q.scalar_type() == k.scalar_type(),
+              "token_region_similarity (cuda) backward: query/key shapes or dtypes disagree");
+  const int64_t Bq = q.size(0), Lq = q.size(1), D = q.size(2), Bk = k.size(0), Lk = k.size(1);
+  TORCH_CHECK(grad.scalar_type() == q.scalar_type(), "token_region_similarity (cuda) backward: grad dtype ",
+              grad.scalar_type(), " differs from query dtype ", q.scalar_type());
+  TORCH_CHECK(pairwise ? (grad.dim() == 2 && grad.size(0) == Bq && grad.size(1) == Bk)
+                       : (grad.dim() == 1 && grad.size(0) == Bq), "token_region_similarity (cuda) backward: grad shape");
+  TORCH_CHECK(amax.scalar_type() == at::kInt && amax.numel() == (pairwise ? Bq * Bk * Lq : Bq * Lq),
+              "token_region_similarity (cuda) backward: argmax must be the int32 arg-max of the forward");
+  const int dt = dtype_code(q);
+  const uint8_t* qmp = mask_ptr(qm, "query_mask", Bq, Lq, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k);
+  const size_t ws_bytes = loupe_trs_backward_workspace(dt, int(Bq), int(Bk), int(Lk), int(D));
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+  if (D == 0) return {dq, dk};
+  const cudaError_t e = loupe_trs_backward(grad.data_ptr(), q.data_ptr(), k.data_ptr(), dt, qmp,
+                                           amax.data_ptr<int32_t>(), int(Bq), int(Bk), int(Lq), int(Lk), int(D),
+                                           pairwise ? 1 : 0, ws.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+                                           c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(e == cudaSuccess, "token_region_similarity (cuda) backward: ", cudaGetErrorString(e));
+  return {dq, dk};
+}
+
+}  // namespace loupe_trs_cuda
 
 // ---- shapley (includes / wrappers) ----
 #include <c10/cuda/CUDAGuard.h>
@@ -180,6 +278,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "loupe CUDA kernels";
   m.def("torch_version", []() { return std::string(LOUPE_TORCH_VERSION); });
   // ---- token_region_similarity (m.def) ----
+  m.def("trs_forward", &loupe_trs_cuda::forward, "token-region similarity forward: (out, int32 argmax) (CUDA)");
+  m.def("trs_backward", &loupe_trs_cuda::backward, "token-region similarity backward: (d_query, d_key) (CUDA)");
 
   // ---- shapley (m.def) ----
   m.def("shapley_maxsim", &loupe_shapley_cuda::maxsim, "Shapley interaction, max-sim game (CUDA)");
