@@ -3,6 +3,16 @@
 Batch 128, default model (64x64, 8x8 grid, D=128, 4+4 layers), captions of 16 tokens with 3 phrases,
 K=32, M'=16, after the UANSIL warm-up (the policy active). Records the share of the LOUPE step spent
 in the Shapley sampler, the fraction of games sampled and the targets' relative standard error.
+
+Variants: ``clip``; ``loupe`` (policy active after a 1-step warm-up; its predictor has seen 2 steps,
+so it is not yet confident and samples about every game); ``loupe_no_uansil`` (warm-up never ends:
+every game sampled); ``loupe_uansil_skip`` (skip threshold 1e6: every game counts as confident, only
+the 10% calibration games are sampled, i.e. the most UANSIL can save).
+
+On a shared machine the variants, run one after another, see different loads. ``test_bench_step_pairs``
+therefore alternates CLIP and LOUPE steps and records the ratio of their medians over the pairs, at
+the process's thread count (wall time) and at one thread (thread CPU time, which other processes
+barely move).
 """
 from __future__ import annotations
 
@@ -27,12 +37,12 @@ def _batch(step: int):
             "seed": step, "step": step}
 
 
-def _setup(objective: str, warm: bool):
+def _setup(objective: str, warm: bool, threshold: float = 0.5):
     torch.manual_seed(0)
     model = LoupeModel(LoupeConfig(objective=objective))
     if objective == "loupe":
         mod = model.loss_modules["tsa"]
-        mod.options = lo.ObjectiveOptions(uansil_warmup=1 if warm else 10 ** 9)
+        mod.options = lo.ObjectiveOptions(uansil_warmup=1 if warm else 10 ** 9, uansil_threshold=threshold)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, opt
 
@@ -59,10 +69,11 @@ class _SamplerTimer:
         return inner
 
 
-@pytest.mark.parametrize("variant", ["clip", "loupe", "loupe_no_uansil"])
+@pytest.mark.parametrize("variant", ["clip", "loupe", "loupe_no_uansil", "loupe_uansil_skip"])
 def test_bench_step(benchmark, variant, monkeypatch):
     objective = "clip" if variant == "clip" else "loupe"
-    model, opt = _setup(objective, warm=(variant == "loupe"))
+    model, opt = _setup(objective, warm=(variant in ("loupe", "loupe_uansil_skip")),
+                        threshold=1e6 if variant == "loupe_uansil_skip" else 0.5)
     batches = [_batch(s) for s in range(3)]
     for s in range(2):  # warm-up (and the UANSIL running statistics)
         _step(model, opt, batches[s])
@@ -89,3 +100,51 @@ def test_bench_step(benchmark, variant, monkeypatch):
         benchmark.extra_info["tsa_rel_stderr"] = out["diag_tsa_rel_stderr"]
         print(f"\n{variant}: step {step_time:.3f} s, sampling share {benchmark.extra_info['sampling_share']:.3f}, "
               f"fraction sampled {out['uansil_fraction_sampled']:.3f}, tsa rel. stderr {out['diag_tsa_rel_stderr']:.3f}")
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+
+
+def test_bench_step_pairs(benchmark):
+    clip = _setup("clip", warm=False)
+    loupe = _setup("loupe", warm=True)
+    batches = [_batch(s) for s in range(3)]
+    for s in range(2):
+        for model, opt in (clip, loupe):
+            _step(model, opt, batches[s])
+    times: dict[str, list[float]] = {"clip": [], "loupe": [], "clip_1t": [], "loupe_1t": []}
+
+    def timed(pair, clock):
+        t0 = clock()
+        _step(*pair, batches[2])
+        return clock() - t0
+
+    def run():
+        # alternate the order so that neither variant always runs right after the other
+        order = (("clip", clip), ("loupe", loupe)) if len(times["clip"]) % 2 == 0 else \
+            (("loupe", loupe), ("clip", clip))
+        for name, pair in order:
+            times[name].append(timed(pair, time.perf_counter))
+
+    benchmark.group = f"loupe step / B={B} K=32 M'=16 / fwd+bwd+AdamW / alternating pairs"
+    benchmark.extra_info["variant"] = "clip+loupe pair"
+    benchmark.pedantic(run, rounds=5, iterations=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for r in range(3):
+            for name, pair in ((("clip", clip), ("loupe", loupe)) if r % 2 == 0 else (("loupe", loupe), ("clip", clip))):
+                times[name + "_1t"].append(timed(pair, time.thread_time))
+    finally:
+        torch.set_num_threads(threads)
+    wall = _median(times["loupe"]) / _median(times["clip"])
+    cpu1 = _median(times["loupe_1t"]) / _median(times["clip_1t"])
+    benchmark.extra_info.update({"loupe_over_clip_wall": wall, "loupe_over_clip_cpu_1thread": cpu1,
+                                 "goal": "loupe/clip <= 1.5", "threads": threads,
+                                 "times": {k: [round(t, 4) for t in v] for k, v in times.items()}})
+    r = benchmark.extra_info["times"]
+    print(f"\nalternating pairs: loupe/clip = {wall:.3f} (wall, {threads} threads; clip {r['clip']}, "
+          f"loupe {r['loupe']}), {cpu1:.3f} (thread CPU time, 1 thread; clip {r['clip_1t']}, "
+          f"loupe {r['loupe_1t']})")

@@ -346,7 +346,7 @@ class RegionGenerator(nn.Module):
         self.fc2 = nn.Linear(hidden, 1)
 
     #: elements of one block of box sums in :meth:`score_all`
-    DENSE_BLOCK_ELEMS = 1 << 21
+    DENSE_BLOCK_ELEMS = 1 << 22
 
     def forward(self, inside: torch.Tensor, outside: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
         """``inside, outside [B, K, D]``, ``geometry [K, 7]`` or ``[B, K, 7]`` -> logits ``[B, K]``."""
@@ -379,8 +379,9 @@ class RegionGenerator(nn.Module):
         z_out_total = -z[..., H:].sum(1, keepdim=True)  # [B, 1, H]
         g = torch.matmul(geometry.to(work.dtype), wt[:, 2 * D:].t()) + self.fc1.bias.to(work.dtype)  # [(B,) K, H]
         K = inv_in.shape[1]
-        # blocks of images whose [b, K, 2H] box sums stay in cache (about 8 MB): the elementwise
-        # passes over [B, K, H] are memory-bound, and a block makes them 4-5x faster on CPU
+        # blocks of images whose [b, K, 2H] box sums stay in cache (about 16 MB): the elementwise
+        # passes over [B, K, H] are memory-bound, and blocks make them 3-4x faster on CPU (smaller
+        # blocks are a little faster on an idle machine but launch more ops, which costs on a busy one)
         step = max(1, self.DENSE_BLOCK_ELEMS // max(1, K * 2 * H))
         logits = []
         for s in range(0, B, step):
