@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loupe_kernels import shapley_interaction, shapley_interaction_pooled
+from loupe_kernels.uansil import InteractionPredictor
 
 from . import losses as _losses
 from . import regions as _regions
@@ -277,19 +278,25 @@ def _ua_loss(estimate: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor, ta
 
 
 class UANSIL(nn.Module):
-    """The interaction predictor ``g`` (mean and log-variance) and the running statistics of its policy."""
+    """The interaction predictor ``g`` (mean and log-variance) and the running statistics of its policy.
+
+    ``g`` is :class:`loupe_kernels.uansil.InteractionPredictor` (a 2-hidden-layer MLP whose log-variance
+    is squashed smoothly into [-20, 20]). The policy stays here rather than in
+    :class:`loupe_kernels.uansil.UansilPolicy`: that one owns a single sampler, counts its own calls as
+    warm-up steps and draws from its own generator, while LOUPE samples two kinds of games (TSA boxes,
+    FSA region-phrase pairs) through two estimators, keys the warm-up to the training step (so a resumed
+    run continues it) and draws from the batch's seed (same batch seed, same losses).
+    """
 
     def __init__(self, dim: int, hidden: int = 128) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(2 * dim + NUM_GAME_FEATURES_EXTRA, hidden), nn.GELU(),
-                                 nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 2))
+        self.predictor = InteractionPredictor(2 * dim + NUM_GAME_FEATURES_EXTRA, hidden, layers=2)
         self.register_buffer("running_var", torch.zeros(()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [G, F]`` detached game features -> ``(mu [G], log_var [G])`` (log-variance in [-20, 20])."""
-        y = self.net(x)
-        return y[:, 0], y[:, 1].clamp(-20.0, 20.0)
+        return self.predictor(x)
 
     @torch.no_grad()
     def update(self, sampled: torch.Tensor, momentum: float = 0.99) -> None:

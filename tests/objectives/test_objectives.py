@@ -170,7 +170,7 @@ def test_uansil_policy_after_warmup():
     assert 0.2 < out["uansil_fraction_sampled"] < 0.8
     assert out["uansil_calibration_games"] > 0 and 0.0 <= out["uansil_calibration"] <= 1.0
     out["loss"].backward()
-    assert mod.uansil.net[0].weight.grad.abs().sum() > 0
+    assert mod.uansil.predictor.net[0].weight.grad.abs().sum() > 0
     assert float(mod.uansil.running_var) > 0
 
 
