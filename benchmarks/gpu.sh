@@ -2,7 +2,8 @@
 # The prepared GPU check (issue #3): on a machine with an NVIDIA GPU (H100/H200, no network needed,
 # under 8 minutes), build the CUDA extension against this machine's torch, run the GPU tests and the
 # GPU benchmarks, and print one table. Every step runs even if an earlier one failed; the exit code
-# is non-zero if any step failed. Outputs go to $OUT (default ./gpu-out).
+# is non-zero if any step failed. Outputs go to $OUT (default ./gpu-out). Needs pytest and
+# pytest-benchmark; `pytest` (not `python -m pytest`) so that the installed CUDA build is imported.
 #   bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,12 +37,12 @@ step "build (pip install --no-build-isolation --no-deps .)" "$OUT/build.log" \
 step "backends" "$OUT/env.log" bash -c "cd /tmp && python -m loupe_kernels.env"
 
 step "GPU tests (cuda and triton backends)" "$OUT/tests.log" \
-  python -m pytest -q -m "not slow" --timeout 300 \
+  pytest -q -m "not slow" \
     tests/kernels/test_token_region_similarity_cuda.py tests/kernels/test_shapley_cuda.py \
     tests/triton tests/kernels/test_token_region_similarity.py tests/kernels/test_interaction_loss.py
 
 step "GPU benchmarks" "$OUT/bench.log" \
-  python -m pytest benchmarks/ --benchmark-only -m gpu -q --timeout 300 \
+  pytest benchmarks/ --benchmark-only -m gpu -q \
     --results-md "$OUT/gpu_results.md" --benchmark-json "$OUT/gpu_bench.json"
 
 if [ -f "$OUT/gpu_bench.json" ]; then
