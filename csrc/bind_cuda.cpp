@@ -74,10 +74,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return {out, amax};
 }
 
-// The backward is always deterministic (no atomics); `deterministic` is accepted for the contract.
+// d_query is always a deterministic gather; d_key adds in a fixed order when `deterministic`, else with
+// shared-memory atomics (faster; the rounding may vary between runs).
 std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& qm, const at::Tensor& amax, bool pairwise, bool deterministic) {
-  (void)deterministic;
   check_cuda(q, "query", q);
   check_cuda(k, "key", q);
   check_cuda(grad, "grad", q);
@@ -100,7 +100,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
   if (D == 0) return {dq, dk};
   const cudaError_t e = loupe_trs_backward(grad.data_ptr(), q.data_ptr(), k.data_ptr(), dt, qmp,
                                            amax.data_ptr<int32_t>(), int(Bq), int(Bk), int(Lq), int(Lk), int(D),
-                                           pairwise ? 1 : 0, ws.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+                                           pairwise ? 1 : 0, deterministic ? 1 : 0, ws.data_ptr(), dq.data_ptr(),
+                                           dk.data_ptr(),
                                            c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(e == cudaSuccess, "token_region_similarity (cuda) backward: ", cudaGetErrorString(e));
   return {dq, dk};

@@ -15,8 +15,8 @@ size_t loupe_trs_forward_workspace(int dtype, int Bq, int Bk, int Lq, int pairwi
 
 // q [Bq, Lq, D], k [Bk, Lk, D] (dtype, contiguous); qm [Bq, Lq], km [Bk, Lk] (uint8 0/1).
 // pairwise = 1: out [Bq, Bk], amax [Bq, Bk, Lq]; pairwise = 0 (Bq == Bk): out [Bq], amax [Bq, Lq].
-// out has the input dtype; fp16/bf16 use tensor cores (WMMA) with fp32 accumulation, fp32 and fp64
-// accumulate in their own precision.
+// out has the input dtype; fp16/bf16 use tensor cores (WMMA, sm_80+) with fp32 accumulation, fp32 and
+// fp64 accumulate in their own precision (FMA). The current device must be the one of the pointers.
 cudaError_t loupe_trs_forward(const void* q, const void* k, int dtype, const uint8_t* qm, const uint8_t* km,
                               int Bq, int Bk, int Lq, int Lk, int D, int pairwise, void* workspace, void* out,
                               int32_t* amax, cudaStream_t stream);
@@ -24,8 +24,11 @@ cudaError_t loupe_trs_forward(const void* q, const void* k, int dtype, const uin
 // Bytes of the workspace the backward needs.
 size_t loupe_trs_backward_workspace(int dtype, int Bq, int Bk, int Lk, int D);
 
-// grad [Bq, Bk] or [Bq] (dtype); amax from the forward. dq [Bq, Lq, D], dk [Bk, Lk, D] (dtype).
-// Deterministic: every output element is accumulated by one thread in a fixed order (no atomics).
+// grad [Bq, Bk] or [Bq] (dtype); amax from the forward. dq [Bq, Lq, D], dk [Bk, Lk, D] (dtype), written
+// in full. d_query is a gather (one warp per query token, key items in order: always deterministic).
+// d_key: deterministic != 0 -> every element is accumulated by one thread in a fixed (a, j) order;
+// deterministic == 0 -> 8 warps per key item add into shared memory with atomics (faster, the
+// rounding may differ between runs).
 cudaError_t loupe_trs_backward(const void* grad, const void* q, const void* k, int dtype, const uint8_t* qm,
                                const int32_t* amax, int Bq, int Bk, int Lq, int Lk, int D, int pairwise,
-                               void* workspace, void* dq, void* dk, cudaStream_t stream);
+                               int deterministic, void* workspace, void* dq, void* dk, cudaStream_t stream);
