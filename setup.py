@@ -15,6 +15,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_VERSION = torch.__version__.split("+")[0]
 
 
+def _cxx_std():
+    """torch >= 2.14 headers need C++20; older ones build with C++17 (and older nvcc lack C++20)."""
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def _rel(paths):
     return sorted(os.path.relpath(p, HERE) for p in paths)
 
@@ -26,7 +32,7 @@ def cpu_extension():
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         define_macros=[("LOUPE_TORCH_VERSION", f'"{TORCH_VERSION}"')],
-        extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+        extra_compile_args=["-O3", "-fopenmp", _cxx_std()],
         extra_link_args=["-fopenmp"],
     )
 
@@ -55,8 +61,8 @@ def cuda_extension():
         sources=["csrc/bind_cuda.cpp"] + cu,
         include_dirs=[os.path.join(HERE, "csrc")],
         define_macros=[("LOUPE_TORCH_VERSION", f'"{TORCH_VERSION}"')],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode},
+        extra_compile_args={"cxx": ["-O3", _cxx_std()],
+                            "nvcc": ["-O3", _cxx_std(), "-lineinfo"] + gencode},
     )
 
 
