@@ -74,38 +74,38 @@ def _record(benchmark, variant):
         benchmark.extra_info["tflops"] = FLOPS / benchmark.stats.stats.median / 1e12
 
 
+def _measure(benchmark, variant, group, target):
+    if variant in ("cuda", "triton") and variant not in lk.available_backends():
+        pytest.skip(f"backend {variant} unavailable")
+    benchmark.group = group
+    benchmark.extra_info["variant"] = variant
+    if target is not None:
+        benchmark.extra_info["target"] = target
+    torch.cuda.empty_cache()
+    try:
+        run = fwd_bwd(op(variant))
+        run()  # warm-up (compilation, allocator)
+        benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    except torch.OutOfMemoryError as e:
+        # the reference materialises Bq*Bk*Lq*Lk scores (13 GB in bf16, several copies with autograd)
+        benchmark.extra_info["note"] = f"{variant}: out of memory ({str(e)[:120]})"
+        torch.cuda.empty_cache()
+        pytest.skip(f"{variant} ran out of memory on {torch.cuda.get_device_name(0)}")
+    benchmark.extra_info["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    _record(benchmark, variant)
+
+
 @pytest.mark.parametrize("variant", ["reference", "cuda", "triton"])
 def test_vs_reference(benchmark, variant):
-    if variant not in ("reference",) and variant not in lk.available_backends():
-        pytest.skip(f"backend {variant} unavailable")
-    run = fwd_bwd(op(variant))
-    run()  # warm-up (compilation, allocator)
-    benchmark.group = f"token_region_similarity / {SHAPE} / fwd+bwd bf16 GPU / vs reference"
-    if variant != "reference":
-        benchmark.extra_info["target"] = {"vs": "reference", "min_speedup": 3.0}
-    try:
-        benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    except torch.OutOfMemoryError as e:  # the reference materialises Bq*Bk*Lq*Lk scores (13 GB in bf16)
-        benchmark.extra_info["note"] = f"{variant}: out of memory ({str(e)[:120]})"
-        pytest.skip(f"{variant} ran out of memory")
-    _record(benchmark, variant)
+    _measure(benchmark, variant, f"token_region_similarity / {SHAPE} / fwd+bwd bf16 GPU / vs reference",
+             None if variant == "reference" else {"vs": "reference", "min_speedup": 3.0})
 
 
 @pytest.mark.parametrize("variant", ["compiled", "cuda", "triton"])
 def test_vs_compiled(benchmark, variant):
-    if variant not in ("compiled",) and variant not in lk.available_backends():
-        pytest.skip(f"backend {variant} unavailable")
-    run = fwd_bwd(op(variant))
-    run()
-    benchmark.group = f"token_region_similarity / {SHAPE} / fwd+bwd bf16 GPU / vs torch.compile"
-    if variant != "compiled":
-        benchmark.extra_info["target"] = {"vs": "compiled", "min_speedup": 2.0}
-    try:
-        benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    except torch.OutOfMemoryError as e:
-        benchmark.extra_info["note"] = f"{variant}: out of memory ({str(e)[:120]})"
-        pytest.skip(f"{variant} ran out of memory")
-    _record(benchmark, variant)
+    _measure(benchmark, variant, f"token_region_similarity / {SHAPE} / fwd+bwd bf16 GPU / vs torch.compile",
+             None if variant == "compiled" else {"vs": "compiled", "min_speedup": 2.0})
 
 
 def test_matmul_rate(benchmark):
