@@ -409,18 +409,24 @@ __global__ void __launch_bounds__(kFThreads, 1) fwd_fast_kernel(const T* __restr
                                 wmma::mem_col_major);
     __syncthreads();  // S and Ms complete
 
+    // scan row tid in ascending key order, one segment per key item present in this tile
     const int n = static_cast<int>(min(static_cast<int64_t>(kFKeys), kr_end - base));
-    for (int c = 0; c < n; ++c) {
-      const int64_t kr = base + c;
-      if (kr == next_b) {  // item cur is complete
+    int c = 0;
+    while (c < n) {
+      if (base + c == next_b) {  // item cur is complete
         finish(cur);
         ++cur;
         next_b += Lk;
       }
-      const float v = S[c * kFLdS + tid];
-      if (Ms[c] && (arg < 0 || v > best)) {
-        best = v;
-        arg = static_cast<int>(kr - (next_b - Lk));
+      const int seg = static_cast<int>(min(static_cast<int64_t>(n), next_b - base));  // > c
+      const int i0 = static_cast<int>(base - (next_b - Lk));  // key index of column 0 within item cur
+#pragma unroll 8
+      for (; c < seg; ++c) {
+        const float v = S[c * kFLdS + tid];
+        if (Ms[c] && (arg < 0 || v > best)) {
+          best = v;
+          arg = i0 + c;
+        }
       }
     }
   }
