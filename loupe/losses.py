@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from loupe_kernels import token_region_similarity
+from loupe_kernels import token_region_similarity, token_region_similarity_dual
 
 __all__ = ["dist_info", "gather_with_grad", "gather_padded", "cmc_loss", "filip_loss", "filip_scores",
            "LossTerm", "LOSS_TERMS", "OBJECTIVES", "register_loss_term", "resolve_loss_weights"]
@@ -185,8 +185,12 @@ def filip_loss(patch_tokens: torch.Tensor, patch_mask: torch.Tensor | None, word
     all_pmask, _ = gather_padded(patch_mask, pad_value=False)
     all_word, _ = gather_padded(word_tokens)
     all_wmask, _ = gather_padded(word_mask, pad_value=False)
-    s_i2t = token_region_similarity(patch_tokens, all_word, patch_mask, all_wmask, backend=backend)
-    s_t2i = token_region_similarity(word_tokens, all_patch, word_mask, all_pmask, backend=backend)
+    if dist_info()[1] == 1:  # one process: both directions share their token similarities (one GEMM)
+        s_i2t, s_t2i = token_region_similarity_dual(patch_tokens, word_tokens, patch_mask, word_mask,
+                                                    backend=backend)
+    else:
+        s_i2t = token_region_similarity(patch_tokens, all_word, patch_mask, all_wmask, backend=backend)
+        s_t2i = token_region_similarity(word_tokens, all_patch, word_mask, all_pmask, backend=backend)
     if center:
         s_i2t = s_i2t - _masked_mean(patch_tokens, patch_mask) @ _masked_mean(all_word, all_wmask).T
         s_t2i = s_t2i - _masked_mean(word_tokens, word_mask) @ _masked_mean(all_patch, all_pmask).T

@@ -5,7 +5,7 @@ autograd function, backend dispatch and PyTorch reference. ``available_backends(
 ``python -m loupe_kernels.env`` report which backends work here and why not.
 """
 from ._backends import BACKENDS, available_backends, backend_status
-from .token_region_similarity import TokenRegionSimilarity, token_region_similarity
+from .token_region_similarity import TokenRegionSimilarity, token_region_similarity, token_region_similarity_dual
 from .shapley import sample_coalitions, shapley_interaction, shapley_interaction_pooled
 from .interaction_loss import UncertaintyInteractionLoss, uncertainty_interaction_loss
 from . import uansil
@@ -14,5 +14,5 @@ from . import reference
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "BACKENDS", "available_backends", "backend_status",
-           "token_region_similarity", "TokenRegionSimilarity", "shapley_interaction", "shapley_interaction_pooled",
+           "token_region_similarity", "token_region_similarity_dual", "TokenRegionSimilarity", "shapley_interaction", "shapley_interaction_pooled",
            "sample_coalitions", "reference", "uncertainty_interaction_loss", "UncertaintyInteractionLoss", "uansil"]

@@ -28,7 +28,8 @@ import torch
 
 from ._backends import extension, resolve_backend
 
-__all__ = ["token_region_similarity", "TokenRegionSimilarity", "token_region_similarity_reference"]
+__all__ = ["token_region_similarity", "token_region_similarity_dual", "TokenRegionSimilarity",
+           "token_region_similarity_reference"]
 
 OP = "token_region_similarity"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -216,6 +217,78 @@ def token_region_similarity(query: torch.Tensor, key: torch.Tensor, query_mask: 
         return token_region_similarity_reference(query, key, qm, km, pairwise=pairwise)
     out, _ = _trs_forward_op(query, key, qm, km, pairwise, chosen)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# both directions at once (FILIP): s(q_a, k_b) and s(k_b, q_a) from one score GEMM
+# --------------------------------------------------------------------------------------------
+DUAL_KERNELS: dict[str, Callable] = {
+    "cpu": lambda q, k, qm, km: extension("cpu").trs_dual_forward(q, k, qm, km),
+}
+
+
+@torch.library.custom_op("loupe_kernels::trs_dual_forward", mutates_args=())
+def _trs_dual_op(query: torch.Tensor, key: torch.Tensor, query_mask: torch.Tensor, key_mask: torch.Tensor,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_finite(query, key)
+    dt = query.dtype
+    work = dt if dt in (torch.float32, torch.float64) else torch.float32
+    out, amax, out2, amax2 = DUAL_KERNELS[backend](query.to(work).contiguous(), key.to(work).contiguous(),
+                                                   query_mask, key_mask)
+    return out.to(dt), amax, out2.to(dt), amax2
+
+
+@_trs_dual_op.register_fake
+def _(query, key, query_mask, key_mask, backend):
+    Bq, Lq, Bk, Lk = query.shape[0], query.shape[1], key.shape[0], key.shape[1]
+    return (query.new_empty((Bq, Bk)), query.new_empty((Bq, Bk, Lq), dtype=torch.int32),
+            query.new_empty((Bk, Bq)), query.new_empty((Bk, Bq, Lk), dtype=torch.int32))
+
+
+def _dual_setup_context(ctx, inputs, output):
+    query, key, query_mask, key_mask, backend = inputs
+    _, amax, _, amax2 = output
+    ctx.save_for_backward(query, key, query_mask, key_mask, amax, amax2)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(amax, amax2)
+
+
+def _dual_backward(ctx, g1, _ga1, g2, _ga2):
+    query, key, query_mask, key_mask, amax, amax2 = ctx.saved_tensors
+    dq, dk = torch.zeros_like(query), torch.zeros_like(key)
+    if g1 is not None:
+        a, b = _trs_backward_op(g1, query, key, query_mask, amax, True, ctx.backend)
+        dq, dk = dq + a, dk + b
+    if g2 is not None:
+        b, a = _trs_backward_op(g2, key, query, key_mask, amax2, True, ctx.backend)
+        dq, dk = dq + a, dk + b
+    return dq, dk, None, None, None
+
+
+_trs_dual_op.register_autograd(_dual_backward, setup_context=_dual_setup_context)
+
+
+def token_region_similarity_dual(query: torch.Tensor, key: torch.Tensor, query_mask: torch.Tensor | None = None,
+                                 key_mask: torch.Tensor | None = None, *,
+                                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_region_similarity(query, key), token_region_similarity(key, query))``, all pairs.
+
+    The two directions share their token similarities; the ``cpu`` backend computes each score tile
+    once and takes row and column maxima from it (FILIP's image->text and text->image scores).
+    Other backends run the two directions separately. Same contract, masks and gradients as
+    :func:`token_region_similarity`.
+    """
+    qm, km = _validate(query, key, query_mask, key_mask, True)
+    dev = query.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and query.dtype != torch.float64:
+        amp = torch.get_autocast_dtype(dev)
+        query, key = query.to(amp), key.to(amp)
+    chosen = resolve_backend(OP, backend, query.device, supported=("reference", *KERNELS))
+    if chosen in DUAL_KERNELS:
+        out, _, out2, _ = _trs_dual_op(query, key, qm, km, chosen)
+        return out, out2
+    return (token_region_similarity(query, key, qm, km, backend=chosen),
+            token_region_similarity(key, query, km, qm, backend=chosen))
 
 
 class TokenRegionSimilarity(torch.nn.Module):

@@ -12,6 +12,8 @@ std::vector<at::Tensor> trs_forward_cpu(const at::Tensor& query, const at::Tenso
                                         bool pairwise);
 
 // Gradients {d_query, d_key} from the saved arg-max; deterministic (no atomics).
+std::vector<at::Tensor> trs_dual_forward_cpu(const at::Tensor& query, const at::Tensor& key,
+                                             const at::Tensor& query_mask, const at::Tensor& key_mask);
 std::vector<at::Tensor> trs_backward_cpu(const at::Tensor& grad_out, const at::Tensor& query,
                                          const at::Tensor& key, const at::Tensor& query_mask,
                                          const at::Tensor& argmax, bool pairwise);

@@ -129,6 +129,96 @@ void forward_aligned(const at::Tensor& q, const at::Tensor& k, const bool* qm, c
   }
 }
 
+// Both directions from one score tile: out [Bq, Bk] = s(q_a, k_b) with amax [Bq, Bk, Lq] (as
+// forward_pairwise), and out2 [Bk, Bq] = s(k_b, q_a) with amax2 [Bk, Bq, Lk] (column maxima of the
+// same tile: for each key token, the max over the query item's valid tokens). Sums only; the caller
+// divides by the counts. Each task owns its query items, so out2[b, a] has exactly one writer.
+template <typename T>
+void forward_dual(const at::Tensor& q, const at::Tensor& k, const bool* qm, const bool* km,
+                  const std::vector<uint8_t>& key_all_valid, const std::vector<uint8_t>& key_any_valid,
+                  const std::vector<uint8_t>& query_any_valid, at::Tensor& out, at::Tensor& amax,
+                  at::Tensor& out2, at::Tensor& amax2) {
+  const int64_t Bq = q.size(0), Lq = q.size(1), D = q.size(2);
+  const int64_t Bk = k.size(0), Lk = k.size(1);
+  const at::Tensor q2 = q.view({Bq * Lq, D});
+  const at::Tensor k2 = k.view({Bk * Lk, D});
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t rows_target = 256;
+  int64_t ta = std::clamp<int64_t>(rows_target / std::max<int64_t>(1, Lq), 1, Bq);
+  ta = std::min(ta, std::max<int64_t>(1, (Bq + 2 * threads - 1) / (2 * threads)));
+  const int64_t cb = std::clamp<int64_t>(kTileElems / 4 / std::max<int64_t>(1, ta * Lq * Lk), 1, Bk);
+  const int64_t n_tasks = (Bq + ta - 1) / ta;
+  T* outp = out.data_ptr<T>();
+  T* out2p = out2.data_ptr<T>();
+  int32_t* ap = amax.data_ptr<int32_t>();
+  int32_t* ap2 = amax2.data_ptr<int32_t>();
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t_lo, int64_t t_hi) {
+    at::Tensor buf = at::empty({ta * Lq, cb * Lk}, q.options());
+    std::vector<T> cm(Lk);
+    std::vector<int32_t> ci(Lk);
+    for (int64_t t = t_lo; t < t_hi; ++t) {
+      const int64_t a0 = t * ta, na = std::min(ta, Bq - a0);
+      const at::Tensor qa = q2.narrow(0, a0 * Lq, na * Lq);
+      for (int64_t b0 = 0; b0 < Bk; b0 += cb) {
+        const int64_t nb = std::min(cb, Bk - b0);
+        at::Tensor s = buf.narrow(0, 0, na * Lq).narrow(1, 0, nb * Lk);
+        at::mm_out(s, qa, k2.narrow(0, b0 * Lk, nb * Lk).t());
+        const T* sp = s.data_ptr<T>();
+        const int64_t ld = s.stride(0);
+        for (int64_t ai = 0; ai < na; ++ai) {
+          const int64_t a = a0 + ai;
+          for (int64_t bi = 0; bi < nb; ++bi) {
+            const int64_t b = b0 + bi;
+            // key -> query direction: column maxima over the valid tokens of query item a, rows
+            // read in order (j ascending, strictly larger wins: ties keep the lowest j)
+            int32_t* crow = ap2 + (b * Bq + a) * Lk;
+            T acc2 = 0;
+            if (query_any_valid[a]) {
+              bool first = true;
+              for (int64_t j = 0; j < Lq; ++j) {
+                if (!qm[a * Lq + j]) continue;
+                const T* row = sp + (ai * Lq + j) * ld + bi * Lk;
+                const int32_t jj = static_cast<int32_t>(j);
+                if (first) {
+                  for (int64_t i = 0; i < Lk; ++i) { cm[i] = row[i]; ci[i] = jj; }
+                  first = false;
+                  continue;
+                }
+                for (int64_t i = 0; i < Lk; ++i)
+                  if (row[i] > cm[i]) { cm[i] = row[i]; ci[i] = jj; }
+              }
+              for (int64_t i = 0; i < Lk; ++i) {
+                if (!km[b * Lk + i]) { crow[i] = -1; continue; }
+                crow[i] = ci[i];
+                acc2 += cm[i];
+              }
+            } else {
+              for (int64_t i = 0; i < Lk; ++i) crow[i] = -1;
+            }
+            out2p[b * Bq + a] = acc2;
+            // query -> key direction: row maxima, as forward_pairwise
+            int32_t* arow = ap + (a * Bk + b) * Lq;
+            if (!key_any_valid[b]) {
+              for (int64_t j = 0; j < Lq; ++j) arow[j] = -1;
+              outp[a * Bk + b] = 0;
+              continue;
+            }
+            const bool* kv = key_all_valid[b] ? nullptr : km + b * Lk;
+            T acc = 0;
+            for (int64_t j = 0; j < Lq; ++j) {
+              if (!qm[a * Lq + j]) { arow[j] = -1; continue; }
+              T m;
+              arow[j] = row_argmax<T>(sp + (ai * Lq + j) * ld + bi * Lk, kv, Lk, &m);
+              acc += m;
+            }
+            outp[a * Bk + b] = acc;
+          }
+        }
+      }
+    }
+  });
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qm, const at::Tensor& km) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "query and key must be 3-D");
   TORCH_CHECK(q.size(2) == k.size(2), "query and key must share D");
@@ -188,6 +278,45 @@ std::vector<at::Tensor> trs_forward_cpu(const at::Tensor& query, const at::Tenso
       for (int64_t b = 0; b < cols; ++b) o[a * cols + b] *= inv[a];
   });
   return {out, amax};
+}
+
+std::vector<at::Tensor> trs_dual_forward_cpu(const at::Tensor& query, const at::Tensor& key,
+                                             const at::Tensor& query_mask, const at::Tensor& key_mask) {
+  check_inputs(query, key, query_mask, key_mask);
+  TORCH_CHECK(query.size(1) < std::numeric_limits<int32_t>::max(), "Lq too large for int32 arg-max");
+  const int64_t Bq = query.size(0), Lq = query.size(1), Bk = key.size(0), Lk = key.size(1);
+  const bool* qm = query_mask.data_ptr<bool>();
+  const bool* km = key_mask.data_ptr<bool>();
+  std::vector<uint8_t> all_valid(Bk), any_valid(Bk), q_any(Bq);
+  for (int64_t b = 0; b < Bk; ++b) {
+    bool all = true, any = false;
+    for (int64_t i = 0; i < Lk; ++i) { all = all && km[b * Lk + i]; any = any || km[b * Lk + i]; }
+    all_valid[b] = all;
+    any_valid[b] = any;
+  }
+  for (int64_t a = 0; a < Bq; ++a) {
+    bool any = false;
+    for (int64_t j = 0; j < Lq; ++j) any = any || qm[a * Lq + j];
+    q_any[a] = any;
+  }
+  at::Tensor out = at::zeros({Bq, Bk}, query.options());
+  at::Tensor amax = at::full({Bq, Bk, Lq}, -1, query.options().dtype(at::kInt));
+  at::Tensor out2 = at::zeros({Bk, Bq}, query.options());
+  at::Tensor amax2 = at::full({Bk, Bq, Lk}, -1, query.options().dtype(at::kInt));
+  if (out.numel() == 0) return {out, amax, out2, amax2};
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "trs_dual_forward_cpu", [&] {
+    const at::Tensor qd = query.detach(), kd = key.detach();
+    forward_dual<scalar_t>(qd, kd, qm, km, all_valid, any_valid, q_any, out, amax, out2, amax2);
+    const std::vector<scalar_t> inv_q = inverse_counts<scalar_t>(qm, Bq, Lq);
+    const std::vector<scalar_t> inv_k = inverse_counts<scalar_t>(km, Bk, Lk);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    scalar_t* o2 = out2.data_ptr<scalar_t>();
+    for (int64_t a = 0; a < Bq; ++a)
+      for (int64_t b = 0; b < Bk; ++b) o[a * Bk + b] *= inv_q[a];
+    for (int64_t b = 0; b < Bk; ++b)
+      for (int64_t a = 0; a < Bq; ++a) o2[b * Bq + a] *= inv_k[b];
+  });
+  return {out, amax, out2, amax2};
 }
 
 std::vector<at::Tensor> trs_backward_cpu(const at::Tensor& grad_out, const at::Tensor& query,
