@@ -202,16 +202,21 @@ _trs_forward_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
+def _autocast_inputs(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Follow autocast like a matmul: inputs in the autocast dtype, fp32 accumulation inside."""
+    dev = query.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and query.dtype != torch.float64:
+        amp = torch.get_autocast_dtype(dev)
+        return query.to(amp), key.to(amp)
+    return query, key
+
+
 def token_region_similarity(query: torch.Tensor, key: torch.Tensor, query_mask: torch.Tensor | None = None,
                             key_mask: torch.Tensor | None = None, *, pairwise: bool = True,
                             backend: str | None = None) -> torch.Tensor:
     """Masked max-sim of every query item against every key item (see the module docstring)."""
     qm, km = _validate(query, key, query_mask, key_mask, pairwise)
-    dev = query.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and query.dtype != torch.float64:
-        # follow autocast like a matmul: inputs in the autocast dtype, fp32 accumulation inside
-        amp = torch.get_autocast_dtype(dev)
-        query, key = query.to(amp), key.to(amp)
+    query, key = _autocast_inputs(query, key)
     chosen = resolve_backend(OP, backend, query.device, supported=("reference", *KERNELS))
     if chosen == "reference":
         return token_region_similarity_reference(query, key, qm, km, pairwise=pairwise)
@@ -279,10 +284,7 @@ def token_region_similarity_dual(query: torch.Tensor, key: torch.Tensor, query_m
     :func:`token_region_similarity`.
     """
     qm, km = _validate(query, key, query_mask, key_mask, True)
-    dev = query.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and query.dtype != torch.float64:
-        amp = torch.get_autocast_dtype(dev)
-        query, key = query.to(amp), key.to(amp)
+    query, key = _autocast_inputs(query, key)
     chosen = resolve_backend(OP, backend, query.device, supported=("reference", *KERNELS))
     if chosen in DUAL_KERNELS:
         out, _, out2, _ = _trs_dual_op(query, key, qm, km, chosen)

@@ -42,62 +42,6 @@ inline int32_t row_argmax(const T* row, const bool* valid, int64_t n, T* best_ou
 }
 
 template <typename T>
-void forward_pairwise(const at::Tensor& q, const at::Tensor& k, const bool* qm, const bool* km,
-                      const std::vector<uint8_t>& key_all_valid, const std::vector<uint8_t>& key_any_valid,
-                      at::Tensor& out, at::Tensor& amax) {
-  const int64_t Bq = q.size(0), Lq = q.size(1), D = q.size(2);
-  const int64_t Bk = k.size(0), Lk = k.size(1);
-  const at::Tensor q2 = q.view({Bq * Lq, D});
-  const at::Tensor k2 = k.view({Bk * Lk, D});
-  // One parallel region over blocks of query items; each task walks all key items in chunks, with
-  // its own score tile and a sequential GEMM (BLAS runs single-threaded inside the region). A single
-  // region matters on a loaded machine: every extra fork/join waits for the slowest core.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t rows_target = 256;  // query rows per tile
-  int64_t ta = std::clamp<int64_t>(rows_target / std::max<int64_t>(1, Lq), 1, Bq);
-  ta = std::min(ta, std::max<int64_t>(1, (Bq + 2 * threads - 1) / (2 * threads)));  // >= 2 tasks per thread
-  const int64_t cb = std::clamp<int64_t>(kTileElems / 4 / std::max<int64_t>(1, ta * Lq * Lk), 1, Bk);
-  const int64_t n_tasks = (Bq + ta - 1) / ta;
-  T* outp = out.data_ptr<T>();
-  int32_t* ap = amax.data_ptr<int32_t>();
-  at::parallel_for(0, n_tasks, 1, [&](int64_t t_lo, int64_t t_hi) {
-    at::Tensor buf = at::empty({ta * Lq, cb * Lk}, q.options());
-    for (int64_t t = t_lo; t < t_hi; ++t) {
-      const int64_t a0 = t * ta, na = std::min(ta, Bq - a0);
-      const at::Tensor qa = q2.narrow(0, a0 * Lq, na * Lq);
-      for (int64_t b0 = 0; b0 < Bk; b0 += cb) {
-        const int64_t nb = std::min(cb, Bk - b0);
-        at::Tensor s = buf.narrow(0, 0, na * Lq).narrow(1, 0, nb * Lk);
-        at::mm_out(s, qa, k2.narrow(0, b0 * Lk, nb * Lk).t());
-        const T* sp = s.data_ptr<T>();
-        const int64_t ld = s.stride(0);
-        for (int64_t ai = 0; ai < na; ++ai) {
-          const int64_t a = a0 + ai;
-          for (int64_t bi = 0; bi < nb; ++bi) {
-            const int64_t b = b0 + bi;
-            int32_t* arow = ap + (a * Bk + b) * Lq;
-            if (!key_any_valid[b]) {
-              for (int64_t j = 0; j < Lq; ++j) arow[j] = -1;
-              outp[a * Bk + b] = 0;
-              continue;
-            }
-            const bool* kv = key_all_valid[b] ? nullptr : km + b * Lk;
-            T acc = 0;
-            for (int64_t j = 0; j < Lq; ++j) {
-              if (!qm[a * Lq + j]) { arow[j] = -1; continue; }
-              T m;
-              arow[j] = row_argmax<T>(sp + (ai * Lq + j) * ld + bi * Lk, kv, Lk, &m);
-              acc += m;
-            }
-            outp[a * Bk + b] = acc;
-          }
-        }
-      }
-    }
-  });
-}
-
-template <typename T>
 void forward_aligned(const at::Tensor& q, const at::Tensor& k, const bool* qm, const bool* km,
                      const std::vector<uint8_t>& key_all_valid, const std::vector<uint8_t>& key_any_valid,
                      at::Tensor& out, at::Tensor& amax) {
@@ -129,15 +73,19 @@ void forward_aligned(const at::Tensor& q, const at::Tensor& k, const bool* qm, c
   }
 }
 
-// Both directions from one score tile: out [Bq, Bk] = s(q_a, k_b) with amax [Bq, Bk, Lq] (as
-// forward_pairwise), and out2 [Bk, Bq] = s(k_b, q_a) with amax2 [Bk, Bq, Lk] (column maxima of the
-// same tile: for each key token, the max over the query item's valid tokens). Sums only; the caller
-// divides by the counts. Each task owns its query items, so out2[b, a] has exactly one writer.
+// All pairs: out [Bq, Bk] = sums over valid j of max_i <q_aj, k_bi>, amax [Bq, Bk, Lq]. One parallel
+// region over blocks of query items; each task walks all key items in chunks, with its own score
+// tile and a sequential GEMM (BLAS runs single-threaded inside the region). A single region matters
+// on a loaded machine: every extra fork/join waits for the slowest core.
+// With out2/amax2 (both directions, FILIP): also out2 [Bk, Bq] = sums of s(k_b, q_a) with amax2
+// [Bk, Bq, Lk], the column maxima of the same tile (for each key token, the max over the query
+// item's valid tokens). Sums only; the caller divides by the counts. Each task owns its query items,
+// so out2[b, a] has exactly one writer.
 template <typename T>
-void forward_dual(const at::Tensor& q, const at::Tensor& k, const bool* qm, const bool* km,
-                  const std::vector<uint8_t>& key_all_valid, const std::vector<uint8_t>& key_any_valid,
-                  const std::vector<uint8_t>& query_any_valid, at::Tensor& out, at::Tensor& amax,
-                  at::Tensor& out2, at::Tensor& amax2) {
+void forward_pairwise(const at::Tensor& q, const at::Tensor& k, const bool* qm, const bool* km,
+                      const std::vector<uint8_t>& key_all_valid, const std::vector<uint8_t>& key_any_valid,
+                      at::Tensor& out, at::Tensor& amax, const std::vector<uint8_t>* query_any_valid = nullptr,
+                      at::Tensor* out2 = nullptr, at::Tensor* amax2 = nullptr) {
   const int64_t Bq = q.size(0), Lq = q.size(1), D = q.size(2);
   const int64_t Bk = k.size(0), Lk = k.size(1);
   const at::Tensor q2 = q.view({Bq * Lq, D});
@@ -149,13 +97,13 @@ void forward_dual(const at::Tensor& q, const at::Tensor& k, const bool* qm, cons
   const int64_t cb = std::clamp<int64_t>(kTileElems / 4 / std::max<int64_t>(1, ta * Lq * Lk), 1, Bk);
   const int64_t n_tasks = (Bq + ta - 1) / ta;
   T* outp = out.data_ptr<T>();
-  T* out2p = out2.data_ptr<T>();
+  T* out2p = out2 ? out2->data_ptr<T>() : nullptr;
   int32_t* ap = amax.data_ptr<int32_t>();
-  int32_t* ap2 = amax2.data_ptr<int32_t>();
+  int32_t* ap2 = amax2 ? amax2->data_ptr<int32_t>() : nullptr;
   at::parallel_for(0, n_tasks, 1, [&](int64_t t_lo, int64_t t_hi) {
     at::Tensor buf = at::empty({ta * Lq, cb * Lk}, q.options());
-    std::vector<T> cm(Lk);
-    std::vector<int32_t> ci(Lk);
+    std::vector<T> cm(out2p ? Lk : 0);
+    std::vector<int32_t> ci(out2p ? Lk : 0);
     for (int64_t t = t_lo; t < t_hi; ++t) {
       const int64_t a0 = t * ta, na = std::min(ta, Bq - a0);
       const at::Tensor qa = q2.narrow(0, a0 * Lq, na * Lq);
@@ -171,32 +119,34 @@ void forward_dual(const at::Tensor& q, const at::Tensor& k, const bool* qm, cons
             const int64_t b = b0 + bi;
             // key -> query direction: column maxima over the valid tokens of query item a, rows
             // read in order (j ascending, strictly larger wins: ties keep the lowest j)
-            int32_t* crow = ap2 + (b * Bq + a) * Lk;
-            T acc2 = 0;
-            if (query_any_valid[a]) {
-              bool first = true;
-              for (int64_t j = 0; j < Lq; ++j) {
-                if (!qm[a * Lq + j]) continue;
-                const T* row = sp + (ai * Lq + j) * ld + bi * Lk;
-                const int32_t jj = static_cast<int32_t>(j);
-                if (first) {
-                  for (int64_t i = 0; i < Lk; ++i) { cm[i] = row[i]; ci[i] = jj; }
-                  first = false;
-                  continue;
+            if (out2p) {
+              int32_t* crow = ap2 + (b * Bq + a) * Lk;
+              T acc2 = 0;
+              if ((*query_any_valid)[a]) {
+                bool first = true;
+                for (int64_t j = 0; j < Lq; ++j) {
+                  if (!qm[a * Lq + j]) continue;
+                  const T* row = sp + (ai * Lq + j) * ld + bi * Lk;
+                  const int32_t jj = static_cast<int32_t>(j);
+                  if (first) {
+                    for (int64_t i = 0; i < Lk; ++i) { cm[i] = row[i]; ci[i] = jj; }
+                    first = false;
+                    continue;
+                  }
+                  for (int64_t i = 0; i < Lk; ++i)
+                    if (row[i] > cm[i]) { cm[i] = row[i]; ci[i] = jj; }
                 }
-                for (int64_t i = 0; i < Lk; ++i)
-                  if (row[i] > cm[i]) { cm[i] = row[i]; ci[i] = jj; }
+                for (int64_t i = 0; i < Lk; ++i) {
+                  if (!km[b * Lk + i]) { crow[i] = -1; continue; }
+                  crow[i] = ci[i];
+                  acc2 += cm[i];
+                }
+              } else {
+                for (int64_t i = 0; i < Lk; ++i) crow[i] = -1;
               }
-              for (int64_t i = 0; i < Lk; ++i) {
-                if (!km[b * Lk + i]) { crow[i] = -1; continue; }
-                crow[i] = ci[i];
-                acc2 += cm[i];
-              }
-            } else {
-              for (int64_t i = 0; i < Lk; ++i) crow[i] = -1;
+              out2p[b * Bq + a] = acc2;
             }
-            out2p[b * Bq + a] = acc2;
-            // query -> key direction: row maxima, as forward_pairwise
+            // query -> key direction: row maxima
             int32_t* arow = ap + (a * Bk + b) * Lq;
             if (!key_any_valid[b]) {
               for (int64_t j = 0; j < Lq; ++j) arow[j] = -1;
@@ -217,6 +167,17 @@ void forward_dual(const at::Tensor& q, const at::Tensor& k, const bool* qm, cons
       }
     }
   });
+}
+
+// Per item: are all / any of its L tokens valid?
+void item_validity(const bool* m, int64_t B, int64_t L, std::vector<uint8_t>& all, std::vector<uint8_t>& any) {
+  all.assign(B, 1);
+  any.assign(B, 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < L; ++i) {
+      all[b] = all[b] && m[b * L + i];
+      any[b] = any[b] || m[b * L + i];
+    }
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qm, const at::Tensor& km) {
@@ -255,13 +216,8 @@ std::vector<at::Tensor> trs_forward_cpu(const at::Tensor& query, const at::Tenso
   TORCH_CHECK(pairwise || Bq == Bk, "pairwise=false needs Bq == Bk");
   const bool* qm = query_mask.data_ptr<bool>();
   const bool* km = key_mask.data_ptr<bool>();
-  std::vector<uint8_t> all_valid(Bk), any_valid(Bk);
-  for (int64_t b = 0; b < Bk; ++b) {
-    bool all = true, any = false;
-    for (int64_t i = 0; i < Lk; ++i) { all = all && km[b * Lk + i]; any = any || km[b * Lk + i]; }
-    all_valid[b] = all;
-    any_valid[b] = any;
-  }
+  std::vector<uint8_t> all_valid, any_valid;
+  item_validity(km, Bk, Lk, all_valid, any_valid);
   at::Tensor out = pairwise ? at::empty({Bq, Bk}, query.options()) : at::empty({Bq}, query.options());
   at::Tensor amax = pairwise ? at::empty({Bq, Bk, Lq}, query.options().dtype(at::kInt))
                              : at::empty({Bq, Lq}, query.options().dtype(at::kInt));
@@ -287,18 +243,9 @@ std::vector<at::Tensor> trs_dual_forward_cpu(const at::Tensor& query, const at::
   const int64_t Bq = query.size(0), Lq = query.size(1), Bk = key.size(0), Lk = key.size(1);
   const bool* qm = query_mask.data_ptr<bool>();
   const bool* km = key_mask.data_ptr<bool>();
-  std::vector<uint8_t> all_valid(Bk), any_valid(Bk), q_any(Bq);
-  for (int64_t b = 0; b < Bk; ++b) {
-    bool all = true, any = false;
-    for (int64_t i = 0; i < Lk; ++i) { all = all && km[b * Lk + i]; any = any || km[b * Lk + i]; }
-    all_valid[b] = all;
-    any_valid[b] = any;
-  }
-  for (int64_t a = 0; a < Bq; ++a) {
-    bool any = false;
-    for (int64_t j = 0; j < Lq; ++j) any = any || qm[a * Lq + j];
-    q_any[a] = any;
-  }
+  std::vector<uint8_t> all_valid, any_valid, q_all, q_any;
+  item_validity(km, Bk, Lk, all_valid, any_valid);
+  item_validity(qm, Bq, Lq, q_all, q_any);
   at::Tensor out = at::zeros({Bq, Bk}, query.options());
   at::Tensor amax = at::full({Bq, Bk, Lq}, -1, query.options().dtype(at::kInt));
   at::Tensor out2 = at::zeros({Bk, Bq}, query.options());
@@ -306,7 +253,7 @@ std::vector<at::Tensor> trs_dual_forward_cpu(const at::Tensor& query, const at::
   if (out.numel() == 0) return {out, amax, out2, amax2};
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "trs_dual_forward_cpu", [&] {
     const at::Tensor qd = query.detach(), kd = key.detach();
-    forward_dual<scalar_t>(qd, kd, qm, km, all_valid, any_valid, q_any, out, amax, out2, amax2);
+    forward_pairwise<scalar_t>(qd, kd, qm, km, all_valid, any_valid, out, amax, &q_any, &out2, &amax2);
     const std::vector<scalar_t> inv_q = inverse_counts<scalar_t>(qm, Bq, Lq);
     const std::vector<scalar_t> inv_k = inverse_counts<scalar_t>(km, Bk, Lk);
     scalar_t* o = out.data_ptr<scalar_t>();
