@@ -26,5 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shapley_pooled", &loupe::shapley_pooled_cpu, "Shapley interaction, pooled game (CPU)");
   m.def("shapley_coalitions", &loupe::shapley_coalitions_cpu, "coalitions of the pinned draw (CPU)");
   m.def("uil_forward", &loupe::uil_forward_cpu, "uncertainty-weighted interaction loss forward (CPU)");
+  m.def("box_objectness", &loupe::box_objectness_cpu,
+        "objectness logit and normalisation of every whole-patch box, forward only (CPU)");
   m.def("uil_backward", &loupe::uil_backward_cpu, "uncertainty-weighted interaction loss backward, none (CPU)");
 }

@@ -650,8 +650,9 @@ class LoupeModel(nn.Module):
         ``box_feats``/``box_feats_out [B, K, D]`` are returned with ``dense_features=True`` or
         ``config.dense_region_grad``.
 
-        The objectness of all K boxes runs through :meth:`RegionGenerator.score_all` (the head's
-        first layer on the patch tokens, then box sums: no ``[B, K, 2D+7]`` input). Unless
+        The objectness of all K boxes runs through :meth:`RegionGenerator.dense` (the head's
+        first layer on the patch tokens, then box sums: no ``[B, K, 2D+7]`` input; the cpu kernel of
+        :func:`loupe_kernels.box_objectness` when no gradient is needed). Unless
         ``config.dense_region_grad``, the dense outputs are computed without gradient (ranking, NMS,
         candidate choice) and the region outputs are recomputed for the M boxes with gradient: the
         same values up to float rounding, a backward over M boxes instead of K.
@@ -661,8 +662,8 @@ class LoupeModel(nn.Module):
         res: dict[str, torch.Tensor] = {}
         with torch.set_grad_enabled(dense and torch.is_grad_enabled()):
             head_tokens = patch_tokens.detach() if self.config.region_detach else patch_tokens
-            inv_in, inv_out = _regions.box_inverse_scales(head_tokens, g, g)
-            logits = self.region_head.score_all(head_tokens, g, g, self.box_geometry, inv_in, inv_out)
+            backend = self.config.kernel_backend if self.config.kernel_backend in ("cpu", "reference") else None
+            logits, inv_in, inv_out = self.region_head.dense(head_tokens, g, g, self.box_geometry, backend=backend)
             if dense or dense_features:
                 inside, outside, _ = self.box_features(patch_tokens)
                 res["box_feats"], res["box_feats_out"] = inside, outside

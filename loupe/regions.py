@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loupe_kernels.box_objectness import box_inverse_scales, box_objectness, box_sums, interval_matrix
+
 __all__ = ["candidate_boxes", "box_iou", "box_geometry", "summed_area_table", "sat_pooling_matrix", "box_features",
            "box_features_at",
            "nms_topk", "phrase_features", "grounding_scores", "RegionGenerator", "boxes_to_pixels",
@@ -158,77 +160,6 @@ def box_features_at(tokens: torch.Tensor, h: int, w: int, pooling_matrix: torch.
     return pooled[:, :m].to(dt), pooled[:, m:].to(dt)
 
 
-def interval_matrix(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                    ) -> torch.Tensor:
-    """``[n(n+1)/2, n]`` 0/1 matrix whose row ``(a, b)`` (``a < b``, ``a`` outer, ``b`` inner: the order
-    of :func:`candidate_boxes`) marks the positions ``a..b-1``."""
-    a = torch.tensor([i for i in range(n) for _ in range(i + 1, n + 1)], device=device)
-    b = torch.tensor([j for i in range(n) for j in range(i + 1, n + 1)], device=device)
-    pos = torch.arange(n, device=device)
-    return ((pos[None] >= a[:, None]) & (pos[None] < b[:, None])).to(dtype)
-
-
-def box_sums(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Sum of the tokens inside every candidate box: ``[B, h*w, C]`` -> ``[B, K, C]`` (the order of
-    :func:`candidate_boxes`).
-
-    A box is a row interval times a column interval, so the pooling map is the Kronecker product of
-    two interval matrices and runs as two small matmuls (``B h Kx w C + B Ky h Kx C`` multiply-adds,
-    about 20x fewer than one ``[K, (h+1)(w+1)]`` summed-area-table GEMM on 8x8). Every output is a
-    direct sum of its patches (no corner differences), so it is at least as accurate.
-    """
-    if tokens.dim() != 3 or tokens.shape[1] != h * w:
-        raise ValueError(f"box_sums: tokens must be [B, h*w={h * w}, C], got {list(tokens.shape)}")
-    B, _, C = tokens.shape
-    rx = interval_matrix(w, tokens.device, tokens.dtype)  # [Kx, w]
-    ry = interval_matrix(h, tokens.device, tokens.dtype)  # [Ky, h]
-    t = torch.matmul(rx, tokens.reshape(B * h, w, C))  # [B*h, Kx, C]
-    s = torch.matmul(ry, t.reshape(B, h, rx.shape[0] * C))  # [B, Ky, Kx*C]
-    return s.reshape(B, ry.shape[0] * rx.shape[0], C)
-
-
-def box_inverse_scales(tokens: torch.Tensor, h: int, w: int, eps: float = 1e-12,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inv_in, inv_out) [B, K]`` such that the normalised inside / outside mean features of
-    :func:`box_features` are ``inv_in * sum_in`` and ``inv_out * (total - sum_in)`` (``sum_in`` =
-    :func:`box_sums`), without forming those ``[B, K, D]`` features.
-
-    ``normalize(S / a) = S / max(||S||, eps * a)`` (``F.normalize``'s eps), and ``||S||^2`` of every box
-    comes from the patches' Gram matrix summed over the box's pairs of patches (separable, like
-    :func:`box_sums`); the outside norm is ``||T||^2 - 2 <T, S> + ||S||^2``. All of it in float64
-    (a few ten million multiply-adds), so the cancellation in the outside norm stays far below
-    float32 rounding. ``inv_out`` is 0 for the whole-grid box (its outside feature is zero).
-    """
-    if tokens.dim() != 3 or tokens.shape[1] != h * w:
-        raise ValueError(f"box_inverse_scales: tokens must be [B, h*w={h * w}, D], got {list(tokens.shape)}")
-    B, n, _ = tokens.shape
-    x = tokens.to(torch.float64)
-    rx = interval_matrix(w, tokens.device, torch.float64)  # [Kx, w]
-    ry = interval_matrix(h, tokens.device, torch.float64)  # [Ky, h]
-    kx, ky = rx.shape[0], ry.shape[0]
-    gram = torch.matmul(x, x.transpose(1, 2))  # [B, (y, x), (y', x')]
-    # sum over x, x' in each column interval j: diag_j(rx G rx^T), as one GEMM and one reduction
-    q = torch.matmul(gram.reshape(B * n * h, w), rx.t()).reshape(B, h, w, h, kx)  # [B, y, x, y', j]
-    q = (q * rx.t()[None, None, :, None, :]).sum(2)  # [B, y, y', j]
-    # the same over y, y' in each row interval i
-    q = torch.matmul(q.transpose(2, 3).reshape(B * h * kx, h), ry.t()).reshape(B, h, kx, ky)  # [B, y, j, i]
-    q = (q * ry.t()[None, :, None, :]).sum(1)  # [B, j, i]
-    sq_in = q.transpose(1, 2).reshape(B, -1)  # [B, K] in candidate order (i outer, j inner)
-    total = x.sum(1)  # [B, D]
-    cross = box_sums(torch.matmul(x, total[:, :, None]), h, w)[..., 0]  # [B, K]: <T, S>
-    sq_out = (total * total).sum(-1, keepdim=True) - 2 * cross + sq_in
-    area = torch.matmul(ry.sum(1)[:, None], rx.sum(1)[None]).reshape(-1)  # [K] patches inside
-    n_out = n - area
-    has_out = n_out > 0
-    norm_in = sq_in.clamp(min=0).sqrt()
-    norm_out = torch.where(has_out, sq_out, torch.ones_like(sq_out)).clamp(min=0).sqrt()
-    inv_in = 1.0 / torch.maximum(norm_in, eps * area)
-    inv_out = torch.where(has_out, 1.0 / torch.maximum(norm_out, eps * n_out.clamp(min=1)),
-                          torch.zeros_like(norm_out))
-    dt = tokens.dtype if tokens.dtype in (torch.float32, torch.float64) else torch.float32
-    return inv_in.to(dt), inv_out.to(dt)
-
-
 def dense_grounding_scores(phrase_feats: torch.Tensor, tokens: torch.Tensor, h: int, w: int,
                            inv_in: torch.Tensor, inv_out: torch.Tensor) -> torch.Tensor:
     """:func:`grounding_scores` of every candidate box, ``[B, P, K]``, from the patch tokens and
@@ -345,9 +276,6 @@ class RegionGenerator(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, 1)
 
-    #: elements of one block of box sums in :meth:`score_all`
-    DENSE_BLOCK_ELEMS = 1 << 22
-
     def forward(self, inside: torch.Tensor, outside: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
         """``inside, outside [B, K, D]``, ``geometry [K, 7]`` or ``[B, K, 7]`` -> logits ``[B, K]``."""
         B, K, _ = inside.shape
@@ -356,38 +284,27 @@ class RegionGenerator(nn.Module):
         x = torch.cat([inside, outside, geo], dim=-1)
         return self.fc2(self.act(self.fc1(x))).squeeze(-1)
 
-    def score_all(self, tokens: torch.Tensor, h: int, w: int, geometry: torch.Tensor,
-                  inv_in: torch.Tensor | None = None, inv_out: torch.Tensor | None = None) -> torch.Tensor:
-        """The same logits as ``forward(*box_features(tokens, h, w, boxes)[:2], geometry)`` for all
-        ``K`` candidate boxes, ``[B, h*w, D] -> [B, K]``, without the ``[B, K, 2D+7]`` input.
+    def _dense_weights(self, D: int, geometry: torch.Tensor, dtype: torch.dtype):
+        wt = self.fc1.weight.to(dtype)
+        bias = torch.matmul(geometry.to(dtype), wt[:, 2 * D:].t()) + self.fc1.bias.to(dtype)  # [(B,) K, H]
+        return wt[:, :D], wt[:, D:2 * D], bias, self.fc2.weight[0].to(dtype), self.fc2.bias[0].to(dtype)
 
-        ``fc1`` is linear and the box mean is linear, so ``fc1`` runs on the patch tokens first
-        (``[B, n, 2H]``), its outputs are summed per box (:func:`box_sums`) and scaled by the
-        normalisation of each box (:func:`box_inverse_scales`, given or computed):
-        ``fc1(in, out, g) = inv_in * sum_in(W_in x) + inv_out * (sum_all - sum_in)(W_out x) + W_g g + b``.
-        An exact rewrite: differences are float rounding.
+    def dense(self, tokens: torch.Tensor, h: int, w: int, geometry: torch.Tensor, *,
+              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, inv_in, inv_out) [B, K]`` of all ``K`` candidate boxes from the patch tokens
+        ``[B, h*w, D]``: the same logits as ``forward(*box_features(tokens, h, w, boxes)[:2], geometry)``
+        without the ``[B, K, 2D+7]`` input, and the boxes' normalisation
+        (:func:`loupe_kernels.box_objectness`; its cpu kernel without gradient, its PyTorch reference
+        with). ``fc1`` is linear and the box mean is linear, so ``fc1`` runs on the patch tokens
+        first and its outputs are summed per box. An exact rewrite: differences are float rounding.
         """
         B, n, D = tokens.shape
-        work = tokens if tokens.dtype in (torch.float32, torch.float64) else tokens.float()
-        if inv_in is None or inv_out is None:
-            inv_in, inv_out = box_inverse_scales(work, h, w)
-        inv_in, inv_out = inv_in.to(work.dtype)[..., None], inv_out.to(work.dtype)[..., None]
-        wt = self.fc1.weight.to(work.dtype)
-        H = wt.shape[0]
-        # z = [W_in x, -W_out x] per patch; the outside sum is total - inside
-        z = torch.matmul(work, torch.cat([wt[:, :D], -wt[:, D:2 * D]], 0).t())  # [B, n, 2H]
-        z_out_total = -z[..., H:].sum(1, keepdim=True)  # [B, 1, H]
-        g = torch.matmul(geometry.to(work.dtype), wt[:, 2 * D:].t()) + self.fc1.bias.to(work.dtype)  # [(B,) K, H]
-        K = inv_in.shape[1]
-        # blocks of images whose [b, K, 2H] box sums stay in cache (about 16 MB): the elementwise
-        # passes over [B, K, H] are memory-bound, and blocks make them 3-4x faster on CPU (smaller
-        # blocks are a little faster on an idle machine but launch more ops, which costs on a busy one)
-        step = max(1, self.DENSE_BLOCK_ELEMS // max(1, K * 2 * H))
-        logits = []
-        for s in range(0, B, step):
-            zs = box_sums(z[s:s + step], h, w)  # [b, K, 2H]
-            gs = g if g.dim() == 2 else g[s:s + step]
-            pre = torch.addcmul(gs, zs[..., :H], inv_in[s:s + step])
-            pre = pre.addcmul_(zs[..., H:] + z_out_total[s:s + step], inv_out[s:s + step])
-            logits.append(self.fc2(self.act(pre).to(tokens.dtype)).squeeze(-1))
-        return torch.cat(logits, 0) if len(logits) > 1 else logits[0]
+        work = tokens.dtype if tokens.dtype in (torch.float32, torch.float64) else torch.float32
+        w_in, w_out, bias, w2, b2 = self._dense_weights(D, geometry, work)
+        logits, inv_in, inv_out = box_objectness(tokens, h, w, w_in, w_out, bias, w2, b2, backend=backend)
+        return logits.to(tokens.dtype), inv_in, inv_out
+
+    def score_all(self, tokens: torch.Tensor, h: int, w: int, geometry: torch.Tensor, *,
+                  backend: str | None = None) -> torch.Tensor:
+        """The logits of :meth:`dense` only, ``[B, h*w, D] -> [B, K]``."""
+        return self.dense(tokens, h, w, geometry, backend=backend)[0]

@@ -1,4 +1,5 @@
-"""loupe_kernels: fused kernels of LOUPE (token-region similarity, Shapley sampling, interaction loss).
+"""loupe_kernels: fused kernels of LOUPE (token-region similarity, Shapley sampling, interaction loss,
+dense box objectness).
 
 A standalone library: it never imports ``loupe``. Each op lives in one module with its contract,
 autograd function, backend dispatch and PyTorch reference. ``available_backends()`` and
@@ -8,6 +9,7 @@ from ._backends import BACKENDS, available_backends, backend_status
 from .token_region_similarity import TokenRegionSimilarity, token_region_similarity, token_region_similarity_dual
 from .shapley import sample_coalitions, shapley_interaction, shapley_interaction_pooled
 from .interaction_loss import UncertaintyInteractionLoss, uncertainty_interaction_loss
+from .box_objectness import box_objectness
 from . import uansil
 from . import reference
 
@@ -15,4 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "BACKENDS", "available_backends", "backend_status",
            "token_region_similarity", "token_region_similarity_dual", "TokenRegionSimilarity", "shapley_interaction", "shapley_interaction_pooled",
-           "sample_coalitions", "reference", "uncertainty_interaction_loss", "UncertaintyInteractionLoss", "uansil"]
+           "sample_coalitions", "reference", "uncertainty_interaction_loss", "UncertaintyInteractionLoss", "uansil",
+           "box_objectness"]

@@ -46,4 +46,13 @@ std::vector<at::Tensor> uil_backward_cpu(const at::Tensor& grad, const at::Tenso
                                          const at::Tensor& target, const c10::optional<at::Tensor>& target_var,
                                          const c10::optional<at::Tensor>& weight);
 
+// Dense box objectness (loupe_kernels/box_objectness.py): for every whole-patch box of the h x w grid
+// (candidate order), {logits [B, K], inv_in [B, K], inv_out [B, K]} with
+// logit = b2 + <w2, gelu(bias + inv_in * W_in S_in + inv_out * W_out S_out)>. tokens [B, h*w, D];
+// w_in, w_out [H, D]; bias [1 or B, K, H]; w2 [H]; all contiguous, one dtype (float32 or float64).
+// Forward only.
+std::vector<at::Tensor> box_objectness_cpu(const at::Tensor& tokens, int64_t h, int64_t w, const at::Tensor& w_in,
+                                           const at::Tensor& w_out, const at::Tensor& bias, const at::Tensor& w2,
+                                           double b2, double eps);
+
 }  // namespace loupe

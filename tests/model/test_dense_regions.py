@@ -4,8 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import importlib
+
+from loupe_kernels import available_backends
 from loupe.regions import (RegionGenerator, box_features, box_geometry, box_inverse_scales, box_sums, candidate_boxes,
                            dense_grounding_scores, grounding_scores, interval_matrix)
+
+box_objectness_mod = importlib.import_module("loupe_kernels.box_objectness")  # the package attribute is the function
 
 GRIDS = [(8, 8), (3, 5), (1, 4), (2, 1)]
 
@@ -66,11 +71,15 @@ def _oracle_and_direct(h, w, D, H, dtype):
 
 @pytest.mark.parametrize("h,w", GRIDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("block", [1, 1 << 21])
-def test_score_all_equals_the_head_on_box_features(h, w, dtype, block, monkeypatch):
+@pytest.mark.parametrize("backend,block", [("reference", 1), ("reference", 1 << 21), ("cpu", None)])
+def test_score_all_equals_the_head_on_box_features(h, w, dtype, backend, block, monkeypatch):
+    if backend not in available_backends():
+        pytest.skip(f"backend {backend} not built")
     x, geo, head, oracle, direct = _oracle_and_direct(h, w, 8, 16, dtype)
-    monkeypatch.setattr(head, "DENSE_BLOCK_ELEMS", block)  # 1: one image per block
-    fast = head.score_all(x, h, w, geo)
+    if block is not None:
+        monkeypatch.setattr(box_objectness_mod, "REFERENCE_BLOCK_ELEMS", block)  # 1: one image per block
+    with torch.no_grad():  # the cpu kernel is forward only
+        fast = head.score_all(x, h, w, geo, backend=backend)
     assert fast.shape == oracle.shape and fast.dtype == dtype
     err_direct = (direct.double() - oracle).abs().max().item()
     eps = 1e-13 if dtype == torch.float64 else 1e-7
