@@ -67,6 +67,7 @@ class LoupeConfig:
     vision_registers: int = 0          # register tokens of the ViT (dropped at its output)
     vision_local_radius: int | None = None  # patch tokens attend only to patches this near (None: global)
     vision_center_patches: bool = False  # subtract the image's mean patch token before normalising
+    vision_pool: str = "cls"           # image embedding: "cls" ([CLS] token) or "mean" (mean of the patch tokens)
     # candidate regions
     num_regions: int = 8               # M: semantic regions per image after NMS
     nms_iou: float = 0.5
@@ -109,6 +110,11 @@ class LoupeConfig:
                              f"text_heads ({self.text_heads})")
         if self.text_pool not in ("first", "last", "mean"):
             raise ValueError(f"LoupeConfig.text_pool must be 'first', 'last' or 'mean', got {self.text_pool!r}")
+        if self.vision_pool not in ("cls", "mean"):
+            raise ValueError(f"LoupeConfig.vision_pool must be 'cls' or 'mean', got {self.vision_pool!r}")
+        if self.vision_pool == "mean" and self.vision_center_patches:
+            raise ValueError("LoupeConfig: vision_pool='mean' with vision_center_patches=True pools centred "
+                             "patch tokens, whose mean is zero")
         if self.text_encoder not in ("transformer", "minilm"):
             raise ValueError(f"LoupeConfig.text_encoder must be 'transformer' or 'minilm', got {self.text_encoder!r}")
         if self.objective not in _losses.OBJECTIVES:
@@ -198,7 +204,8 @@ def local_attention_mask(grid: int, registers: int, radius: int | None) -> torch
 
 
 class VisionTransformer(nn.Module):
-    """ViT: returns the normalised [CLS] embedding ``[B, D]`` and patch tokens ``[B, n, D]``."""
+    """ViT: returns the normalised image embedding ``[B, D]`` ([CLS], or the mean of the patch tokens
+    with ``vision_pool="mean"``) and the normalised patch tokens ``[B, n, D]``."""
 
     def __init__(self, cfg: LoupeConfig) -> None:
         super().__init__()
@@ -212,6 +219,7 @@ class VisionTransformer(nn.Module):
         # that give global computation a place other than low-information background patches
         self.num_registers = cfg.vision_registers
         self.center_patches = cfg.vision_center_patches
+        self.pool = cfg.vision_pool
         self.registers = (nn.Parameter(torch.randn(cfg.vision_registers, W) * W ** -0.5)
                           if cfg.vision_registers else None)
         self.norm_pre = nn.LayerNorm(W)
@@ -235,6 +243,8 @@ class VisionTransformer(nn.Module):
         x = torch.cat([x[:, :1], x[:, 1 + R:]], dim=1) if R else x
         x = self.proj(self.norm_post(x))  # the same norm + projection for all
         cls, patches = x[:, 0], x[:, 1:]
+        if self.pool == "mean":  # the image embedding is the mean of its (projected) patch tokens [ours]
+            cls = patches.mean(1)
         if self.center_patches:  # what a patch adds to its image, not what every patch shares [ours]
             patches = patches - patches.mean(1, keepdim=True)
         return F.normalize(cls, dim=-1), F.normalize(patches, dim=-1)

@@ -88,3 +88,28 @@ def test_centred_patches_are_normalised_residuals_of_the_image_mean():
     want = torch.nn.functional.normalize(u[:, 1:] - u[:, 1:].mean(1, keepdim=True), dim=-1)
     torch.testing.assert_close(patches, want)
     torch.testing.assert_close(cls, torch.nn.functional.normalize(u[:, 0], dim=-1))
+
+
+def test_mean_pooled_image_embedding_is_the_normalised_mean_of_the_patch_tokens():
+    torch.manual_seed(0)
+    model = LoupeModel(LoupeConfig(vision_pool="mean", **SMALL)).eval()
+    seen = {}
+    model.visual.proj.register_forward_hook(lambda m, i, o: seen.__setitem__("u", o))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        emb, patches = model.encode_image_tokens(images)
+    u = seen["u"]
+    torch.testing.assert_close(emb, torch.nn.functional.normalize(u[:, 1:].mean(1), dim=-1))
+    torch.testing.assert_close(patches, torch.nn.functional.normalize(u[:, 1:], dim=-1))
+    cls_model = LoupeModel(LoupeConfig(**SMALL)).eval()
+    cls_model.load_state_dict(model.state_dict())  # same weights, [CLS] pooling (the default)
+    with torch.no_grad():
+        emb_cls, patches_cls = cls_model.encode_image_tokens(images)
+    torch.testing.assert_close(patches_cls, patches)  # pooling changes only the image embedding
+    assert not torch.allclose(emb_cls, emb)
+
+
+@pytest.mark.parametrize("bad", [dict(vision_pool="max"), dict(vision_pool="mean", vision_center_patches=True)])
+def test_bad_vision_pool(bad):
+    with pytest.raises(ValueError, match="vision_pool"):
+        LoupeConfig(**bad)
