@@ -60,6 +60,7 @@ class LoupeConfig:
     # objective
     objective: str = "loupe"          # "clip" | "filip" | "loupe" (see loupe.losses)
     loss_weights: dict[str, float] | None = None  # overrides of the objective's term weights
+    loupe_options: dict[str, Any] | None = None   # settings of the Shapley terms (loupe.objectives.ObjectiveOptions)
     logit_scale_init: float = 1.0 / 0.07
     logit_scale_max: float = 100.0
     kernel_backend: str | None = None  # backend of loupe_kernels ops (None = automatic)
@@ -81,6 +82,8 @@ class LoupeConfig:
         self.special_token_ids = tuple(int(i) for i in self.special_token_ids)
         if self.loss_weights is not None:
             self.loss_weights = {str(k): float(v) for k, v in dict(self.loss_weights).items()}
+        if self.loupe_options is not None:
+            self.loupe_options = {str(k): v for k, v in dict(self.loupe_options).items()}
         self.validate()
 
     def validate(self) -> None:
@@ -110,6 +113,9 @@ class LoupeConfig:
                              f"text_heads ({self.text_heads})")
         if self.text_pool not in ("first", "last", "mean"):
             raise ValueError(f"LoupeConfig.text_pool must be 'first', 'last' or 'mean', got {self.text_pool!r}")
+        if self.loupe_options:
+            from .objectives import options_from_config  # validates names and values
+            options_from_config(self)
         if self.vision_pool not in ("cls", "mean"):
             raise ValueError(f"LoupeConfig.vision_pool must be 'cls' or 'mean', got {self.vision_pool!r}")
         if self.vision_pool == "mean" and self.vision_center_patches:
@@ -533,7 +539,7 @@ class LoupeModel(nn.Module):
 
     # -------------------------------------------------------------------------------- encoders
     def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised ``([CLS] [B, D], patch tokens [B, n, D])``; patches in row-major grid order."""
+        """Normalised ``(image embedding [B, D], patch tokens [B, n, D])``; patches in row-major grid order."""
         return self.visual(self._check_images(images))
 
     def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

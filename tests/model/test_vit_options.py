@@ -113,3 +113,17 @@ def test_mean_pooled_image_embedding_is_the_normalised_mean_of_the_patch_tokens(
 def test_bad_vision_pool(bad):
     with pytest.raises(ValueError, match="vision_pool"):
         LoupeConfig(**bad)
+
+
+def test_loupe_options_reach_the_shapley_terms_and_are_validated():
+    import loupe.objectives as lo
+    cfg = LoupeConfig(loupe_options={"fsa_scales": 3, "num_samples": 8}, **{**SMALL, "objective": "loupe"})
+    model = LoupeModel(cfg)
+    opts = next(m for m in model.loss_modules.values() if m is not None).options
+    assert (opts.fsa_scales, opts.num_samples) == (3, 8)
+    assert LoupeConfig.from_dict(cfg.to_dict()).loupe_options == {"fsa_scales": 3, "num_samples": 8}
+    assert lo.options_from_config(LoupeConfig(**SMALL)) == lo.ObjectiveOptions()
+    with pytest.raises(ValueError, match="unknown keys"):
+        LoupeConfig(loupe_options={"fsa_scale": 3})
+    with pytest.raises(ValueError, match="num_samples"):
+        LoupeConfig(loupe_options={"num_samples": 0})
