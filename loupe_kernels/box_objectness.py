@@ -231,6 +231,5 @@ def box_objectness(tokens: torch.Tensor, h: int, w: int, w_in: torch.Tensor, w_o
     chosen = "reference" if needs_grad and backend is None else \
         resolve_backend(OP, backend, tokens.device, supported=("cpu", "reference"))
     if chosen == "cpu":
-        b = float(b2) if isinstance(b2, torch.Tensor) else float(b2)
-        return _box_objectness_op(tokens, h, w, w_in, w_out, bias, w2, b, float(eps))
+        return _box_objectness_op(tokens, h, w, w_in, w_out, bias, w2, float(b2), float(eps))
     return box_objectness_reference(tokens, h, w, w_in, w_out, bias, w2, b2, float(eps))
