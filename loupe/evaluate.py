@@ -10,8 +10,8 @@ compositional split holds the colour-noun pairs that training never saw):
 - **classification** (single-object split): top-1/top-5 with prompt templates, class = shape
   (``classification.top1``) and class = colour + shape (``classification.color_shape_top1``);
 - **grounding** (test and compositional splits): every whole-patch box is scored for the phrase
-  with one fixed rule for every model, ``<p, in(b)> - <p, out(b)>`` (:func:`loupe.regions.grounding_scores`),
-  the best box is correct when IoU >= 0.5 (Acc@0.5); beside it pointing accuracy (the phrase's most
+  with one fixed rule for every model, ``sum_{i in b} (<p, x_i> - t_p)`` with ``t_p`` the 70th
+  percentile of the phrase's patch similarities (:func:`loupe.regions.grounding_scores`), the best box is correct when IoU >= 0.5 (Acc@0.5); beside it pointing accuracy (the phrase's most
   similar patch has its centre inside the true box), chance (the exact expectation for a uniformly
   random whole-patch box, and for a random patch), the whole-patch oracle, each by object size;
   for models trained with a region head (objective ``loupe``) an extra row restricted to the top-M
@@ -48,6 +48,8 @@ COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) 
 COCO_RECALL_POINTS = np.linspace(0.0, 1.0, int(np.round((1.0 - 0.0) / 0.01)) + 1, endpoint=True)
 #: prompt templates for class prompts; "{}" is the class phrase ("a circle", "a red circle"). Built
 #: from the caption templates of the built-in sets, so every word is in the tokenizer's vocabulary.
+RULE = ("sum over the box's patches of <p, x_i> - t_p, t_p = the phrase's 70th-percentile patch similarity; "
+        "best of all whole-patch boxes")
 PROMPT_TEMPLATES: tuple[str, ...] = ("{}", "there is {}", "a picture of {}", "an image with {}",
                                      "this shows {}", "we can see {}", "{} in the scene")
 
@@ -171,17 +173,17 @@ def oracle_hits(true_boxes: torch.Tensor, candidates: torch.Tensor, threshold: f
 
 
 def grounding_predictions(phrase_feats: torch.Tensor, patch_tokens: torch.Tensor, grid: int,
-                          candidates: torch.Tensor, pooling_matrix: torch.Tensor | None = None,
+                          candidates: torch.Tensor | None = None,
                           allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best candidate box per phrase under the fixed rule ``<p, in(b)> - <p, out(b)>``.
+    """Best candidate box per phrase under the fixed rule :func:`loupe.regions.grounding_scores`.
 
-    ``phrase_feats [B, P, D]``, ``patch_tokens [B, n, D]``, ``candidates [K, 4]`` long patch units;
-    ``allowed [B, K]`` bool restricts the choice (e.g. to objectness regions). Returns the chosen
-    candidate index ``[B, P]`` and its score ``[B, P]``. Ties go to the lowest index.
+    ``phrase_feats [B, P, D]``, ``patch_tokens [B, n, D]``, ``candidates [K, 4]`` long patch units
+    (``None``: every whole-patch box); ``allowed [B, K]`` bool restricts the choice (e.g. to
+    objectness regions). Returns the chosen candidate index ``[B, P]`` and its score ``[B, P]``.
+    Ties go to the lowest index.
     """
     from . import regions as R
-    inside, outside, _ = R.box_features(patch_tokens.float(), grid, grid, candidates, pooling_matrix=pooling_matrix)
-    s = R.grounding_scores(phrase_feats.float(), inside, outside)  # [B, P, K]
+    s = R.grounding_scores(phrase_feats.float(), patch_tokens.float(), grid, grid, candidates)  # [B, P, K]
     if allowed is not None:
         s = s.masked_fill(~allowed[:, None, :], float("-inf"))
     score, idx = s.max(-1)
@@ -398,13 +400,16 @@ def _batches(ds, n: int, collate, batch_size: int):
 def _encode_split(model, ds, n: int, opts: EvalOptions, desc: str, *, regions: bool, keep_examples: int = 0):
     """Encode ``n`` samples; per phrase: grounding predictions, pointing, oracle, chance, size."""
     from .data import Collator
+    from .model import center_words
     from .regions import phrase_features
     dev = model.logit_scale.device
+    centred_model = bool(getattr(model.config, "text_center_words", False))
     g, p = model.grid_size, model.config.patch_size
     cand_px = model.candidate_boxes.double() * p
     collate = Collator(model.tokenizer, max_length=min(32, model.config.context_length))
     rec: dict[str, list] = {k: [] for k in ("hit", "point", "oracle", "chance", "chance_point", "size", "iou",
-                                            "hit_regions", "score", "in_out", "best_patch", "pair_corr")}
+                                            "hit_regions", "score", "in_out", "best_patch", "pair_corr",
+                                            "point_wc")}
     glob = {"img": [], "txt": [], "patches": [], "words": [], "wmask": []}
     examples = []
     bar = _Bar(n, opts.progress, desc)
@@ -419,14 +424,18 @@ def _encode_split(model, ds, n: int, opts: EvalOptions, desc: str, *, regions: b
         glob["words"].append(words.float().cpu())
         glob["wmask"].append(wmask.cpu())
         pf, pmask = phrase_features(words, wmask, batch["phrase_spans"].to(dev), batch["phrase_mask"].to(dev))
+        # the same phrases from word tokens centred on their caption (loupe.model.center_words), post hoc
+        # for models trained without it: how much of a map is a component every word of the caption shares
+        pf_wc = pf if centred_model else phrase_features(center_words(words, wmask), wmask, batch["phrase_spans"].to(dev),
+                                                         batch["phrase_mask"].to(dev))[0]
         valid = (pmask.cpu() & batch["box_mask"])
-        idx, score = grounding_predictions(pf, patches, g, model.candidate_boxes, model.sat_pooling)
+        idx, score = grounding_predictions(pf, patches, g, model.candidate_boxes)
         idx_r = None
         if regions:
             reg = model.regions(patches)
             allowed = torch.zeros(idx.shape[0], cand_px.shape[0], dtype=torch.bool, device=dev)
             allowed.scatter_(1, reg["region_index"], reg["region_mask"])
-            idx_r, _ = grounding_predictions(pf, patches, g, model.candidate_boxes, model.sat_pooling, allowed)
+            idx_r, _ = grounding_predictions(pf, patches, g, model.candidate_boxes, allowed)
         bi, pi = valid.nonzero(as_tuple=True)
         if bi.numel():
             true = batch["boxes"][bi, pi].double()
@@ -436,6 +445,7 @@ def _encode_split(model, ds, n: int, opts: EvalOptions, desc: str, *, regions: b
             rec["hit"].append(iou >= 0.5)
             rec["score"].append(score.cpu()[bi, pi])
             rec["point"].append(pointing_hits(pf.cpu()[bi, pi].float(), patches.cpu()[bi].float(), true, g, p))
+            rec["point_wc"].append(pointing_hits(pf_wc.cpu()[bi, pi].float(), patches.cpu()[bi].float(), true, g, p))
             diag = map_diagnostics(pf.cpu()[bi, pi], patches.cpu()[bi], true, bi, g, p)
             rec["in_out"].append(diag["inside_minus_outside"])
             rec["best_patch"].append(diag["best_patch"])
@@ -492,6 +502,8 @@ def _summarise_grounding(rec: dict) -> dict:
             "top_patch_share": float(counts.max()) / n,                # share of phrases won by one patch index
             "phrase_map_corr": mean(pc) if len(pc) else None,          # same image, different phrases
         }
+    if isinstance(rec.get("point_wc"), torch.Tensor):
+        out["pointing_word_centred"] = mean(rec["point_wc"])
     sizes = np.array(rec["size"])
     for s in sorted(set(rec["size"])):
         m = torch.from_numpy(sizes == s)
@@ -582,9 +594,9 @@ def _detection(model, ds, n: int, opts: EvalOptions) -> dict:
     bar = _Bar(n, opts.progress, "detect (test)")
     for items, batch in _batches(ds, n, collate, opts.batch_size):
         _, patches = model.encode_image_tokens(batch["images"].to(dev))
-        inside, outside, _ = R.box_features(patches.float(), g, g, model.candidate_boxes, pooling_matrix=model.sat_pooling)
         B = patches.shape[0]
-        s = R.grounding_scores(cf.to(dev)[None].expand(B, C, -1), inside, outside)  # [B, C, K]
+        s = R.grounding_scores(cf.to(dev)[None].expand(B, C, -1), patches.float(), g, g,
+                               model.candidate_boxes)  # [B, C, K]
         flat = s.reshape(B * C, -1)
         idx, ok = R.nms_topk(flat, model.nms_suppress, opts.max_dets)
         sc = flat.gather(1, idx).reshape(B, C, -1).cpu()
@@ -646,7 +658,8 @@ def evaluate_model(model, opts: EvalOptions | None = None, *, log_path: str | No
     gt = _summarise_grounding(rec)
     grounding = {"acc50": gt["acc50"], "pointing": gt["pointing"], "oracle_acc50": gt["oracle_acc50"],
                  "chance_acc50": gt["chance_acc50"], "chance_pointing": gt["chance_pointing"],
-                 "rule": "<p, normalize(mean_in(b))> - <p, normalize(mean_out(b))>, best of all whole-patch boxes",
+                 "pointing_word_centred": gt.get("pointing_word_centred"),
+                 "rule": RULE,
                  "test": gt}
     comp_ok = bool(getattr(test, "color_names", ()))
     if comp_ok and opts.num_compositional > 0:
@@ -659,6 +672,7 @@ def evaluate_model(model, opts: EvalOptions | None = None, *, log_path: str | No
         gc = {"acc50": None, "pointing": None, "oracle_acc50": None, "chance_acc50": None}
     grounding.update({"acc50_compositional": gc["acc50"], "pointing_compositional": gc["pointing"],
                       "oracle_acc50_compositional": gc["oracle_acc50"],
+                      "pointing_word_centred_compositional": gc.get("pointing_word_centred"),
                       "chance_acc50_compositional": gc["chance_acc50"], "compositional": gc})
     if regions:
         grounding["regions"] = {"acc50": gt.get("regions_acc50"), "acc50_compositional": gc.get("regions_acc50"),
@@ -743,7 +757,8 @@ def figure_grounding_examples(examples: list[dict], path: str) -> str:
         ax.set_title(f"\"{e['phrase']}\"\nIoU {e['iou']:.2f}", fontsize=8)
     if examples:
         axes.flat[0].legend(loc="lower left", fontsize=6, framealpha=0.6)
-    fig.suptitle("Phrase grounding (fixed rule <p,in(b)> - <p,out(b)>): true green, predicted red", fontsize=9)
+    fig.suptitle("Phrase grounding (fixed rule: sum over the box of <p, x_i> - q70(p)): true green, predicted red",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -885,19 +900,21 @@ def markdown_table(result: dict) -> str:
              "", "| classification (single objects) | top-1 | top-5 |", "|---|---|---|",
              f"| shape | {_fmt(c.get('top1'))} | {_fmt(c.get('top5'))} |",
              f"| colour + shape | {_fmt(c.get('color_shape_top1'))} | {_fmt(c.get('color_shape_top5'))} |",
-             "", "| grounding | Acc@0.5 | pointing | oracle Acc@0.5 | chance Acc@0.5 | chance pointing |",
-             "|---|---|---|---|---|---|"]
+             "", "| grounding | Acc@0.5 | pointing | pointing, word-centred | oracle Acc@0.5 | chance Acc@0.5 "
+                 "| chance pointing |",
+             "|---|---|---|---|---|---|---|"]
     for split in ("test", "compositional"):
         s = g.get(split, {}) or {}
-        lines.append(f"| {split} | {_fmt(s.get('acc50'))} | {_fmt(s.get('pointing'))} | {_fmt(s.get('oracle_acc50'))} "
+        lines.append(f"| {split} | {_fmt(s.get('acc50'))} | {_fmt(s.get('pointing'))} "
+                     f"| {_fmt(s.get('pointing_word_centred'))} | {_fmt(s.get('oracle_acc50'))} "
                      f"| {_fmt(s.get('chance_acc50'))} | {_fmt(s.get('chance_pointing'))} |")
         for size, row in sorted((s.get("by_size") or {}).items()):
             lines.append(f"| {split}, {size} objects ({row.get('phrases')}) | {_fmt(row.get('acc50'))} | "
-                         f"{_fmt(row.get('pointing'))} | {_fmt(row.get('oracle_acc50'))} | "
+                         f"{_fmt(row.get('pointing'))} | | {_fmt(row.get('oracle_acc50'))} | "
                          f"{_fmt(row.get('chance_acc50'))} | |")
     if g.get("regions"):
         lines.append(f"| objectness regions (test / compositional) | {_fmt(g['regions'].get('acc50'))} / "
-                     f"{_fmt(g['regions'].get('acc50_compositional'))} | | | | |")
+                     f"{_fmt(g['regions'].get('acc50_compositional'))} | | | | | |")
     diag = (g.get("test") or {}).get("map_diagnostics")
     if diag:
         lines += ["", "| phrase-patch maps (test), no scoring rule | inside > outside | top-patch share | phrase-map correlation |",

@@ -32,6 +32,8 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("grounding.acc50_compositional", "grounding Acc@0.5 (compositional)"),
     ("grounding.pointing", "pointing (test)"),
     ("grounding.pointing_compositional", "pointing (compositional)"),
+    ("grounding.pointing_word_centred", "pointing, word-centred phrases (test)"),
+    ("grounding.pointing_word_centred_compositional", "pointing, word-centred phrases (compositional)"),
     ("grounding.regions.acc50", "Acc@0.5, objectness regions (test)"),
     ("grounding.chance_acc50", "chance Acc@0.5 (test)"),
     ("grounding.chance_pointing", "chance pointing (test)"),

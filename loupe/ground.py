@@ -5,7 +5,8 @@
 A caption is chunked into noun phrases (:func:`loupe.data.chunk_noun_phrases`); each phrase's
 feature is the mean of its word tokens in the context of the whole caption (METHOD section 10),
 and every whole-patch box is scored with the evaluation's fixed rule
-``<p, normalize(mean_in(b))> - <p, normalize(mean_out(b))>`` (or, with ``regions=True``, only the
+:func:`loupe.regions.grounding_scores` (the sum over the box's patches of the phrase's patch
+similarity minus its 70th percentile) (or, with ``regions=True``, only the
 model's top-M objectness regions are candidates). Boxes come back in the pixels of the image that
 was passed in (the centre crop to the model's square input is undone).
 
@@ -98,8 +99,8 @@ def ground(model, image: Any, text: str, *, phrases: Sequence[tuple[int, int]] |
 
     Returns one dict per phrase: ``phrase``, ``span`` (characters of ``text``), ``box`` (xyxy in the
     input image's pixels) and ``score`` of the best box, and ``boxes``/``scores`` of the ``top_k``.
-    Scores are ``<p, in(b)> - <p, out(b)>`` in [-2, 2]; they rank boxes for one phrase and are not
-    probabilities.
+    Scores are ``sum_{i in b} (<p, x_i> - t_p)`` (:func:`loupe.regions.grounding_scores`); they rank
+    boxes for one phrase and are not probabilities.
     """
     from . import regions as R
     from .data import chunk_noun_phrases
@@ -120,8 +121,7 @@ def ground(model, image: Any, text: str, *, phrases: Sequence[tuple[int, int]] |
     _, patches = model.encode_image_tokens(x)
     pf, pmask = model.encode_phrases([text], [spans])
     g, p = model.grid_size, model.config.patch_size
-    inside, outside, _ = R.box_features(patches.float(), g, g, model.candidate_boxes, pooling_matrix=model.sat_pooling)
-    scores = R.grounding_scores(pf.float(), inside, outside)[0]  # [P, K]
+    scores = R.grounding_scores(pf.float(), patches.float(), g, g, model.candidate_boxes)[0]  # [P, K]
     if regions:
         reg = model.regions(patches)
         allowed = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)

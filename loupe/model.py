@@ -69,6 +69,8 @@ class LoupeConfig:
     vision_local_radius: int | None = None  # patch tokens attend only to patches this near (None: global)
     vision_center_patches: bool = False  # subtract the image's mean patch token before normalising
     vision_pool: str = "cls"           # image embedding: "cls" ([CLS] token) or "mean" (mean of the patch tokens)
+    # word tokens minus their caption's mean word token, renormalised (what a word adds to its caption)
+    text_center_words: bool = False
     # candidate regions
     num_regions: int = 8               # M: semantic regions per image after NMS
     nms_iou: float = 0.5
@@ -121,6 +123,8 @@ class LoupeConfig:
         if self.vision_pool == "mean" and self.vision_center_patches:
             raise ValueError("LoupeConfig: vision_pool='mean' with vision_center_patches=True pools centred "
                              "patch tokens, whose mean is zero")
+        if not isinstance(self.text_center_words, bool):
+            raise ValueError(f"LoupeConfig.text_center_words must be a bool, got {self.text_center_words!r}")
         if self.text_encoder not in ("transformer", "minilm"):
             raise ValueError(f"LoupeConfig.text_encoder must be 'transformer' or 'minilm', got {self.text_encoder!r}")
         if self.objective not in _losses.OBJECTIVES:
@@ -254,6 +258,23 @@ class VisionTransformer(nn.Module):
         if self.center_patches:  # what a patch adds to its image, not what every patch shares [ours]
             patches = patches - patches.mean(1, keepdim=True)
         return F.normalize(cls, dim=-1), F.normalize(patches, dim=-1)
+
+
+def center_words(tokens: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    """Each word token minus the mean word token of its caption, renormalised [ours].
+
+    ``tokens [B, L, D]`` (normalised), ``word_mask [B, L]``. Only word positions of captions with at
+    least two words change; other positions, and captions of one word (whose centred token would
+    be zero), are returned as they are. A phrase-patch similarity map then loses the component
+    that every word of the caption shares (e.g. a register-like patch matching the whole caption):
+    ``<w - mean(w), x>`` is the word's map minus the caption's mean map.
+    """
+    m = word_mask.to(tokens.dtype)[..., None]
+    n = m.sum(1, keepdim=True)
+    mean = (tokens * m).sum(1, keepdim=True) / n.clamp(min=1)
+    centred = F.normalize(tokens - mean, dim=-1)
+    use = word_mask[..., None] & (n >= 2)
+    return torch.where(use, centred, tokens)
 
 
 def _pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pool: str) -> torch.Tensor:
@@ -547,7 +568,10 @@ class LoupeModel(nn.Module):
         """Normalised ``(pooled [B, D], tokens [B, L, D], word_mask [B, L])``."""
         input_ids, attention_mask = self._check_text(input_ids, attention_mask)
         pooled, tokens = self.text(input_ids, attention_mask)
-        return pooled, tokens, self.word_mask(input_ids, attention_mask)
+        wmask = self.word_mask(input_ids, attention_mask)
+        if self.config.text_center_words:
+            tokens = center_words(tokens, wmask)
+        return pooled, tokens, wmask
 
     def ground(self, image, text, **kw):
         """Boxes with scores for each phrase of ``text`` in ``image`` (see :func:`loupe.ground.ground`)."""

@@ -380,8 +380,8 @@ def fsa_candidates(region_index: torch.Tensor, region_mask: torch.Tensor, phrase
                    grounding: torch.Tensor | None, candidate_boxes: torch.Tensor, per_phrase: int, scales: int,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """SSIM candidate regions per image: the top-M semantic regions, plus each phrase's ``per_phrase``
-    best boxes by the fixed grounding score ``<p, in> - <p, out>`` (METHOD 10; ``grounding [B, P, K]``
-    over all candidates, e.g. :func:`loupe.regions.dense_grounding_scores`), plus each phrase's best box
+    best boxes by the fixed grounding score (METHOD 10; ``grounding [B, P, K]`` over all candidates,
+    :func:`loupe.regions.grounding_scores`), plus each phrase's best box
     in each of ``scales`` size bands; duplicates removed. Returns ``index [B, R]``, ``valid [B, R]``."""
     B = region_index.shape[0]
     parts, oks = [region_index], [region_mask]
@@ -654,9 +654,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         grounding = None
         if (opts.fsa_per_phrase or opts.fsa_scales) and pf.shape[1] > 0:
             with torch.no_grad():
-                grounding = _regions.dense_grounding_scores(pf.detach().float(), patches.detach().float(), g, g,
-                                                            out["box_inv_in"].detach().float(),
-                                                            out["box_inv_out"].detach().float())
+                grounding = _regions.grounding_scores(pf.detach().float(), patches.detach().float(), g, g)
         ridx, rvalid = fsa_candidates(out["region_index"], out["region_mask"], pmask, grounding, cand,
                                       opts.fsa_per_phrase, opts.fsa_scales)
         R = ridx.shape[1]

@@ -8,7 +8,7 @@ import importlib
 
 from loupe_kernels import available_backends
 from loupe.regions import (RegionGenerator, box_features, box_geometry, box_inverse_scales, box_sums, candidate_boxes,
-                           dense_grounding_scores, grounding_scores, interval_matrix)
+                           interval_matrix)
 
 box_objectness_mod = importlib.import_module("loupe_kernels.box_objectness")  # the package attribute is the function
 
@@ -101,13 +101,3 @@ def test_score_all_gradients_equal_the_direct_path():
     (head.score_all(x, h, w, geo) * wts).sum().backward()
     torch.testing.assert_close(x.grad, gx, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(head.fc1.weight.grad, gw, rtol=1e-9, atol=1e-10)
-
-
-@pytest.mark.parametrize("h,w", GRIDS)
-def test_dense_grounding_scores_equal_grounding_scores(h, w):
-    x = _tokens(2, h, w, 6)
-    boxes = candidate_boxes(h, w)
-    p = F.normalize(torch.randn(2, 3, 6, dtype=torch.float64), dim=-1)
-    want = grounding_scores(p, *box_features(x, h, w, boxes)[:2])
-    got = dense_grounding_scores(p, x, h, w, *box_inverse_scales(x, h, w))
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

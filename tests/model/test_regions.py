@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from loupe.regions import (box_features, box_features_at, box_geometry, box_iou, candidate_boxes, grounding_scores, nms_topk,
+from loupe.regions import (GROUNDING_MARGIN, box_features, box_features_at, box_geometry, box_iou, candidate_boxes, grounding_scores, nms_topk,
                            phrase_features, sat_pooling_matrix, summed_area_table)
 
 
@@ -160,22 +160,89 @@ def test_phrase_features_equal_direct_means():
         phrase_features(tokens, word_mask, spans[..., :1])
 
 
+def _brute_grounding_scores(p, x, h, w, boxes, q):
+    """Loop-over-boxes float64 oracle of the fixed rule: sum over the box of <p, x_i> - t, t = Q_q + margin."""
+    out = torch.empty(p.shape[0], p.shape[1], len(boxes), dtype=torch.float64)
+    for b in range(p.shape[0]):
+        for j in range(p.shape[1]):
+            sim = (x[b].double() @ p[b, j].double()).reshape(h, w)
+            t = torch.quantile(sim.reshape(-1), q) + GROUNDING_MARGIN * (sim.max() - sim.min())
+            for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+                out[b, j, k] = (sim[y0:y1, x0:x1] - t).sum()
+    return out
+
+
+@pytest.mark.parametrize("h,w,q", [(6, 6, 0.7), (4, 7, 0.5), (5, 3, 0.9), (1, 1, 0.7)])
+def test_grounding_scores_equal_brute_force(h, w, q):
+    torch.manual_seed(h * 10 + w)
+    x = torch.nn.functional.normalize(torch.randn(2, h * w, 5, dtype=torch.float64), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(2, 3, 5, dtype=torch.float64), dim=-1)
+    boxes = candidate_boxes(h, w)
+    want = _brute_grounding_scores(p, x, h, w, boxes, q)
+    # every box (the separable box sums) and an explicit subset (the membership matrix) agree
+    torch.testing.assert_close(grounding_scores(p, x, h, w, quantile=q), want, rtol=1e-12, atol=1e-12)
+    sub = boxes[torch.randperm(len(boxes))[:7]]
+    torch.testing.assert_close(grounding_scores(p, x, h, w, sub, quantile=q),
+                               _brute_grounding_scores(p, x, h, w, sub, q), rtol=1e-12, atol=1e-12)
+    # float32 in, float32 out
+    assert grounding_scores(p.float(), x.float(), h, w).dtype == torch.float32
+
+
+def test_grounding_scores_ignore_a_shared_offset():
+    """A component every patch shares (a register-like offset) shifts the map and its quantile alike."""
+    torch.manual_seed(0)
+    h = w = 5
+    x = torch.randn(1, h * w, 6, dtype=torch.float64)
+    p = torch.nn.functional.normalize(torch.randn(1, 2, 6, dtype=torch.float64), dim=-1)
+    shared = torch.randn(6, dtype=torch.float64) * 3.0
+    torch.testing.assert_close(grounding_scores(p, x + shared, h, w), grounding_scores(p, x, h, w),
+                               rtol=1e-9, atol=1e-9)
+
+
 def test_grounding_scores_pick_the_object_box():
-    """A constructed image: an object of identical tokens on a background; the object's box wins."""
+    """A constructed image: an object of identical tokens on a noisy background.
+
+    The object covers 9 of 36 patches; with ``quantile=0.75`` the threshold lies between the best
+    background patch and the object, so the object's box alone collects every positive term. Under
+    the default (0.7) the two best background patches are above the threshold too; a box reaching
+    them would have to cross background below it, and here it does not pay.
+    """
     h = w = 6
     D = 4
-    obj, bg = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
-    grid = bg.repeat(h, w, 1)
+    gen = torch.Generator().manual_seed(3)
+    obj = torch.tensor([1.0, 0, 0, 0])
+    grid = torch.nn.functional.normalize(torch.tensor([0, 1.0, 0, 0]) + 0.3 * torch.randn(h, w, D, generator=gen), dim=-1)
     grid[1:4, 2:5] = obj  # rows 1..3, columns 2..4
     tokens = grid.reshape(1, h * w, D)
     boxes = candidate_boxes(h, w)
-    inside, outside, _ = box_features(tokens, h, w, boxes)
-    scores = grounding_scores(obj.reshape(1, 1, D), inside, outside)
-    assert scores.shape == (1, 1, boxes.shape[0])
-    best = boxes[scores[0, 0].argmax()].tolist()
-    assert best == [2, 1, 5, 4]
-    k = 7
-    torch.testing.assert_close(scores[0, 0, k], obj @ inside[0, k] - obj @ outside[0, k])
+    for q in (0.75, 0.7):
+        scores = grounding_scores(obj.reshape(1, 1, D), tokens, h, w, quantile=q)
+        assert scores.shape == (1, 1, boxes.shape[0])
+        assert boxes[scores[0, 0].argmax()].tolist() == [2, 1, 5, 4]
+
+
+def test_grounding_scores_prefer_the_smaller_of_tied_boxes():
+    """On a flat background (similarity exactly at the quantile) the object's own box wins, not a
+    larger box that adds background patches worth nothing."""
+    h = w = 8
+    x = torch.zeros(1, h * w, 3)
+    x[..., 2] = 1.0
+    grid = x.reshape(h, w, 3)
+    grid[5:7, 4:6] = torch.tensor([1.0, 0.0, 0.0])
+    p = torch.tensor([[[1.0, 0.0, 0.0]]])
+    boxes = candidate_boxes(h, w)
+    assert boxes[grounding_scores(p, x, h, w)[0, 0].argmax()].tolist() == [4, 5, 6, 7]
+
+
+def test_grounding_scores_reject_bad_input():
+    x = torch.zeros(1, 16, 4)
+    with pytest.raises(ValueError, match="patch_tokens"):
+        grounding_scores(torch.zeros(1, 2, 4), x, 3, 3)
+    with pytest.raises(ValueError, match="patch_tokens"):
+        grounding_scores(torch.zeros(1, 2, 5), x, 4, 4)
+    with pytest.raises(ValueError, match="quantile"):
+        grounding_scores(torch.zeros(1, 2, 4), x, 4, 4, quantile=1.5)
+    assert grounding_scores(torch.zeros(1, 0, 4), x, 4, 4).shape == (1, 0, 100)
 
 
 def test_box_features_at_equal_dense_features_and_gradients():
