@@ -69,8 +69,9 @@ class LoupeConfig:
     vision_local_radius: int | None = None  # patch tokens attend only to patches this near (None: global)
     vision_center_patches: bool = False  # subtract the image's mean patch token before normalising
     vision_pool: str = "cls"           # image embedding: "cls" ([CLS] token) or "mean" (mean of the patch tokens)
-    # word tokens minus their caption's mean word token, renormalised (what a word adds to its caption)
-    text_center_words: bool = False
+    # word tokens minus their caption's mean word token, renormalised (what a word adds to its caption);
+    # checkpoints saved before this field existed load with False (their training did not centre)
+    text_center_words: bool = True
     # candidate regions
     num_regions: int = 8               # M: semantic regions per image after NMS
     nms_iou: float = 0.5
@@ -159,7 +160,15 @@ class LoupeConfig:
         if unknown:
             raise ValueError(f"LoupeConfig.from_dict: unknown fields {unknown} (a checkpoint from a "
                              f"different version of loupe?)")
-        return cls(**dict(d))
+        d = dict(d)
+        for name, before in _FIELDS_ADDED_WITH_OTHER_DEFAULT.items():
+            d.setdefault(name, before)
+        return cls(**d)
+
+
+#: fields added with a default that differs from the behaviour before them: a saved config without
+#: the field gets the old behaviour
+_FIELDS_ADDED_WITH_OTHER_DEFAULT: dict[str, Any] = {"text_center_words": False}
 
 
 # ------------------------------------------------------------------------------------------------

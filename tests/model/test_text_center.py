@@ -45,7 +45,7 @@ def test_center_words_removes_a_component_every_word_shares():
 
 def test_model_option_centres_the_word_tokens_and_nothing_else():
     torch.manual_seed(0)
-    plain = LoupeModel(LoupeConfig(**SMALL)).eval()
+    plain = LoupeModel(LoupeConfig(text_center_words=False, **SMALL)).eval()
     centred = LoupeModel(LoupeConfig(text_center_words=True, **SMALL)).eval()
     centred.load_state_dict(plain.state_dict())
     ids = torch.tensor([[2, 10, 11, 12, 3, 0, 0, 0], [2, 20, 3, 0, 0, 0, 0, 0]])
@@ -66,3 +66,11 @@ def test_model_option_centres_the_word_tokens_and_nothing_else():
 def test_bad_text_center_words(bad):
     with pytest.raises(ValueError, match="text_center_words"):
         LoupeConfig(text_center_words=bad, **SMALL)
+
+
+def test_default_is_on_and_old_configs_load_without_it():
+    assert LoupeConfig(**SMALL).text_center_words is True
+    d = LoupeConfig(**SMALL).to_dict()
+    assert LoupeConfig.from_dict(d).text_center_words is True
+    del d["text_center_words"]  # a checkpoint saved before the field existed
+    assert LoupeConfig.from_dict(d).text_center_words is False
