@@ -10,8 +10,9 @@ compositional split holds the colour-noun pairs that training never saw):
 - **classification** (single-object split): top-1/top-5 with prompt templates, class = shape
   (``classification.top1``) and class = colour + shape (``classification.color_shape_top1``);
 - **grounding** (test and compositional splits): every whole-patch box is scored for the phrase
-  with one fixed rule for every model, ``sum_{i in b} (<p, x_i> - t_p)`` with ``t_p`` the 70th
-  percentile of the phrase's patch similarities (:func:`loupe.regions.grounding_scores`), the best box is correct when IoU >= 0.5 (Acc@0.5); beside it pointing accuracy (the phrase's most
+  with one fixed rule for every model, ``sum_{i in b} (<p, x_i> - t_p)`` with ``t_p`` just above
+  the 70th percentile of the phrase's patch similarities (:func:`loupe.regions.grounding_scores`);
+  the best box is correct when IoU >= 0.5 (Acc@0.5); beside it pointing accuracy (the phrase's most
   similar patch has its centre inside the true box), chance (the exact expectation for a uniformly
   random whole-patch box, and for a random patch), the whole-patch oracle, each by object size;
   for models trained with a region head (objective ``loupe``) an extra row restricted to the top-M
@@ -48,8 +49,8 @@ COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) 
 COCO_RECALL_POINTS = np.linspace(0.0, 1.0, int(np.round((1.0 - 0.0) / 0.01)) + 1, endpoint=True)
 #: prompt templates for class prompts; "{}" is the class phrase ("a circle", "a red circle"). Built
 #: from the caption templates of the built-in sets, so every word is in the tokenizer's vocabulary.
-RULE = ("sum over the box's patches of <p, x_i> - t_p, t_p = the phrase's 70th-percentile patch similarity; "
-        "best of all whole-patch boxes")
+RULE = ("sum over the box's patches of <p, x_i> - t_p, t_p = the phrase's 70th-percentile patch similarity "
+        "+ 1e-4 of its range; best of all whole-patch boxes")
 PROMPT_TEMPLATES: tuple[str, ...] = ("{}", "there is {}", "a picture of {}", "an image with {}",
                                      "this shows {}", "we can see {}", "{} in the scene")
 
