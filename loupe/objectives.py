@@ -223,7 +223,10 @@ class ObjectiveOptions:
     fsa_per_phrase: int = 2         # each phrase's best boxes by the grounding score, added to the top-M regions
     fsa_scales: int = 0             # extra boxes: the best box per phrase at each of this many size bands
     min_spread: float = 1e-6        # floor of the spread when standardising
-    uansil: bool = True             # the UANSIL policy (needs the ``ua`` term)
+    # the UANSIL skip policy (needs the ``ua`` term). Off by default [ours, measured]: once it starts
+    # filling skipped games with the predictor's mean, the phrase maps collapse (docs/METHOD-notes.md),
+    # and sampling is only ~5% of a step here. The predictor and L_UA train either way.
+    uansil: bool = False
     uansil_warmup: int = 500
     uansil_threshold: float = 0.5   # skip when predicted std < threshold * running std of sampled I
     uansil_calibration: float = 0.1
@@ -722,7 +725,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
     res["uansil_fraction_sampled"] = float(n_sampled / n_games) if n_games else 1.0
     res["uansil_calibration"] = float(calib_hits / calib_n) if calib_n else float("nan")
     res["uansil_calibration_games"] = float(calib_n)
-    res["uansil_warm"] = float(use_ua and step >= opts.uansil_warmup)
+    res["uansil_warm"] = float(use_ua and opts.uansil and step >= opts.uansil_warmup)
     out["_loupe_shapley"] = res
     for k, v in res.items():
         if not k.startswith("_") and not k.startswith("loss_"):

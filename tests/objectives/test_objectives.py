@@ -162,7 +162,7 @@ def test_same_seed_same_losses():
 def test_uansil_policy_after_warmup():
     m = _tiny()
     mod = m.loss_modules["tsa"]
-    mod.options = lo.ObjectiveOptions(uansil_warmup=2, uansil_threshold=1e6, uansil_calibration=0.5)
+    mod.options = lo.ObjectiveOptions(uansil=True, uansil_warmup=2, uansil_threshold=1e6, uansil_calibration=0.5)
     for step in range(3):
         out = m(_batch(step=step))
     # threshold huge: every game is confident; only the calibration fraction is sampled
@@ -172,6 +172,18 @@ def test_uansil_policy_after_warmup():
     out["loss"].backward()
     assert mod.uansil.predictor.net[0].weight.grad.abs().sum() > 0
     assert float(mod.uansil.running_var) > 0
+
+
+def test_default_samples_every_game_and_still_trains_the_predictor():
+    m = _tiny()
+    mod = m.loss_modules["tsa"]
+    mod.options = lo.ObjectiveOptions(uansil_warmup=2, uansil_threshold=1e6, uansil_calibration=0.5)
+    assert mod.options.uansil is False
+    for step in range(3):
+        out = m(_batch(step=step))
+    assert out["uansil_warm"] == 0.0 and out["uansil_fraction_sampled"] == 1.0
+    out["loss"].backward()
+    assert mod.uansil.predictor.net[0].weight.grad.abs().sum() > 0
 
 
 def test_ua_loss_formula():
