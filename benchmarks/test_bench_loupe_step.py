@@ -1,13 +1,13 @@
 """One LOUPE training step vs one CLIP step at the default size (METHOD 9 cost target: <= 1.5x).
 
 Batch 128, default model (64x64, 8x8 grid, D=128, 4+4 layers), captions of 16 tokens with 3 phrases,
-K=32, M'=16, after the UANSIL warm-up (the policy active). Records the share of the LOUPE step spent
+K=32, M'=16. Records the share of the LOUPE step spent
 in the Shapley sampler, the fraction of games sampled and the targets' relative standard error.
 
-Variants: ``clip``; ``loupe`` (policy active after a 1-step warm-up; its predictor has seen 2 steps,
-so it is not yet confident and samples about every game); ``loupe_no_uansil`` (warm-up never ends:
-every game sampled); ``loupe_uansil_skip`` (skip threshold 1e6: every game counts as confident, only
-the 10% calibration games are sampled, i.e. the most UANSIL can save).
+Variants: ``clip``; ``loupe`` (the default options: the UANSIL skip policy is off, every game is
+sampled, the predictor trains); ``loupe_no_uansil`` (policy on, warm-up never ends: every game
+sampled); ``loupe_uansil_skip`` (policy on after a 1-step warm-up with skip threshold 1e6: every game
+counts as confident, only the 10% calibration games are sampled, i.e. the most UANSIL can save).
 
 On a shared machine the variants, run one after another, see different loads. ``test_bench_step_pairs``
 therefore alternates CLIP and LOUPE steps and records the ratio of their medians over the pairs, at
@@ -37,12 +37,16 @@ def _batch(step: int):
             "seed": step, "step": step}
 
 
-def _setup(objective: str, warm: bool, threshold: float = 0.5):
+def _setup(objective: str, warm: bool, threshold: float = 0.5, policy: bool = False):
     torch.manual_seed(0)
     model = LoupeModel(LoupeConfig(objective=objective))
     if objective == "loupe":
         mod = model.loss_modules["tsa"]
-        mod.options = lo.ObjectiveOptions(uansil_warmup=1 if warm else 10 ** 9, uansil_threshold=threshold)
+        if policy:
+            mod.options = lo.ObjectiveOptions(uansil=True, uansil_warmup=1 if warm else 10 ** 9,
+                                              uansil_threshold=threshold)
+        else:
+            mod.options = lo.ObjectiveOptions()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, opt
 
@@ -72,8 +76,9 @@ class _SamplerTimer:
 @pytest.mark.parametrize("variant", ["clip", "loupe", "loupe_no_uansil", "loupe_uansil_skip"])
 def test_bench_step(benchmark, variant, monkeypatch):
     objective = "clip" if variant == "clip" else "loupe"
-    model, opt = _setup(objective, warm=(variant in ("loupe", "loupe_uansil_skip")),
-                        threshold=1e6 if variant == "loupe_uansil_skip" else 0.5)
+    model, opt = _setup(objective, warm=(variant == "loupe_uansil_skip"),
+                        threshold=1e6 if variant == "loupe_uansil_skip" else 0.5,
+                        policy=variant in ("loupe_no_uansil", "loupe_uansil_skip"))
     batches = [_batch(s) for s in range(3)]
     for s in range(2):  # warm-up (and the UANSIL running statistics)
         _step(model, opt, batches[s])

@@ -316,6 +316,28 @@ def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> di
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
+def release_shm_buffer(rank: int) -> str | None:
+    """Unlink this rank's shared-memory allreduce buffer of DeepSpeed's CPU communication op.
+
+    ``deepspeed_shm_comm`` creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+    (about 67 MB of RAM) for every rank and never unlinks it, so each CPU training run would leave
+    one behind per process until the machine runs out of memory. Called after the last barrier;
+    the mapping stays valid until the process exits. Returns the path removed, or None.
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port or not hasattr(os, "getuid"):
+        return None
+    path = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        print(f"loupe: could not remove DeepSpeed's shared-memory buffer {path}: {e}", file=sys.stderr)
+        return None
+    return path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import deepspeed
@@ -535,6 +557,7 @@ def main(argv=None) -> int:
         if skipped_total:
             print(f"  skipped {skipped_total} unreadable samples")
     dist.barrier()
+    release_shm_buffer(rank)
     dist.destroy_process_group()
     return 0
 

@@ -1,6 +1,7 @@
 """The training job through the real `deepspeed` launcher, on CPU with gloo, small and short."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -50,6 +51,28 @@ def read_log(out) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def test_release_shm_buffer_removes_only_this_ranks_buffer(monkeypatch, tmp_path):
+    from loupe.train import release_shm_buffer
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    port = str(free_port())
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", port)
+    mine = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_1"
+    other = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0"
+    for path in (mine, other):
+        with open(path, "wb") as f:
+            f.write(b"x")
+    try:
+        assert release_shm_buffer(1) == mine
+        assert not os.path.exists(mine) and os.path.exists(other)
+        assert release_shm_buffer(1) is None  # already gone: nothing to do
+    finally:
+        for path in (mine, other):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
 def test_help_lists_the_flags():
     p = subprocess.run([sys.executable, TRAIN, "--help"], env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -77,7 +100,11 @@ def test_bad_flags_give_clear_errors(args, words):
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_one_process_trains_saves_and_loads(tmp_path, zero):
     out = tmp_path / f"z{zero}"
-    run(launch_cmd(out, steps=6, zero=zero))
+    cmd = launch_cmd(out, steps=6, zero=zero)
+    run(cmd)
+    # DeepSpeed's CPU shared-memory allreduce buffer of this run is gone (it would leak 67 MB of RAM)
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 7))
     for key in ("loss", "loss_cmc", "loss_filip", "samples_per_s", "lr", "logit_scale", "data_time"):
