@@ -140,7 +140,8 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, zero):
     full = tmp_path / "full"
     run(launch_cmd(full, steps=6, zero=zero))
     part = tmp_path / "part"
-    p = subprocess.Popen(launch_cmd(part, steps=6, zero=zero), env=env(), stdout=subprocess.DEVNULL,
+    killed_cmd = launch_cmd(part, steps=6, zero=zero)
+    p = subprocess.Popen(killed_cmd, env=env(), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     log = part / "log.jsonl"
     deadline = time.time() + 600
@@ -154,6 +155,10 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, zero):
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+        # a killed run cannot unlink DeepSpeed's shared-memory buffer (loupe.train.release_shm_buffer)
+        port = killed_cmd[killed_cmd.index("--master_port") + 1]
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+            os.unlink(path)
     ckpt_step = int((part / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
     logged = max(json.loads(x)["step"] for x in log.read_text().splitlines() if x.strip())
     assert logged > ckpt_step  # killed between checkpoints: the resume must drop log lines
