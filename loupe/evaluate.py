@@ -430,13 +430,13 @@ def _encode_split(model, ds, n: int, opts: EvalOptions, desc: str, *, regions: b
         pf_wc = pf if centred_model else phrase_features(center_words(words, wmask), wmask, batch["phrase_spans"].to(dev),
                                                          batch["phrase_mask"].to(dev))[0]
         valid = (pmask.cpu() & batch["box_mask"])
-        idx, score = grounding_predictions(pf, patches, g, model.candidate_boxes)
+        idx, score = grounding_predictions(pf, patches, g)  # every box, in model.candidate_boxes order
         idx_r = None
         if regions:
             reg = model.regions(patches)
             allowed = torch.zeros(idx.shape[0], cand_px.shape[0], dtype=torch.bool, device=dev)
             allowed.scatter_(1, reg["region_index"], reg["region_mask"])
-            idx_r, _ = grounding_predictions(pf, patches, g, model.candidate_boxes, allowed)
+            idx_r, _ = grounding_predictions(pf, patches, g, allowed=allowed)
         bi, pi = valid.nonzero(as_tuple=True)
         if bi.numel():
             true = batch["boxes"][bi, pi].double()
@@ -596,8 +596,7 @@ def _detection(model, ds, n: int, opts: EvalOptions) -> dict:
     for items, batch in _batches(ds, n, collate, opts.batch_size):
         _, patches = model.encode_image_tokens(batch["images"].to(dev))
         B = patches.shape[0]
-        s = R.grounding_scores(cf.to(dev)[None].expand(B, C, -1), patches.float(), g, g,
-                               model.candidate_boxes)  # [B, C, K]
+        s = R.grounding_scores(cf.to(dev)[None].expand(B, C, -1), patches.float(), g, g)  # [B, C, K]
         flat = s.reshape(B * C, -1)
         idx, ok = R.nms_topk(flat, model.nms_suppress, opts.max_dets)
         sc = flat.gather(1, idx).reshape(B, C, -1).cpu()

@@ -121,7 +121,7 @@ def ground(model, image: Any, text: str, *, phrases: Sequence[tuple[int, int]] |
     _, patches = model.encode_image_tokens(x)
     pf, pmask = model.encode_phrases([text], [spans])
     g, p = model.grid_size, model.config.patch_size
-    scores = R.grounding_scores(pf.float(), patches.float(), g, g, model.candidate_boxes)[0]  # [P, K]
+    scores = R.grounding_scores(pf.float(), patches.float(), g, g)[0]  # [P, K], model.candidate_boxes order
     if regions:
         reg = model.regions(patches)
         allowed = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)

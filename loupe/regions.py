@@ -284,7 +284,7 @@ def grounding_scores(phrase_feats: torch.Tensor, patch_tokens: torch.Tensor, h: 
     dt = torch.float64 if phrase_feats.dtype == torch.float64 else torch.float32
     sim = torch.einsum("bpd,bnd->bpn", phrase_feats.to(dt), patch_tokens.to(dt))  # [B, P, n]
     if sim.numel() == 0:
-        K = candidate_boxes(h, w).shape[0] if boxes is None else boxes.shape[0]
+        K = (h * (h + 1) // 2) * (w * (w + 1) // 2) if boxes is None else boxes.shape[0]
         return sim.new_zeros(sim.shape[0], sim.shape[1], K)
     spread = sim.amax(-1, keepdim=True) - sim.amin(-1, keepdim=True)
     centred = sim - (torch.quantile(sim, quantile, dim=-1, keepdim=True) + GROUNDING_MARGIN * spread)
