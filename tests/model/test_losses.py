@@ -154,6 +154,12 @@ def test_two_rank_gather_equals_single_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, worker, str(tmp_path), str(_free_port())], env=env,
                           capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0 and "SIGABRT" in proc.stderr:
+        # gloo occasionally aborts a rank while tearing the process group down (seen once in ~10
+        # runs, "terminate called without an active exception"): run the whole job once more, on a
+        # fresh port; every assertion below applies to that run
+        proc = subprocess.run([sys.executable, worker, str(tmp_path), str(_free_port())], env=env,
+                              capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sys.path.insert(0, os.path.dirname(worker))
     try:
