@@ -23,7 +23,8 @@ from . import regions as _regions
 
 __all__ = ["region_targets", "box_subsets", "game_values", "SceneSpec", "constructed_scene", "TARGET_RULES",
            "GAMES", "ObjectiveOptions", "options_from_config", "UANSIL", "LoupeShapleyTerms",
-           "tsa_candidates", "fsa_candidates", "phrase_region_interactions", "soft_kl", "loupe_losses"]
+           "tsa_candidates", "fsa_candidates", "phrase_region_interactions", "phrase_contrast", "cross_image_lse", "soft_kl",
+           "loupe_losses"]
 
 TARGET_RULES = ("redundancy", "redundancy_minus_outside")
 GAMES = ("maxsim", "pooled")
@@ -222,6 +223,13 @@ class ObjectiveOptions:
     tau: float = 0.05
     fsa_per_phrase: int = 2         # each phrase's best boxes by the grounding score, added to the top-M regions
     fsa_scales: int = 0             # extra boxes: the best box per phrase at each of this many size bands
+    # SSIM labels from each pair's interaction minus the mean interaction of the caption's phrases
+    # with the same region (captions of >= 2 phrases): a region that every phrase needs is no phrase's
+    fsa_phrase_contrast: bool = False
+    # SSIM prediction normalised over the phrase's regions and the candidate regions of the other
+    # images of the batch (negatives with label 0): a region that looks the same in every image
+    # (a positional constant token) cannot be any phrase's region
+    fsa_cross_image: bool = False
     min_spread: float = 1e-6        # floor of the spread when standardising
     # the UANSIL skip policy (needs the ``ua`` term). Off by default [ours, measured]: once it starts
     # filling skipped games with the predictor's mean, the phrase maps collapse (docs/METHOD-notes.md),
@@ -460,6 +468,32 @@ def phrase_region_interactions(phrase_feats: torch.Tensor, phrase_mask: torch.Te
     return inter, se
 
 
+def phrase_contrast(inter: torch.Tensor, pair_ok: torch.Tensor) -> torch.Tensor:
+    """``inter [B, P, R]`` minus, per region, the mean over the image's valid phrases ([ours]).
+
+    Only images with at least two valid phrases change; invalid pairs stay as they are. A region
+    that every phrase of the caption needs equally (e.g. a patch holding the image's global content)
+    gets 0 for each; a region that one phrase needs more than the others stays positive for it.
+    """
+    vf = pair_ok.to(inter.dtype)
+    cnt = vf.sum(1, keepdim=True)  # valid phrases per region [B, 1, R]
+    mean = (inter * vf).sum(1, keepdim=True) / cnt.clamp(min=1)
+    return torch.where(pair_ok & (cnt >= 2), inter - mean, inter)
+
+
+def cross_image_lse(phrase_feats: torch.Tensor, region_feats: torch.Tensor, region_valid: torch.Tensor,
+                    tau: float) -> torch.Tensor:
+    """``[B, P]``: log-sum-exp of ``<p, r> / tau`` of each phrase over the valid regions of every
+    *other* image of the batch (``-inf`` for a batch of one) [ours]. These are the negatives of
+    ``fsa_cross_image``; they carry gradient into the phrases and the other images' regions."""
+    B = phrase_feats.shape[0]
+    logits = torch.einsum("bpd,crd->bpcr", phrase_feats.float(), region_feats.float()) / tau  # [B, P, B, R]
+    other = ~torch.eye(B, dtype=torch.bool, device=logits.device)  # [B, B]
+    keep = other[:, None, :, None] & region_valid[None, None, :, :]
+    logits = logits.masked_fill(~keep, float("-inf"))
+    return torch.logsumexp(logits.flatten(2), -1)
+
+
 def _standardise(t: torch.Tensor, valid: torch.Tensor, floor: float) -> torch.Tensor:
     """Zero mean, unit spread over the last dim's valid entries (0 elsewhere)."""
     vf = valid.to(t.dtype)
@@ -469,10 +503,14 @@ def _standardise(t: torch.Tensor, valid: torch.Tensor, floor: float) -> torch.Te
     return torch.where(valid, (t - mean) / var.sqrt().clamp(min=floor), torch.zeros_like(t))
 
 
-def soft_kl(target_logits: torch.Tensor, pred_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def soft_kl(target_logits: torch.Tensor, pred_logits: torch.Tensor, valid: torch.Tensor,
+            extra_lse: torch.Tensor | None = None) -> torch.Tensor:
     """``KL(softmax(target) || softmax(pred))`` over the valid entries of the last dim, per row.
 
     Rows with fewer than 2 valid entries give 0. The target side carries no gradient.
+    ``extra_lse`` (shape of a row index, may be ``-inf``) is the log-sum-exp of further prediction
+    logits that the target gives probability 0 (negatives): the prediction is normalised over the
+    row's valid entries and them.
     """
     neg = torch.tensor(float("-inf"), device=pred_logits.device, dtype=torch.float32)
     tl = torch.where(valid, target_logits.detach().float(), neg)
@@ -481,7 +519,11 @@ def soft_kl(target_logits: torch.Tensor, pred_logits: torch.Tensor, valid: torch
     tl = torch.where(ok[..., None], tl, torch.zeros_like(tl))
     pl = torch.where(ok[..., None], pl, torch.zeros_like(pl))
     logq = torch.log_softmax(tl, -1)
-    logp = torch.log_softmax(pl, -1)
+    if extra_lse is None:
+        logp = torch.log_softmax(pl, -1)
+    else:
+        extra = torch.where(ok, extra_lse.float(), neg)
+        logp = pl - torch.logaddexp(torch.logsumexp(pl, -1), extra)[..., None]
     q = logq.exp()
     kl = torch.where(q > 0, q * (logq - torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))),
                      torch.zeros_like(q)).sum(-1)
@@ -677,9 +719,11 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         inter, se = phrase_region_interactions(pf, pmask, rfeat, rvalid, num_samples=opts.num_samples,
                                                seed=_seed_of(batch, 2), sample=sample, fill=fill,
                                                backend=opts.backend)
-        z = _standardise(inter, pair_ok, opts.min_spread)
+        z = _standardise(phrase_contrast(inter, pair_ok) if opts.fsa_phrase_contrast else inter, pair_ok,
+                         opts.min_spread)
         pred = torch.einsum("bpd,brd->bpr", pf.float(), rfeat.float()) / opts.tau
-        kl = soft_kl(z / opts.tau_s, pred, pair_ok)
+        extra = cross_image_lse(pf, rfeat, rvalid, opts.tau) if opts.fsa_cross_image else None
+        kl = soft_kl(z / opts.tau_s, pred, pair_ok, extra)
         rows = pair_ok.sum(-1) >= 2
         res["loss_fsa"] = kl.sum() / rows.sum().clamp(min=1) + 0.0 * pred.sum()
         n_games += int(pair_ok.sum())

@@ -268,6 +268,17 @@ def test_coco_map_ties_and_max_dets_match_pycocotools():
     np.testing.assert_allclose(ours10["precision"], ev.eval["precision"][:, :, :, 0, 1], atol=1e-12)
 
 
+def test_patch_pair_cos_hand_computed():
+    """Image 0: three unit patches, two equal and one orthogonal: cosines 1, 0, 0 -> mean 1/3.
+    Image 1: unnormalised copies of one direction -> 1. Too few patches is an error."""
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]],
+                      [[2.0, 2.0], [0.5, 0.5], [3.0, 3.0]]])
+    got = E.patch_pair_cos(x)
+    assert torch.allclose(got, torch.tensor([1 / 3, 1.0], dtype=torch.float64), atol=1e-12)
+    with pytest.raises(ValueError, match="patch_pair_cos"):
+        E.patch_pair_cos(torch.ones(2, 1, 3))
+
+
 def test_map_diagnostics_hand_computed():
     """2x2 grid, 16-pixel patches, D=2. Image 0: phrase 0 likes the top-left patch (its box), phrase 1
     the bottom-right; image 1: one phrase whose box covers the whole image (no outside -> NaN)."""

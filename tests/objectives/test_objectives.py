@@ -72,6 +72,77 @@ def test_fsa_matching_region_gets_largest_label():
     assert bool((I[0, 0, 2] > 0) & (I[0, 1, 4] > 0))
 
 
+def test_phrase_contrast_hand_computed():
+    inter = torch.tensor([[[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], [[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]])
+    ok = torch.ones(2, 2, 3, dtype=torch.bool)
+    ok[1, 1] = False  # image 1 has one valid phrase: unchanged, and its invalid row untouched
+    got = lo.phrase_contrast(inter, ok)
+    assert got[0].tolist() == [[-1.0, 0.0, 1.0], [1.0, 0.0, -1.0]]
+    assert torch.equal(got[1], inter[1])
+
+
+def test_phrase_contrast_moves_label_off_a_region_every_phrase_needs():
+    # region 0 holds both objects (a global patch), regions 1 and 2 one object each. Each phrase
+    # matches region 0 best, so its raw label picks it; with the phrase contrast each phrase's
+    # label goes to its own object's region.
+    D = 16
+    basis, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(1)))
+    a, b, ctx = basis[0], basis[1], basis[2]
+    p1 = torch.nn.functional.normalize(a + 1.5 * ctx, dim=0)   # contextual phrases: both carry the caption
+    p2 = torch.nn.functional.normalize(b + 1.5 * ctx, dim=0)
+    regions = torch.nn.functional.normalize(torch.stack([a + b + 1.6 * ctx, a, b]), dim=-1)
+    phrases = torch.stack([p1, p2])[None]
+    pm, rv = torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool)
+    I, _ = lo.phrase_region_interactions(phrases, pm, regions[None], rv, num_samples=512, seed=0)
+    assert I[0].argmax(-1).tolist() == [0, 0]
+    ok = pm[:, :, None] & rv[:, None, :]
+    assert lo.phrase_contrast(I, ok)[0].argmax(-1).tolist() == [1, 2]
+
+
+def test_cross_image_lse_against_a_loop_and_soft_kl_with_negatives():
+    g = torch.Generator().manual_seed(2)
+    pf = torch.nn.functional.normalize(torch.randn(3, 2, 8, generator=g), dim=-1)
+    rf = torch.nn.functional.normalize(torch.randn(3, 4, 8, generator=g), dim=-1)
+    rv = torch.tensor([[True, True, False, True], [True, False, False, False], [True, True, True, True]])
+    got = lo.cross_image_lse(pf, rf, rv, 0.1)
+    for b in range(3):
+        for p in range(2):
+            neg = torch.cat([pf[b, p] @ rf[c][rv[c]].T / 0.1 for c in range(3) if c != b])
+            assert abs(float(got[b, p]) - float(torch.logsumexp(neg, 0))) < 1e-5
+    assert bool(torch.isneginf(lo.cross_image_lse(pf[:1], rf[:1], rv[:1], 0.1)).all())  # no other image
+    # soft_kl with negatives: the prediction normalised over the row and the negatives
+    t, pr = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+    ok = torch.ones(2, 4, dtype=torch.bool)
+    extra = torch.randn(2, generator=g)
+    q = t.softmax(-1)
+    logp = pr - torch.logsumexp(torch.cat([pr, extra[:, None]], 1), 1, keepdim=True)
+    assert torch.allclose(lo.soft_kl(t, pr, ok, extra), (q * (q.log() - logp)).sum(-1), atol=1e-6)
+    assert torch.allclose(lo.soft_kl(t, pr, ok, torch.full((2,), float("-inf"))), lo.soft_kl(t, pr, ok))
+    # a negative as likely as the row's regions raises the loss
+    assert bool((lo.soft_kl(t, pr, ok, pr.max(-1).values) > lo.soft_kl(t, pr, ok)).all())
+
+
+def test_cross_image_negatives_push_a_positional_constant_region_away():
+    # region 0 has the same feature in both images and the phrase prefers it; the labels are uniform
+    # over the own image's regions. Without negatives, the gradient on the phrase does not care
+    # that region 0 is in every image; with them, the loss is larger and its gradient moves the
+    # phrase away from the constant region.
+    torch.manual_seed(0)
+    const = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    rf = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=-1)
+    rf[:, 0] = const
+    pf = torch.nn.functional.normalize(const + 0.3 * torch.randn(2, 1, 8), dim=-1).requires_grad_(True)
+    rv = torch.ones(2, 3, dtype=torch.bool)
+    ok = torch.ones(2, 1, 3, dtype=torch.bool)
+    target = torch.zeros(2, 1, 3)
+    pred = torch.einsum("bpd,brd->bpr", pf, rf) / 0.05
+    plain = lo.soft_kl(target, pred, ok).sum()
+    crossed = lo.soft_kl(target, pred, ok, lo.cross_image_lse(pf, rf, rv, 0.05)).sum()
+    assert float(crossed.detach()) > float(plain.detach())
+    (grad,) = torch.autograd.grad(crossed, pf)
+    assert float((grad * const).sum()) > 0  # descent lowers the phrase's similarity to the constant
+
+
 def _tiny(objective="loupe", weights=None):
     cfg = LoupeConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
                       text_layers=1, text_heads=2, embed_dim=32, vocab_size=50, context_length=16, region_hidden=16,
@@ -184,6 +255,19 @@ def test_default_samples_every_game_and_still_trains_the_predictor():
     assert out["uansil_warm"] == 0.0 and out["uansil_fraction_sampled"] == 1.0
     out["loss"].backward()
     assert mod.uansil.predictor.net[0].weight.grad.abs().sum() > 0
+
+
+def test_fsa_contrast_options_change_only_l_fsa():
+    base = _tiny()(_batch(seed=5))
+    for opts in ({"fsa_phrase_contrast": True}, {"fsa_cross_image": True},
+                 {"fsa_phrase_contrast": True, "fsa_cross_image": True}):
+        m = _tiny()
+        m.loss_modules["tsa"].options = lo.ObjectiveOptions(**opts)
+        out = m(_batch(seed=5))
+        assert float(out["loss_tsa"]) == float(base["loss_tsa"])
+        assert torch.isfinite(out["loss_fsa"]) and float(out["loss_fsa"]) != float(base["loss_fsa"])
+        out["loss"].backward()
+        assert any(q.grad is not None and float(q.grad.abs().sum()) > 0 for q in m.visual.parameters())
 
 
 def test_ua_loss_formula():
