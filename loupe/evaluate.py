@@ -612,31 +612,59 @@ def _detection(model, ds, n: int, opts: EvalOptions) -> dict:
     if not classes:
         return {}
     cf = _class_phrase_features(model, [_article(c) for c in classes])  # [C, D]
+    ct = _class_features(model, [_article(c) for c in classes])  # [C, D] global class embeddings
+    scale = float(model.scale("cmc"))
     C, g, p = len(classes), model.grid_size, model.config.patch_size
     cand_px = model.candidate_boxes.float() * p
     collate = Collator(model.tokenizer, max_length=min(32, model.config.context_length))
-    gts, dets = [], []
+    gts, dets, dets_box = [], [], []
     bar = _Bar(n, opts.progress, "detect (test)")
     for items, batch in _batches(ds, n, collate, opts.batch_size):
-        _, patches = model.encode_image_tokens(batch["images"].to(dev))
+        img_emb, patches = model.encode_image_tokens(batch["images"].to(dev))
         B = patches.shape[0]
         s = R.grounding_scores(cf.to(dev)[None].expand(B, C, -1), patches.float(), g, g)  # [B, C, K]
         flat = s.reshape(B * C, -1)
         idx, ok = R.nms_topk(flat, model.nms_suppress, opts.max_dets)
         sc = flat.gather(1, idx).reshape(B, C, -1).cpu()
         idx, ok = idx.reshape(B, C, -1).cpu(), ok.reshape(B, C, -1).cpu()
+        presence = (scale * img_emb.float() @ ct.to(dev).T).softmax(-1).cpu()  # [B, C]
+        conf = detection_confidence(sc, presence)
         for b in range(B):
             m = batch["box_mask"][b]
             gts.append({"boxes": batch["boxes"][b][m], "labels": batch["shape_ids"][b][m]})
             lab = torch.arange(C)[:, None].expand_as(idx[b])
-            dets.append({"boxes": cand_px.cpu()[idx[b][ok[b]]], "scores": sc[b][ok[b]], "labels": lab[ok[b]]})
+            boxes, labels = cand_px.cpu()[idx[b][ok[b]]], lab[ok[b]]
+            dets.append({"boxes": boxes, "scores": conf[b][ok[b]], "labels": labels})
+            dets_box.append({"boxes": boxes, "scores": sc[b][ok[b]], "labels": labels})
         bar.update(len(items))
     bar.close()
     res = coco_map(gts, dets, C)
+    res_box = coco_map(gts, dets_box, C)
     return {"map50": res["map50"], "map": res["map"], "map75": res["map75"],
             "per_class_ap50": {c: (None if math.isnan(v) else float(v)) for c, v in zip(classes, res["per_class_ap50"])},
             "per_class_ap": {c: (None if math.isnan(v) else float(v)) for c, v in zip(classes, res["per_class_ap"])},
+            # the boxes ranked across images by the rule's score alone (before 2026-11-28, fifth session)
+            "box_score_only": {"map50": res_box["map50"], "map": res_box["map"]},
+            "confidence": "P(class | image) from the global embeddings x box score / the image-class's best box score",
             "images": len(gts), "max_dets": opts.max_dets}
+
+
+def detection_confidence(box_scores: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """Confidence of each detection ``[B, C, k]`` from its rule score and the class's presence.
+
+    The fixed rule's score (:func:`loupe.regions.grounding_scores`) says where a class would be in
+    an image, not whether it is there: its threshold is set per image and class, so an absent class
+    still gets a positive best box. A detection's confidence is therefore ``presence[b, c]`` (the
+    zero-shot ``P(class | image)`` from the global embeddings) times the box's score relative to
+    the best box of that image and class, clamped to [0, 1] (1 where the best score is not
+    positive). Within an image and class the order of the boxes is the rule's. [ours]
+    """
+    if box_scores.dim() != 3 or presence.shape != box_scores.shape[:2]:
+        raise ValueError(f"detection_confidence: expected box_scores [B, C, k] and presence [B, C], got "
+                         f"{list(box_scores.shape)} and {list(presence.shape)}")
+    top = box_scores.max(-1, keepdim=True).values
+    rel = torch.where(top > 0, (box_scores / top.clamp(min=1e-12)).clamp(0, 1), torch.ones_like(box_scores))
+    return presence[..., None].to(rel.dtype) * rel
 
 
 def _retrieval(enc: dict) -> dict:
@@ -952,6 +980,9 @@ def markdown_table(result: dict) -> str:
               "|---|---|---|" + "---|" * len(d.get("per_class_ap50") or {}),
               f"| class prompts | {_fmt(d.get('map50'))} | {_fmt(d.get('map'))} | "
               + " | ".join(_fmt(v) for v in (d.get("per_class_ap50") or {}).values()) + " |"]
+    if d.get("box_score_only"):
+        lines.append(f"| ranked by box score alone | {_fmt(d['box_score_only'].get('map50'))} | "
+                     f"{_fmt(d['box_score_only'].get('map'))} |" + " |" * len(d.get("per_class_ap50") or {}))
     return "\n".join(lines)
 
 

@@ -224,12 +224,14 @@ class ObjectiveOptions:
     fsa_per_phrase: int = 2         # each phrase's best boxes by the grounding score, added to the top-M regions
     fsa_scales: int = 0             # extra boxes: the best box per phrase at each of this many size bands
     # SSIM labels from each pair's interaction minus the mean interaction of the caption's phrases
-    # with the same region (captions of >= 2 phrases): a region that every phrase needs is no phrase's
-    fsa_phrase_contrast: bool = False
+    # with the same region (captions of >= 2 phrases): a region that every phrase needs (a patch
+    # holding the image's global content) is no phrase's. On by default [ours, measured together
+    # with fsa_cross_image: docs/METHOD-notes.md]
+    fsa_phrase_contrast: bool = True
     # SSIM prediction normalised over the phrase's regions and the candidate regions of the other
-    # images of the batch (negatives with label 0): a region that looks the same in every image
-    # (a positional constant token) cannot be any phrase's region
-    fsa_cross_image: bool = False
+    # images of the local batch (negatives with label 0): a region that looks the same in every
+    # image (a positional constant token) cannot be any phrase's region. On by default [ours]
+    fsa_cross_image: bool = True
     min_spread: float = 1e-6        # floor of the spread when standardising
     # the UANSIL skip policy (needs the ``ua`` term). Off by default [ours, measured]: once it starts
     # filling skipped games with the predictor's mean, the phrase maps collapse (docs/METHOD-notes.md),

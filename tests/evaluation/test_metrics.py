@@ -268,6 +268,19 @@ def test_coco_map_ties_and_max_dets_match_pycocotools():
     np.testing.assert_allclose(ours10["precision"], ev.eval["precision"][:, :, :, 0, 1], atol=1e-12)
 
 
+def test_detection_confidence_hand_computed():
+    # image 0: class 0 present (0.9), class 1 absent (0.1); scores of 2 boxes per image and class
+    scores = torch.tensor([[[4.0, 1.0], [8.0, 6.0]], [[-1.0, -2.0], [2.0, -1.0]]])
+    presence = torch.tensor([[0.9, 0.1], [0.5, 0.5]])
+    got = E.detection_confidence(scores, presence)
+    want = torch.tensor([[[0.9, 0.225], [0.1, 0.075]], [[0.5, 0.5], [0.5, 0.0]]])
+    assert torch.allclose(got, want)
+    # the absent class's best box, though its rule score is higher, ranks below the present class's
+    assert float(got[0, 1, 0]) < float(got[0, 0, 0])
+    with pytest.raises(ValueError, match="detection_confidence"):
+        E.detection_confidence(scores, presence[:, :1])
+
+
 def test_patch_pair_cos_hand_computed():
     """Image 0: three unit patches, two equal and one orthogonal: cosines 1, 0, 0 -> mean 1/3.
     Image 1: unnormalised copies of one direction -> 1. Too few patches is an error."""

@@ -258,9 +258,13 @@ def test_default_samples_every_game_and_still_trains_the_predictor():
 
 
 def test_fsa_contrast_options_change_only_l_fsa():
-    base = _tiny()(_batch(seed=5))
-    for opts in ({"fsa_phrase_contrast": True}, {"fsa_cross_image": True},
-                 {"fsa_phrase_contrast": True, "fsa_cross_image": True}):
+    assert lo.ObjectiveOptions().fsa_phrase_contrast and lo.ObjectiveOptions().fsa_cross_image  # the defaults
+    off = {"fsa_phrase_contrast": False, "fsa_cross_image": False}
+    base_model = _tiny()
+    base_model.loss_modules["tsa"].options = lo.ObjectiveOptions(**off)
+    base = base_model(_batch(seed=5))
+    for opts in ({"fsa_phrase_contrast": True, "fsa_cross_image": False},
+                 {"fsa_phrase_contrast": False, "fsa_cross_image": True}, {}):
         m = _tiny()
         m.loss_modules["tsa"].options = lo.ObjectiveOptions(**opts)
         out = m(_batch(seed=5))
