@@ -553,20 +553,12 @@ def _class_features(model, phrases: Sequence[str], templates: Sequence[str] = PR
 
 @torch.no_grad()
 def _class_phrase_features(model, phrases: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES) -> torch.Tensor:
-    """Phrase features of each class phrase inside each template (its word tokens in context),
-    averaged over templates and normalised -> ``[C, D]``: the grounding rule's ``p`` for a class."""
-    feats = []
-    for t in templates:
-        caps, spans = [], []
-        for ph in phrases:
-            pre = t.index("{}")
-            caps.append(t.format(ph))
-            spans.append([(pre, pre + len(ph))])
-        f, m = model.encode_phrases(caps, spans)
-        if not bool(m.all()):
-            raise RuntimeError(f"class prompt template {t!r} lost a phrase in tokenisation")
-        feats.append(f[:, 0].float())
-    return torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)
+    """Phrase features of each class phrase ``[C, D]``: the grounding rule's ``p`` for a class.
+
+    Each class phrase is encoded in context, inside every template and beside each partner phrase of
+    :data:`loupe.model.LONE_PHRASE_PARTNERS` (:meth:`LoupeModel.encode_lone_phrases`), and averaged:
+    a phrase that is its whole caption centres to noise in word-centred models."""
+    return model.encode_lone_phrases(list(phrases), templates=templates)
 
 
 def _article(phrase: str) -> str:

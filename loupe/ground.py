@@ -94,7 +94,8 @@ def ground(model, image: Any, text: str, *, phrases: Sequence[tuple[int, int]] |
     ``model``: a :class:`loupe.model.LoupeModel` with a tokenizer (``loupe.load``). ``image``: a path,
     PIL image, ``HxWx3``/``3xHxW`` uint8 array or tensor. ``text``: a phrase or a caption; a caption
     is chunked into noun phrases (``phrases`` = explicit character spans overrides the chunker; text
-    without any noun phrase is grounded as one phrase). ``top_k`` boxes per phrase after NMS;
+    without any noun phrase is grounded as one phrase; a text with a single phrase is encoded beside
+    neutral partner phrases, :meth:`loupe.model.LoupeModel.encode_lone_phrases`). ``top_k`` boxes per phrase after NMS;
     ``regions=True`` restricts the candidates to the top-M objectness regions.
 
     Returns one dict per phrase: ``phrase``, ``span`` (characters of ``text``), ``box`` (xyxy in the
@@ -119,7 +120,12 @@ def ground(model, image: Any, text: str, *, phrases: Sequence[tuple[int, int]] |
                 raise ValueError(f"ground: phrase span {(s, e)} outside the text (length {len(text)})")
     x, (sx, sy, ox, oy), _ = prepare_image(model, image, crop)
     _, patches = model.encode_image_tokens(x)
-    pf, pmask = model.encode_phrases([text], [spans])
+    if len(spans) == 1:  # a phrase without other phrases: encode it in the context it was trained in
+        s0, e0 = spans[0]
+        pf = model.encode_lone_phrases([text[s0:e0]])[None]
+        pmask = torch.ones(1, 1, dtype=torch.bool, device=pf.device)
+    else:
+        pf, pmask = model.encode_phrases([text], [spans])
     g, p = model.grid_size, model.config.patch_size
     scores = R.grounding_scores(pf.float(), patches.float(), g, g)[0]  # [P, K], model.candidate_boxes order
     if regions:

@@ -151,6 +151,43 @@ def test_ground_returns_boxes_in_input_pixels(ckpt):
         ground(model, img, "   ")
 
 
+def test_lone_phrases_are_encoded_beside_partners(ckpt):
+    """``encode_lone_phrases`` = the normalised mean of the phrase's features in each context caption;
+    ``ground`` uses it for a text with one phrase, and class prompts use it with their templates."""
+    from loupe.model import LONE_PHRASE_PARTNERS
+    model, _ = E.load_checkpoint(ckpt)
+    assert model.config.text_center_words
+    got = model.encode_lone_phrases(["a red circle", "a ring"])
+    want = []
+    for ph in ("a red circle", "a ring"):
+        caps = [f"{ph} next to {q}" for q in LONE_PHRASE_PARTNERS]
+        f, m = model.encode_phrases(caps, [[(0, len(ph))]] * len(caps))
+        assert bool(m.all())
+        want.append(torch.nn.functional.normalize(f[:, 0].float().mean(0), dim=-1))
+    assert torch.allclose(got, torch.stack(want), atol=1e-6)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(2), atol=1e-6)
+    # alone, a phrase that is its whole caption centres to (near) noise: a different feature
+    alone, _ = model.encode_phrases(["a red circle"], [[(0, 12)]])
+    assert float(alone[0, 0].float() @ got[0]) < 0.999
+    # templates: one '{}' each
+    t = model.encode_lone_phrases("a ring", templates=("there is {}", "{} in the scene"))
+    assert t.shape == (1, model.config.embed_dim)
+    with pytest.raises(ValueError, match="template"):
+        model.encode_lone_phrases("a ring", templates=("no slot",))
+    with pytest.raises(ValueError, match="non-empty"):
+        model.encode_lone_phrases(["a ring", " "])
+    # ground on a single phrase scores with the same feature
+    img = (torch.rand(3, 32, 32) * 255).to(torch.uint8)
+    from loupe import regions as R
+    from loupe.ground import prepare_image
+    res = ground(model, img, "a red circle", top_k=1)
+    x, _, _ = prepare_image(model, img, "center")
+    _, patches = model.encode_image_tokens(x)
+    g = model.grid_size
+    sc = R.grounding_scores(got[:1][None], patches.float(), g, g)[0, 0]
+    assert abs(float(sc.max()) - res[0]["score"]) < 1e-5
+
+
 def _cli(args, timeout=120):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env,
