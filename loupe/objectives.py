@@ -232,6 +232,10 @@ class ObjectiveOptions:
     # images of the local batch (negatives with label 0): a region that looks the same in every
     # image (a positional constant token) cannot be any phrase's region. On by default [ours]
     fsa_cross_image: bool = True
+    # L_FSA only on captions with at least this many phrases. With word-centred phrases a phrase that
+    # is its whole caption ("a cyan ring") centres to noise, and a lone phrase has no other phrase to
+    # contrast with (docs/METHOD-notes.md)
+    fsa_min_phrases: int = 1
     min_spread: float = 1e-6        # floor of the spread when standardising
     # the UANSIL skip policy (needs the ``ua`` term). Off by default [ours, measured]: once it starts
     # filling skipped games with the predictor's mean, the phrase maps collapse (docs/METHOD-notes.md),
@@ -247,6 +251,8 @@ class ObjectiveOptions:
         for name in ("num_samples", "uansil_hidden"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"loupe_options.{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.fsa_min_phrases) < 1:
+            raise ValueError(f"loupe_options.fsa_min_phrases must be >= 1, got {self.fsa_min_phrases!r}")
         for name in ("tsa_top", "tsa_random", "fsa_per_phrase", "fsa_scales", "uansil_warmup"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"loupe_options.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -697,6 +703,8 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
 
     # ---------------------------------------------------------------- FSA
     pf, pmask = _phrases(out, batch)
+    if opts.fsa_min_phrases > 1 and pmask.shape[1] > 0:
+        pmask = pmask & (pmask.sum(1, keepdim=True) >= opts.fsa_min_phrases)
     if "fsa" in weights or "ua" in weights:
         grounding = None
         if (opts.fsa_per_phrase or opts.fsa_scales) and pf.shape[1] > 0:

@@ -274,6 +274,20 @@ def test_fsa_contrast_options_change_only_l_fsa():
         assert any(q.grad is not None and float(q.grad.abs().sum()) > 0 for q in m.visual.parameters())
 
 
+def test_fsa_min_phrases_drops_lone_phrase_captions():
+    b = _batch(seed=5)
+    b["phrase_mask"][:, 1:] = False  # every caption has one phrase
+    m = _tiny()
+    assert float(m(b)["loss_fsa"]) > 0
+    m.loss_modules["tsa"].options = lo.ObjectiveOptions(fsa_min_phrases=2)
+    out = m(b)
+    assert float(out["loss_fsa"]) == 0.0 and torch.isfinite(out["loss"])
+    # with two-phrase captions present, the term is back
+    assert float(m(_batch(seed=5))["loss_fsa"]) > 0
+    with pytest.raises(ValueError, match="fsa_min_phrases"):
+        lo.ObjectiveOptions(fsa_min_phrases=0)
+
+
 def test_ua_loss_formula():
     est, mu, ls, tv = torch.tensor([0.3, -0.1]), torch.tensor([0.1, 0.0]), torch.tensor([-2.0, 0.5]), torch.tensor([0.01, 0.0])
     var = ls.exp() + tv
