@@ -234,8 +234,9 @@ class ObjectiveOptions:
     fsa_cross_image: bool = True
     # L_FSA only on captions with at least this many phrases. With word-centred phrases a phrase that
     # is its whole caption ("a cyan ring") centres to noise, and a lone phrase has no other phrase to
-    # contrast with (docs/METHOD-notes.md)
-    fsa_min_phrases: int = 1
+    # contrast with, so its best region is the patch that holds the whole image. 2 by default
+    # [ours, measured: docs/METHOD-notes.md]
+    fsa_min_phrases: int = 2
     min_spread: float = 1e-6        # floor of the spread when standardising
     # the UANSIL skip policy (needs the ``ua`` term). Off by default [ours, measured]: once it starts
     # filling skipped games with the predictor's mean, the phrase maps collapse (docs/METHOD-notes.md),

@@ -277,7 +277,9 @@ def test_fsa_contrast_options_change_only_l_fsa():
 def test_fsa_min_phrases_drops_lone_phrase_captions():
     b = _batch(seed=5)
     b["phrase_mask"][:, 1:] = False  # every caption has one phrase
+    assert lo.ObjectiveOptions().fsa_min_phrases == 2  # the default
     m = _tiny()
+    m.loss_modules["tsa"].options = lo.ObjectiveOptions(fsa_min_phrases=1)
     assert float(m(b)["loss_fsa"]) > 0
     m.loss_modules["tsa"].options = lo.ObjectiveOptions(fsa_min_phrases=2)
     out = m(b)
