@@ -85,14 +85,18 @@ def recall_at_k(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] =
     return {int(k): float((rank < k).double().mean()) for k in ks}
 
 
+def _box_area(b: torch.Tensor) -> torch.Tensor:
+    """Area of xyxy boxes ``[N, 4]`` -> ``[N]`` (0 for inverted boxes)."""
+    return (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+
+
 def box_iou_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of aligned boxes ``a[i]`` and ``b[i]`` (``[N, 4]`` xyxy) -> ``[N]`` float64 (0 for empty unions)."""
     a, b = a.double(), b.double()
     iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
     ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
     inter = iw * ih
-    area = lambda x: (x[:, 2] - x[:, 0]).clamp(min=0) * (x[:, 3] - x[:, 1]).clamp(min=0)  # noqa: E731
-    union = area(a) + area(b) - inter
+    union = _box_area(a) + _box_area(b) - inter
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
 
 
@@ -172,10 +176,6 @@ def patch_pair_cos(patch_tokens: torch.Tensor) -> torch.Tensor:
     n = x.shape[1]
     s = x.sum(1)
     return ((s * s).sum(-1) - n) / (n * (n - 1))  # sum over i != j of <x_i, x_j>, each x_i unit
-
-
-def _box_area(b: torch.Tensor) -> torch.Tensor:
-    return (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
 
 
 def chance_acc(true_boxes: torch.Tensor, candidates: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
