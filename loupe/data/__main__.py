@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import time
 
@@ -26,10 +28,37 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=64)
 
 
+def _int_at_least(lo: int):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
+        return n
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
 def _build(args, size=None):
     from . import build_dataset
-    return build_dataset(args.dataset_type, args.split, seed=args.seed, size=size, path=args.path,
-                         image_size=args.image_size)
+    try:
+        return build_dataset(args.dataset_type, args.split, seed=args.seed, size=size, path=args.path,
+                             image_size=args.image_size)
+    except (ValueError, FileNotFoundError) as e:  # no valid data, a missing package: a message, no traceback
+        raise SystemExit(f"python -m loupe.data {args.cmd}: {e}") from None
+
+
+def _draw_box(draw, box, x, y, scale, col, label, font) -> None:
+    """One box (any corner order; non-finite boxes are not drawn)."""
+    if not all(math.isfinite(v) for v in box):
+        return
+    x0, x1 = sorted((box[0], box[2]))
+    y0, y1 = sorted((box[1], box[3]))
+    x0, y0, x1, y1 = x + x0 * scale, y + y0 * scale, x + x1 * scale - 1, y + y1 * scale - 1
+    draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=col, width=2)
+    draw.text((x0 + 2, y0 + 1), label, fill=col, font=font)
 
 
 def preview(args) -> int:
@@ -42,27 +71,23 @@ def preview(args) -> int:
     sheet = Image.new("RGB", (cols * (S + 8) + 8, rows * (S + text_h + 8) + 8), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
+    drawn = 0
     for k in range(min(args.n, len(ds))):
         s = ds[k]
-        if s is None:
+        if s is None:  # unreadable (warned): its cell stays empty
             continue
         r, c = divmod(k, cols)
         x, y = 8 + c * (S + 8), 8 + r * (S + text_h + 8)
         im = Image.fromarray(np.ascontiguousarray(s["image"].numpy().transpose(1, 2, 0)))
         sheet.paste(im.resize((S, S), Image.NEAREST), (x, y))
-        lines, line = [], ""
-        for j, ((a, b), box) in enumerate(zip(s["phrase_spans"], s["boxes"].tolist())):
-            col = PALETTE[j % len(PALETTE)]
-            if all(v == v for v in box):
-                draw.rectangle([x + box[0] * scale, y + box[1] * scale, x + box[2] * scale - 1,
-                                y + box[3] * scale - 1], outline=col, width=2)
-                draw.text((x + box[0] * scale + 2, y + box[1] * scale + 1), str(j), fill=col, font=font)
+        for j, box in enumerate(s["boxes"].tolist()[:len(s["phrase_spans"])]):
+            _draw_box(draw, box, x, y, scale, PALETTE[j % len(PALETTE)], str(j), font)
         cap = s["caption"]
-        # caption wrapped under the image, each phrase in its box colour
-        words, pos, cx, cy = [], 0, x, y + S + 3
-        for word in cap.split(" "):
-            start = cap.index(word, pos)
-            pos = start + len(word)
+        # caption wrapped under the image (any whitespace, newlines included, separates words),
+        # each phrase in its box colour
+        cx, cy = x, y + S + 3
+        for m in re.finditer(r"\S+", cap):
+            word, start = m.group(), m.start()
             j = next((j for j, (a, b) in enumerate(s["phrase_spans"]) if a <= start < b), None)
             col = (0, 0, 0) if j is None else tuple(int(v * 0.8) for v in PALETTE[j % len(PALETTE)])
             wlen = draw.textlength(word + " ", font=font)
@@ -71,8 +96,11 @@ def preview(args) -> int:
             if cy < y + S + text_h - 10:
                 draw.text((cx, cy), word, fill=col, font=font)
             cx += wlen
+        drawn += 1
     sheet.save(args.out)
-    print(f"wrote {args.out}: {min(args.n, len(ds))} {args.dataset_type} {args.split} samples")
+    n = min(args.n, len(ds))
+    bad = f" ({n - drawn} unreadable, left empty)" if drawn < n else ""
+    print(f"wrote {args.out}: {drawn} {args.dataset_type} {args.split} samples{bad}")
     return 0
 
 
@@ -129,9 +157,9 @@ def main(argv=None) -> int:
     q = sub.add_parser("preview", help="PNG grid of samples with boxes and phrases")
     _common(q)
     q.add_argument("--out", required=True)
-    q.add_argument("--n", type=int, default=12)
-    q.add_argument("--cols", type=int, default=4)
-    q.add_argument("--scale", type=int, default=4)
+    q.add_argument("--n", type=_int_at_least(0), default=12)
+    q.add_argument("--cols", type=_int_at_least(1), default=4)
+    q.add_argument("--scale", type=_int_at_least(1), default=4)
     q.set_defaults(func=preview)
     q = sub.add_parser("bench", help="generation speed")
     _common(q)

@@ -1,10 +1,12 @@
 """The formats users bring: open_clip-style CSV/TSV and WebDataset tar shards (local).
 
-Bad input never crashes a worker and is never silently dropped: a missing file, an unreadable or
-truncated image, an empty caption, a CSV without the named columns or a broken shard is skipped,
-counted (``dataset.skipped`` at construction; the collator's ``"skipped"`` for images that only
-fail when decoded) and named in a ``warnings.warn`` message. When nothing valid remains a
-``ValueError`` is raised.
+Bad input never crashes a worker and is never silently dropped: a missing file, an unreadable,
+truncated or oversized image, an empty caption, a CSV without the named columns, a CSV/TSV row
+that is malformed (a quoted field spanning lines, too many or too few fields, a field over the
+csv field limit), a shard sample whose ``.json`` sidecar is invalid, or a broken shard is
+skipped, counted (``dataset.skipped`` at construction; the collator's ``"skipped"`` for samples
+that only fail when decoded: an undecodable image, a box outside the decoded image) and named in
+a ``warnings.warn`` message. When nothing valid remains a ``ValueError`` is raised.
 
 Shard layout (WebDataset): ``<key>.png|jpg|jpeg|webp`` + ``<key>.txt`` (the caption) + optional
 ``<key>.json``::
@@ -20,6 +22,7 @@ import csv
 import glob
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -28,7 +31,7 @@ import warnings
 import numpy as np
 import torch
 
-from .pipeline import Preprocess
+from .pipeline import Preprocess, open_image
 from .text import chunk_noun_phrases
 
 __all__ = ["CsvDataset", "ShardDataset", "write_shards", "write_csv", "expand_paths"]
@@ -85,16 +88,18 @@ class _UserDataset(torch.utils.data.Dataset):
         """A sample (see :func:`loupe.data.build_dataset`) or None when its image cannot be decoded
         (warned, and counted by the collator)."""
         it = self.items[i]
-        from PIL import Image
         try:
             with self._open(it) as f:
-                im = Image.open(f)
-                im.load()
-                im = im.convert("RGB")
-        except Exception as e:  # unreadable, truncated, vanished
+                im = open_image(f, it["name"])
+        except Exception as e:  # unreadable, truncated, vanished, too large
             _warn(f"skipping unreadable image {it['name']}: {type(e).__name__}: {e}")
             return None
         phrases = it["phrases"]
+        for p in phrases:
+            why = p.get("box") is not None and _box_problem(p["box"], im.size)
+            if why:
+                _warn(f"skipping {it['name']}: {why}")
+                return None
         boxes = np.array([p.get("box") or [np.nan] * 4 for p in phrases], np.float32).reshape(-1, 4)
         img, boxes = self.preprocess(im, boxes)
         return {"image": img, "caption": it["caption"],
@@ -109,9 +114,84 @@ class _UserDataset(torch.utils.data.Dataset):
         return [{"span": list(s)} for s in chunk_noun_phrases(caption)]
 
 
+def _strip_eol(line: str) -> str:
+    if line.endswith("\r\n"):
+        return line[:-2]
+    return line[:-1] if line.endswith(("\n", "\r")) else line
+
+
+def _table_records(f, separator: str, problems: dict, literal: list):
+    """``(line_number, fields)`` of each record of a CSV/TSV file; blank lines are left out.
+
+    A record never silently spans lines:
+
+    - tab separator (TSV, captions are free text): every physical line is one record. A field
+      quoted within its line (``"a ""b"" c"``, as ``csv.writer`` and pandas write them) is
+      unquoted; any other quote (an unmatched ``"``, text after a closing quote) is read literally
+      and its line noted in ``literal``.
+    - other separators (CSV): standard CSV quoting, but a record whose quoted field spans lines
+      (a newline inside quotes, or an unmatched quote swallowing the lines after it) is left out
+      and reported.
+
+    A field over ``csv.field_size_limit()`` leaves its record out. Records left out go to
+    ``problems[reason]`` as ``(first_line, last_line)``.
+    """
+    limit = csv.field_size_limit()
+    too_long = f"a field over the csv field limit of {limit} characters"
+    if separator == "\t":
+        for n, raw in enumerate(f, 1):
+            line = _strip_eol(raw)
+            if not line:
+                continue
+            try:
+                rows = list(csv.reader([line], delimiter=separator, strict=True))
+                fields = rows[0] if rows else [""]
+            except csv.Error as e:
+                fields = line.split(separator)
+                if "field limit" not in str(e) and all(len(x) <= limit for x in fields):
+                    literal.append(n)
+            if any(len(x) > limit for x in fields):
+                problems.setdefault(too_long, []).append((n, n))
+                continue
+            yield n, fields
+        return
+    reader = csv.reader(f, delimiter=separator)
+    prev = 0
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            reason = too_long if "field limit" in str(e) else f"bad CSV ({e})"
+            problems.setdefault(reason, []).append((prev + 1, reader.line_num))
+            prev = reader.line_num
+            continue
+        first, last = prev + 1, reader.line_num
+        prev = last
+        if last > first:
+            problems.setdefault("a quoted field that spans lines (an unmatched quote?)", []).append((first, last))
+            continue
+        if fields:
+            yield first, fields
+
+
+def _lines(ranges: list, k: int = 4) -> str:
+    """``"line 3"``, ``"lines 3, 7-9, ..."``."""
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges[:k]]
+    more = ", ..." if len(ranges) > k else ""
+    return ("line " if len(ranges) == 1 and ranges[0][0] == ranges[0][1] else "lines ") + ", ".join(parts) + more
+
+
 class CsvDataset(_UserDataset):
     """open_clip-style CSV/TSV: one row per image, ``img_key`` column (paths relative to the CSV's
-    folder or absolute) and ``caption_key`` column. Phrases come from the noun-phrase chunker."""
+    folder or absolute) and ``caption_key`` column. Phrases come from the noun-phrase chunker.
+
+    Rows are read so that a quote never spans rows silently (see :func:`_table_records`): with
+    the default tab separator each line is one row; with another separator a quoted field that
+    spans lines is skipped. Rows with a field over the csv field limit, or with more or fewer
+    fields than the header (a tab inside a caption), are skipped; all are counted in ``skipped``
+    and named (file and line) in a warning."""
 
     def __init__(self, path: str | list[str], img_key: str = "filepath", caption_key: str = "title",
                  separator: str = "\t", preprocess: Preprocess | None = None) -> None:
@@ -123,19 +203,26 @@ class CsvDataset(_UserDataset):
                 self.skipped += 1
                 continue
             with open(fn, newline="", encoding="utf-8", errors="replace") as f:
-                reader = csv.DictReader(f, delimiter=separator)
-                cols = reader.fieldnames or []
+                problems: dict[str, list] = {}
+                literal: list[int] = []
+                records = _table_records(f, separator, problems, literal)
+                _, cols = next(records, (0, []))
                 if img_key not in cols or caption_key not in cols:
                     _warn(f"skipping {fn}: it has no column {img_key!r} and {caption_key!r} with "
                           f"separator {separator!r} (found {cols[:8]})")
                     self.skipped += 1
                     continue
+                i_img, i_cap = cols.index(img_key), cols.index(caption_key)
                 base = os.path.dirname(os.path.abspath(fn))
                 empty = missing = 0
                 example = None
-                for row in reader:
-                    cap = (row.get(caption_key) or "").strip()
-                    rel = (row.get(img_key) or "").strip()
+                for n, row in records:
+                    if len(row) != len(cols):
+                        hint = " (a separator inside a caption?)" if len(row) > len(cols) else ""
+                        problems.setdefault(f"a wrong number of fields{hint}", []).append((n, n))
+                        continue
+                    cap = row[i_cap].strip()
+                    rel = row[i_img].strip()
                     if not cap:
                         empty += 1
                         continue
@@ -146,6 +233,14 @@ class CsvDataset(_UserDataset):
                         continue
                     self.items.append({"path": p, "name": p, "caption": cap,
                                        "phrases": self._phrases_from_chunker(cap)})
+                if problems:
+                    lost = sum(b - a + 1 for r in problems.values() for a, b in r)
+                    _warn(f"{fn}: skipped {lost} lines: " + "; ".join(
+                        f"{len(r)} records with {why} ({_lines(r)})" for why, r in problems.items()))
+                    self.skipped += lost
+                if literal:
+                    _warn(f"{fn}: read {len(literal)} rows with an unmatched quote literally (a TSV "
+                          f"field is quoted only within its line; {_lines([(n, n) for n in literal])})")
                 if empty or missing:
                     _warn(f"{fn}: skipped {empty} rows with an empty caption and {missing} rows whose "
                           f"image is missing" + (f" (e.g. {example})" if example else ""))
@@ -160,6 +255,79 @@ class CsvDataset(_UserDataset):
 
 class _Bytes(io.BytesIO):
     pass
+
+
+_BOX_EPS = 1e-3  # pixels: float rounding allowed past the image border
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _box_problem(box, size=None) -> str | None:
+    """Why ``box`` is not a valid xyxy pixel box inside an image of ``size = (w, h)`` (None: size
+    unknown, only ``x0, y0 >= 0`` checked), or None when it is."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        return f"box {box!r} is not [x0, y0, x1, y1]"
+    if not all(_is_num(v) for v in box):
+        return f"box {box!r} does not hold 4 finite numbers"
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x0 < x1 and y0 < y1):
+        return f"box {box!r} is empty or inverted (needs x0 < x1 and y0 < y1)"
+    if x0 < -_BOX_EPS or y0 < -_BOX_EPS:
+        return f"box {box!r} has negative coordinates"
+    if size is not None and (x1 > size[0] + _BOX_EPS or y1 > size[1] + _BOX_EPS):
+        return f"box {box!r} is outside the image of {size[0]}x{size[1]} pixels"
+    return None
+
+
+def _sidecar_phrases(raw: bytes, caption: str) -> list[dict]:
+    """The phrases of a shard's ``.json`` sidecar, fully validated; ``ValueError`` saying what is
+    wrong otherwise. Checked: a JSON object; ``image_size`` (optional) two positive integers;
+    ``phrases`` a list of objects with ``span`` two integers ``0 <= start < end <= len(caption)``,
+    ``box`` null or 4 finite numbers with ``x0 < x1``, ``y0 < y1``, ``x0, y0 >= 0`` and inside
+    ``image_size`` when given (against the decoded image otherwise, in ``__getitem__``),
+    ``shape_id``/``color_id`` (optional) integers."""
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"not JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"not a JSON object but {type(meta).__name__}")
+    size = meta.get("image_size")
+    if size is not None:
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
+            raise ValueError(f"image_size {size!r} is not [width, height]")
+    phrases = meta.get("phrases", [])
+    if not isinstance(phrases, list):
+        raise ValueError(f"phrases is not a list but {type(phrases).__name__}")
+    out = []
+    for k, p in enumerate(phrases):
+        if not isinstance(p, dict):
+            raise ValueError(f"phrase {k} is not an object")
+        sp = p.get("span")
+        if not (isinstance(sp, list) and len(sp) == 2 and all(_is_int(v) for v in sp)):
+            raise ValueError(f"phrase {k}: span {sp!r} is not [start, end] integers")
+        if not 0 <= sp[0] < sp[1] <= len(caption):
+            raise ValueError(f"phrase {k}: span {sp} outside the caption ({len(caption)} characters)")
+        if p.get("box") is not None:
+            why = _box_problem(p["box"], size)
+            if why:
+                raise ValueError(f"phrase {k}: {why}")
+        for idk in ("shape_id", "color_id"):
+            if idk in p and not (_is_int(p[idk]) and -1 <= p[idk] < 2 ** 31):
+                raise ValueError(f"phrase {k}: {idk} {p[idk]!r} is not an integer >= -1")
+        out.append(dict(p))
+    return out
 
 
 class ShardDataset(_UserDataset):
@@ -223,7 +391,8 @@ class ShardDataset(_UserDataset):
             self.skipped += 1
             # the last group may be incomplete: drop it
             groups.pop(order.pop(), None)
-        no_img = no_txt = empty = bad_json = 0
+        no_img = no_txt = empty = 0
+        bad_json: list[str] = []
         for key in order:
             g = groups[key]
             img_ext = next((e for e in IMAGE_EXTS if e in g), None)
@@ -240,18 +409,10 @@ class ShardDataset(_UserDataset):
             phrases = None
             if "json" in g:
                 try:
-                    meta = json.loads(g["json"].decode("utf-8"))
-                    phrases = [dict(p) for p in meta.get("phrases", [])]
-                    for p in phrases:
-                        s, e = p["span"]
-                        if not 0 <= s < e <= len(cap):
-                            raise ValueError(f"span {p['span']} outside the caption")
-                        if p.get("box") is not None and len(p["box"]) != 4:
-                            raise ValueError(f"box {p['box']} is not xyxy")
-                except Exception as e:
-                    bad_json += 1
-                    _warn(f"{sh}: ignoring the bad {key}.json ({type(e).__name__}: {e}); using chunked phrases")
-                    phrases = None
+                    phrases = _sidecar_phrases(g["json"], cap)
+                except ValueError as e:
+                    bad_json.append(f"{key}.json: {e}")
+                    continue
             if phrases is None:
                 phrases = self._phrases_from_chunker(cap)
             self.items.append({"shard": sh, "src": g[img_ext], "name": f"{sh}:{key}.{img_ext}",
@@ -259,7 +420,10 @@ class ShardDataset(_UserDataset):
         if no_img or no_txt or empty:
             _warn(f"{sh}: skipped {no_img} samples without an image, {no_txt} without a caption, "
                   f"{empty} with an empty caption")
-        self.skipped += no_img + no_txt + empty
+        if bad_json:
+            _warn(f"{sh}: skipped {len(bad_json)} samples with an invalid .json sidecar ("
+                  + "; ".join(bad_json[:3]) + ("; ..." if len(bad_json) > 3 else "") + ")")
+        self.skipped += no_img + no_txt + empty + len(bad_json)
 
     def _open(self, it):
         src = it["src"]

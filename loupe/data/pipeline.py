@@ -1,13 +1,86 @@
-"""Image preprocessing and batch collation."""
+"""Image opening, preprocessing and batch collation."""
 from __future__ import annotations
+
+import io
+import os
+import warnings
 
 import numpy as np
 import torch
 
-__all__ = ["Preprocess", "Collator", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["open_image", "Preprocess", "Collator", "CLIP_MEAN", "CLIP_STD"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def open_image(src, name: str | None = None):
+    """Open an image file as an RGB ``PIL.Image`` (fully decoded, its file closed).
+
+    ``src``: a path (str or ``os.PathLike``), ``bytes``, or a binary file object; ``name`` is what
+    error messages call it (default: the path, or the file object's ``name``).
+
+    - 8-bit modes (``1``, ``L``, ``P``, ``LA``, ``RGBA``, ``CMYK``, ...) go through
+      ``Image.convert("RGB")`` (alpha dropped), as before.
+    - 16-bit and 32-bit greyscale is scaled to 8 bits by the range of its type, not clipped at 255
+      (which made 16-bit PNGs pure white): ``I;16*`` (0..65535) and ``I`` holding 0..65535 (how
+      16-bit files decode as ``I``) -> ``round(v / 257)``; other ``I`` and ``F`` images -> their
+      own min..max (``F`` within [0, 1] -> ``v * 255``; NaN -> 0).
+    - EXIF orientation is not applied: pixels stay as stored, so boxes given in stored pixels
+      (shard sidecars) stay valid.
+    - An image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels raises ``ValueError`` naming the
+      file, its size and the limit (before anything is decoded; PIL alone warns up to twice the
+      limit and raises its own ``DecompressionBombError`` above). Raise ``Image.MAX_IMAGE_PIXELS``
+      (or set it to None) to open larger trusted images.
+
+    Unreadable or truncated files raise PIL's own errors (``OSError``,
+    ``PIL.UnidentifiedImageError``).
+    """
+    from PIL import Image
+    if name is None:
+        name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else str(getattr(src, "name", "<image>"))
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        src = io.BytesIO(bytes(src))
+    limit = Image.MAX_IMAGE_PIXELS
+    hint = (f"PIL.Image.MAX_IMAGE_PIXELS = {limit} pixels, a guard against decompression bombs; "
+            f"raise it to open larger trusted images")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(src)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{name}: image too large ({e}); the limit is {hint}") from None
+    with im:
+        w, h = im.size
+        if limit is not None and w * h > limit:
+            raise ValueError(f"{name}: image too large ({w}x{h} = {w * h} pixels); the limit is {hint}")
+        im.load()
+        return _to_rgb(im)
+
+
+def _to_rgb(im):
+    """RGB copy of a loaded image; wide greyscale modes scaled to 8 bits (see :func:`open_image`)."""
+    from PIL import Image
+    mode = im.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return im.convert("RGB")
+    a = np.asarray(im)
+    if mode.startswith("I;16"):
+        a = a.astype(np.float64) + (32768.0 if a.dtype.kind == "i" else 0.0)  # I;16S: signed
+        g = a / 257.0
+    else:
+        a = a.astype(np.float64)
+        fin = np.isfinite(a)
+        lo, hi = (float(a[fin].min()), float(a[fin].max())) if fin.any() else (0.0, 0.0)
+        if mode == "I" and lo >= 0 and hi <= 65535:
+            g = a / 257.0
+        elif mode == "F" and lo >= 0 and hi <= 1:
+            g = a * 255.0
+        else:
+            g = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        g = np.where(fin, g, 0.0)
+    g = np.clip(np.round(g), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(g)).convert("RGB")
 
 
 class Preprocess:
