@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import loupe.objectives as lo
-from loupe.model import LoupeConfig, LoupeModel
+from loupe.config import LoupeConfig, ObjectiveOptions
+from loupe.model import LoupeModel
 
 B, L, P = 128, 16, 3
 
@@ -43,10 +44,10 @@ def _setup(objective: str, warm: bool, threshold: float = 0.5, policy: bool = Fa
     if objective == "loupe":
         mod = model.loss_modules["tsa"]
         if policy:
-            mod.options = lo.ObjectiveOptions(uansil=True, uansil_warmup=1 if warm else 10 ** 9,
+            mod.options = ObjectiveOptions(uansil=True, uansil_warmup=1 if warm else 10 ** 9,
                                               uansil_threshold=threshold)
         else:
-            mod.options = lo.ObjectiveOptions()
+            mod.options = ObjectiveOptions()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, opt
 

@@ -24,6 +24,11 @@ from typing import Sequence
 
 import torch
 
+from .checkpoint import RunPaths, saved_step
+from .config import OBJECTIVES
+from .evaluate import evaluate_checkpoint
+from .report import get_path
+
 __all__ = ["compare", "summarise", "comparison_table", "METRICS", "train_command"]
 
 #: (dotted path in the evaluation JSON, label) of the rows of the comparison table
@@ -52,7 +57,6 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("classification.top1", "classification top-1 (shape)"),
     ("classification.color_shape_top1", "classification top-1 (colour + shape)"),
 )
-OBJECTIVES = ("clip", "filip", "loupe")
 
 
 def _free_port() -> int:
@@ -78,22 +82,12 @@ def train_command(out_dir: str, objective: str, seed: int, steps: int, batch_siz
     return cmd + list(extra)
 
 
-def _trained_step(out_dir: str) -> int | None:
-    path = os.path.join(out_dir, "model.pt")
-    if not os.path.exists(path):
-        return None
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True).get("step", -1))
-    except Exception:  # noqa: BLE001  (an unreadable file is retrained)
-        return None
-
-
 def _get(d: dict, dotted: str):
-    cur = d
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
+    """The number at ``dotted`` in ``d`` (None when absent or not a number)."""
+    try:
+        cur = get_path(d, dotted)
+    except KeyError:
+        return None
     return cur if isinstance(cur, (int, float)) and not isinstance(cur, bool) else None
 
 
@@ -138,7 +132,6 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
             objectives: Sequence[str] = OBJECTIVES, procs: int = 1, reuse: bool = False,
             eval_opts: dict | None = None, train_extra: Sequence[str] = (), log=print) -> dict:
     """Train and evaluate every (objective, seed); write ``compare.md`` and ``compare.json`` to ``out``."""
-    from .evaluate import evaluate_checkpoint
     for o in objectives:
         if o not in OBJECTIVES:
             raise ValueError(f"compare: unknown objective {o!r}; expected some of {OBJECTIVES}")
@@ -154,7 +147,7 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
         for o in objectives:
             run_dir = os.path.abspath(os.path.join(out, dataset_type, f"{o}-seed{seed}"))
             rec = {"objective": o, "seed": seed, "dir": run_dir}
-            if reuse and _trained_step(run_dir) == steps:
+            if reuse and saved_step(run_dir) == steps:
                 log(f"[compare] reuse {run_dir} (step {steps})")
                 rec["train_seconds"] = None
             else:
@@ -166,11 +159,11 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
                 with open(os.path.join(run_dir, "train.out"), "w") as f:
                     p = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
                 rec["train_seconds"] = time.perf_counter() - t0
-                if p.returncode != 0 or _trained_step(run_dir) != steps:
+                if p.returncode != 0 or saved_step(run_dir) != steps:
                     raise RuntimeError(f"compare: training {o} seed {seed} failed (exit {p.returncode}); "
                                        f"see {os.path.join(run_dir, 'train.out')}")
             t0 = time.perf_counter()
-            res = evaluate_checkpoint(run_dir, os.path.join(run_dir, "eval.json"), **(eval_opts or {}))
+            res = evaluate_checkpoint(run_dir, RunPaths(run_dir).eval, **(eval_opts or {}))
             rec["eval_seconds"] = time.perf_counter() - t0
             results[o].append(res)
             runs.append(rec)

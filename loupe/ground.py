@@ -29,6 +29,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import regions as R
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import CLIP_MEAN, CLIP_STD, Preprocess, chunk_noun_phrases
+from .data.pipeline import open_image
+
 __all__ = ["ground", "prepare_image", "draw", "main"]
 
 
@@ -37,8 +42,7 @@ def _to_pil(image: Any):
     if isinstance(image, (str, os.PathLike)):
         if not os.path.exists(image):
             raise FileNotFoundError(f"ground: image file {os.fspath(image)!r} does not exist")
-        with Image.open(image) as im:
-            return im.convert("RGB")
+        return open_image(image)  # 16-bit images scaled, the pixel limit named
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
@@ -65,7 +69,6 @@ def prepare_image(model, image: Any, crop: str = "center") -> tuple[torch.Tensor
                                                                     Any]:
     """The model input ``[1, 3, S, S]`` (normalised as in training), the map ``(sx, sy, ox, oy)`` from
     original pixels to model pixels (``x_model = x * sx - ox``) and the RGB PIL image."""
-    from .data import CLIP_MEAN, CLIP_STD, Preprocess
     pil = _to_pil(image)
     S = model.config.image_size
     w, h = pil.size
@@ -103,8 +106,6 @@ def ground(model, image: Any, text: str, *, phrases: Sequence[tuple[int, int]] |
     Scores are ``sum_{i in b} (<p, x_i> - t_p)`` (:func:`loupe.regions.grounding_scores`); they rank
     boxes for one phrase and are not probabilities.
     """
-    from . import regions as R
-    from .data import chunk_noun_phrases
     if not isinstance(text, str) or not text.strip():
         raise ValueError("ground: text must be a non-empty string")
     if not isinstance(top_k, int) or top_k < 1:
@@ -188,7 +189,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.top_k < 1:
         ap.error("--top-k must be >= 1")
-    from .evaluate import CheckpointError, load_checkpoint
     try:
         model, _ = load_checkpoint(a.checkpoint)
         res = ground(model, a.image, a.text, top_k=a.top_k, regions=a.regions, crop=a.crop)

@@ -12,15 +12,15 @@ Objectives are weighted sums of registered :class:`LossTerm` s:
 
 - ``clip``  = L_CMC
 - ``filip`` = L_CMC + L_FILIP
-- ``loupe`` = L_CMC + f L_FILIP + every term registered for the ``loupe`` objective (the Shapley
-  terms TSA, FSA, UA live in ``loupe.objectives``, which :data:`OBJECTIVE_MODULES` imports when
-  the objective is resolved, and register themselves with :func:`register_loss_term`).
+- ``loupe`` = L_CMC + f L_FILIP + a L_TSA + b L_FSA + c L_UA (the Shapley terms live in
+  ``loupe.objectives``; the table at the end of this module lists them explicitly).
+
+Further terms can be added with :func:`register_loss_term`.
 
 ``LoupeConfig.loss_weights`` overrides the weights (a weight of 0 drops the term).
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -32,8 +32,11 @@ from torch import nn
 
 from loupe_kernels import token_region_similarity, token_region_similarity_dual
 
+from . import objectives as _objectives
+from .config import OBJECTIVES
+
 __all__ = ["dist_info", "gather_with_grad", "gather_padded", "cmc_loss", "filip_loss", "filip_scores",
-           "LossTerm", "LOSS_TERMS", "OBJECTIVES", "register_loss_term", "resolve_loss_weights"]
+           "LossTerm", "LOSS_TERMS", "register_loss_term", "resolve_loss_weights"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,10 +236,6 @@ class LossTerm:
 
 
 LOSS_TERMS: dict[str, LossTerm] = {}
-OBJECTIVES: tuple[str, ...] = ("clip", "filip", "loupe")
-#: modules whose import registers further terms of an objective; imported when the objective is
-#: resolved, so that ``LoupeConfig(objective="loupe")`` always gets its Shapley terms
-OBJECTIVE_MODULES: dict[str, tuple[str, ...]] = {"loupe": ("loupe.objectives",)}
 _KNOWN_NEEDS = ("regions", "filip_scale")
 
 
@@ -265,8 +264,6 @@ def resolve_loss_weights(objective: str, loss_weights: Mapping[str, float] | Non
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
-    for module in OBJECTIVE_MODULES.get(objective, ()):
-        importlib.import_module(module)
     weights = {name: t.default_weight for name, t in LOSS_TERMS.items() if objective in t.objectives}
     for name, w in (loss_weights or {}).items():
         if name not in LOSS_TERMS:
@@ -291,5 +288,9 @@ def _filip_term(out: dict, batch: Mapping[str, Any], model: nn.Module, module: n
                       center=bool(getattr(model.config, "filip_center", False)))
 
 
+# the table: every term of every built-in objective
 register_loss_term(LossTerm("cmc", _cmc_term, 1.0, objectives=("clip", "filip", "loupe")))
 register_loss_term(LossTerm("filip", _filip_term, 1.0, objectives=("filip", "loupe"), needs=("filip_scale",)))
+for _name, _weight in _objectives.SHAPLEY_TERMS.items():
+    register_loss_term(LossTerm(_name, _objectives.term_fn(_name), _weight, objectives=("loupe",),
+                                needs=("regions",), build=_objectives.build_module(_name)))

@@ -1,12 +1,13 @@
-"""The LOUPE objectives L_TSA, L_FSA and L_UA (METHOD sections 5-9), plugged into the loss registry.
+"""The LOUPE objectives L_TSA, L_FSA and L_UA (METHOD sections 5-9).
 
-Importing this module registers three terms of the ``loupe`` objective in :mod:`loupe.losses`:
-``tsa`` (token-level Shapley interaction -> objectness), ``fsa`` (region-phrase interactions ->
-phrase-to-region alignment) and ``ua`` (the UANSIL uncertainty-weighted interaction loss).
+Three terms of the ``loupe`` objective, listed in the table of :mod:`loupe.losses` (this module
+registers nothing itself): ``tsa`` (token-level Shapley interaction -> objectness), ``fsa``
+(region-phrase interactions -> phrase-to-region alignment) and ``ua`` (the UANSIL
+uncertainty-weighted interaction loss). :data:`SHAPLEY_TERMS` gives their default weights,
+:func:`term_fn` and :func:`build_module` what the table needs.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -16,18 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from loupe_kernels import shapley_interaction, shapley_interaction_pooled
-from loupe_kernels.uansil import InteractionPredictor
+from loupe_kernels.uansil import UansilPolicy
 
-from . import losses as _losses
 from . import regions as _regions
+from .config import GAMES, TARGET_RULES, options_from_config
 
-__all__ = ["region_targets", "box_subsets", "game_values", "SceneSpec", "constructed_scene", "TARGET_RULES",
-           "GAMES", "ObjectiveOptions", "options_from_config", "UANSIL", "LoupeShapleyTerms",
+__all__ = ["region_targets", "box_subsets", "game_values", "SceneSpec", "constructed_scene", "LoupeShapleyTerms",
            "tsa_candidates", "fsa_candidates", "phrase_region_interactions", "phrase_contrast", "cross_image_lse", "soft_kl",
-           "loupe_losses"]
-
-TARGET_RULES = ("redundancy", "redundancy_minus_outside")
-GAMES = ("maxsim", "pooled")
+           "loupe_losses", "SHAPLEY_TERMS", "term_fn", "build_module"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,85 +201,6 @@ def constructed_scene(name: str, seed: int = 0, dim: int = 32, grid: int = 8) ->
 
 
 # ------------------------------------------------------------------------------------------------
-# options
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class ObjectiveOptions:
-    """Settings of the Shapley terms (METHOD 9 defaults). Set through ``LoupeConfig.loupe_options``
-    (a dict; unknown keys raise). The weights f, a, b, c are ``LoupeConfig.loss_weights`` entries
-    ``filip``, ``tsa``, ``fsa``, ``ua``."""
-
-    num_samples: int = 32           # K
-    tsa_top: int = 8                # M' = tsa_top (by objectness, after NMS) + tsa_random
-    tsa_random: int = 8
-    tsa_game: str = "maxsim"        # or "pooled" (not recommended, docs/METHOD-notes.md)
-    tsa_rule: str = "redundancy"    # or "redundancy_minus_outside"
-    tsa_center: bool = True
-    tau_i: float = 0.5
-    tau_s: float = 0.5
-    tau: float = 0.05
-    fsa_per_phrase: int = 2         # each phrase's best boxes by the grounding score, added to the top-M regions
-    fsa_scales: int = 0             # extra boxes: the best box per phrase at each of this many size bands
-    # SSIM labels from each pair's interaction minus the mean interaction of the caption's phrases
-    # with the same region (captions of >= 2 phrases): a region that every phrase needs (a patch
-    # holding the image's global content) is no phrase's. On by default [ours, measured together
-    # with fsa_cross_image: docs/METHOD-notes.md]
-    fsa_phrase_contrast: bool = True
-    # SSIM prediction normalised over the phrase's regions and the candidate regions of the other
-    # images of the local batch (negatives with label 0): a region that looks the same in every
-    # image (a positional constant token) cannot be any phrase's region. On by default [ours]
-    fsa_cross_image: bool = True
-    # L_FSA only on captions with at least this many phrases. With word-centred phrases a phrase that
-    # is its whole caption ("a cyan ring") centres to noise, and a lone phrase has no other phrase to
-    # contrast with, so its best region is the patch that holds the whole image. 2 by default
-    # [ours, measured: docs/METHOD-notes.md]
-    fsa_min_phrases: int = 2
-    min_spread: float = 1e-6        # floor of the spread when standardising
-    # the UANSIL skip policy (needs the ``ua`` term). Off by default [ours, measured]: once it starts
-    # filling skipped games with the predictor's mean, the phrase maps collapse (docs/METHOD-notes.md),
-    # and sampling is only ~5% of a step here. The predictor and L_UA train either way.
-    uansil: bool = False
-    uansil_warmup: int = 500
-    uansil_threshold: float = 0.5   # skip when predicted std < threshold * running std of sampled I
-    uansil_calibration: float = 0.1
-    uansil_hidden: int = 128
-    backend: str | None = None      # loupe_kernels backend for the sampler
-
-    def __post_init__(self) -> None:
-        for name in ("num_samples", "uansil_hidden"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"loupe_options.{name} must be >= 1, got {getattr(self, name)!r}")
-        if int(self.fsa_min_phrases) < 1:
-            raise ValueError(f"loupe_options.fsa_min_phrases must be >= 1, got {self.fsa_min_phrases!r}")
-        for name in ("tsa_top", "tsa_random", "fsa_per_phrase", "fsa_scales", "uansil_warmup"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"loupe_options.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.tsa_top + self.tsa_random < 1:
-            raise ValueError("loupe_options: tsa_top + tsa_random must be >= 1")
-        for name in ("tau_i", "tau_s", "tau"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"loupe_options.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.tsa_game not in GAMES:
-            raise ValueError(f"loupe_options.tsa_game must be one of {GAMES}, got {self.tsa_game!r}")
-        if self.tsa_rule not in TARGET_RULES:
-            raise ValueError(f"loupe_options.tsa_rule must be one of {TARGET_RULES}, got {self.tsa_rule!r}")
-        if not 0.0 <= self.uansil_calibration <= 1.0:
-            raise ValueError(f"loupe_options.uansil_calibration must be in [0, 1], got {self.uansil_calibration!r}")
-
-
-def options_from_config(config: Any) -> ObjectiveOptions:
-    """:class:`ObjectiveOptions` from ``config.loupe_options`` (a dict, or absent = defaults)."""
-    raw = getattr(config, "loupe_options", None) or {}
-    if isinstance(raw, ObjectiveOptions):
-        return raw
-    names = {f.name for f in dataclasses.fields(ObjectiveOptions)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ValueError(f"loupe_options: unknown keys {unknown}; known: {sorted(names)}")
-    return ObjectiveOptions(**dict(raw))
-
-
-# ------------------------------------------------------------------------------------------------
 # UANSIL (METHOD 8)
 # ------------------------------------------------------------------------------------------------
 NUM_GAME_FEATURES_EXTRA = _regions.NUM_GEOMETRY + 2  # geometry, s/n, kind (0 TSA, 1 FSA)
@@ -297,67 +215,25 @@ def _ua_loss(estimate: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor, ta
     return uncertainty_interaction_loss(mu, log_var, estimate.detach(), target_var=target_var.detach())
 
 
-class UANSIL(nn.Module):
-    """The interaction predictor ``g`` (mean and log-variance) and the running statistics of its policy.
-
-    ``g`` is :class:`loupe_kernels.uansil.InteractionPredictor` (a 2-hidden-layer MLP whose log-variance
-    is squashed smoothly into [-20, 20]). The policy stays here rather than in
-    :class:`loupe_kernels.uansil.UansilPolicy`: that one owns a single sampler, counts its own calls as
-    warm-up steps and draws from its own generator, while LOUPE samples two kinds of games (TSA boxes,
-    FSA region-phrase pairs) through two estimators, keys the warm-up to the training step (so a resumed
-    run continues it) and draws from the batch's seed (same batch seed, same losses).
-    """
-
-    def __init__(self, dim: int, hidden: int = 128) -> None:
-        super().__init__()
-        self.predictor = InteractionPredictor(2 * dim + NUM_GAME_FEATURES_EXTRA, hidden, layers=2)
-        self.register_buffer("running_var", torch.zeros(()))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [G, F]`` detached game features -> ``(mu [G], log_var [G])`` (log-variance in [-20, 20])."""
-        return self.predictor(x)
-
-    @torch.no_grad()
-    def update(self, sampled: torch.Tensor, momentum: float = 0.99) -> None:
-        """Update the running variance of sampled interactions."""
-        if sampled.numel() == 0:
-            return
-        v = sampled.float().var(unbiased=False) if sampled.numel() > 1 else sampled.float().pow(2).mean()
-        if int(self.steps) == 0:
-            self.running_var.copy_(v)
-        else:
-            self.running_var.mul_(momentum).add_((1 - momentum) * v)
-        self.steps.add_(1)
-
-
 class LoupeShapleyTerms(nn.Module):
     """Trainable parts of the Shapley terms (the UANSIL predictor) and their options."""
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.options = options_from_config(config)
-        self.uansil = UANSIL(config.embed_dim, self.options.uansil_hidden)
+        self.uansil = UansilPolicy(2 * config.embed_dim + NUM_GAME_FEATURES_EXTRA, self.options.uansil_hidden)
 
 
 def _policy(module: LoupeShapleyTerms, feats: torch.Tensor, step: int, gen: torch.Generator,
             use_policy: bool) -> dict[str, torch.Tensor]:
-    """Run the predictor and decide which games are sampled.
-
-    Returns ``mu``, ``ls`` (with gradient), ``sample`` (bool: sample this game), ``calib`` (bool: would
-    have been skipped but sampled for calibration).
-    """
+    """Run the predictor and let :class:`loupe_kernels.uansil.UansilPolicy` decide which games are
+    sampled. Returns ``mu``, ``ls`` (with gradient), ``sample`` (bool: sample this game), ``calib``
+    (bool: would have been skipped but sampled for calibration)."""
     opts = module.options
     mu, ls = module.uansil(feats)
-    G = feats.shape[0]
-    sample = torch.ones(G, dtype=torch.bool, device=feats.device)
-    calib = torch.zeros(G, dtype=torch.bool, device=feats.device)
-    if use_policy and opts.uansil and step >= opts.uansil_warmup and float(module.uansil.running_var) > 0:
-        thr = opts.uansil_threshold * float(module.uansil.running_var) ** 0.5
-        confident = (ls.detach() * 0.5).exp() < thr
-        u = torch.rand(G, generator=gen).to(feats.device)
-        calib = confident & (u < opts.uansil_calibration)
-        sample = ~confident | calib
+    sample, calib = module.uansil.decide(ls, step, gen, enabled=use_policy and opts.uansil,
+                                         warmup=opts.uansil_warmup, threshold=opts.uansil_threshold,
+                                         calibration=opts.uansil_calibration)
     return {"mu": mu, "ls": ls, "sample": sample, "calib": calib}
 
 
@@ -565,21 +441,9 @@ def _true_boxes(batch: Mapping[str, Any], phrase_mask: torch.Tensor) -> tuple[to
     return boxes.to(phrase_mask.device).float(), ok
 
 
-def _batched_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU ``[B, Na, Nb]`` of boxes ``a [B, Na, 4]`` and ``b [B, Nb, 4]`` (xyxy), batched
-    (:func:`loupe.regions.box_iou` per image)."""
-    a, b = a.double(), b.double()
-    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
-    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-    wh = (torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:]) - torch.maximum(a[:, :, None, :2], b[:, None, :, :2]))
-    inter = wh.clamp(min=0).prod(-1)
-    union = area_a[:, :, None] + area_b[:, None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
-
-
 def _any_iou50(cand_px: torch.Tensor, cand_ok: torch.Tensor, true_px: torch.Tensor) -> torch.Tensor:
     """``[B, P]``: some valid candidate ``[B, R, 4]`` has IoU >= 0.5 with the true box ``[B, P, 4]``."""
-    ious = _batched_iou(true_px, cand_px)  # [B, P, R]
+    ious = _regions.box_iou(true_px.double(), cand_px.double())  # [B, P, R]
     return ((ious >= 0.5 - 1e-9) & cand_ok[:, None, :]).any(-1)
 
 
@@ -589,37 +453,6 @@ def _find_module(model: nn.Module) -> "LoupeShapleyTerms | None":
         if name in mods:
             return mods[name]
     return None
-
-
-def _box_feats_and_logits(model: nn.Module, patch_tokens: torch.Tensor, idx: torch.Tensor,
-                          with_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inside features ``[B, M, D]`` (and objectness logits ``[B, M]``) of the chosen candidate boxes only.
-
-    The same values as the model's dense ``box_feats``/``box_logits`` gathered at ``idx``, but the
-    backward pass touches only these M boxes instead of all candidates of every image.
-    """
-    g = model.config.grid_size
-    boxes = model.candidate_boxes[idx]
-    sub = box_subsets(boxes, g, g).to(patch_tokens.dtype)  # [B, M, n]
-    work = patch_tokens if patch_tokens.dtype in (torch.float32, torch.float64) else patch_tokens.float()
-    sums = sub.to(work.dtype) @ work
-    area = sub.sum(-1, keepdim=True).to(work.dtype)
-    n = work.shape[1]
-    inside = F.normalize(sums / area, dim=-1)
-    if not with_logits:
-        return inside.to(patch_tokens.dtype), None
-    out_cnt = n - area
-    outside = (work.sum(1, keepdim=True) - sums) / out_cnt.clamp(min=1)
-    outside = F.normalize(outside, dim=-1) * (out_cnt > 0).to(work.dtype)
-    if model.config.region_detach:
-        inside_h, outside_h = inside.detach(), outside.detach()
-    else:
-        inside_h, outside_h = inside, outside
-    head = model.region_head
-    geo = model.box_geometry[idx].to(inside.dtype)
-    x = torch.cat([inside_h.to(patch_tokens.dtype), outside_h.to(patch_tokens.dtype), geo.to(patch_tokens.dtype)], -1)
-    logits = head.fc2(head.act(head.fc1(x))).squeeze(-1)
-    return inside.to(patch_tokens.dtype), logits
 
 
 def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -659,7 +492,8 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         boxes = cand[idx]  # [B, M', 4]
         Mp = idx.shape[1]
         pol = None
-        tsa_in, o = _box_feats_and_logits(model, patches, idx)  # the M' boxes only
+        tsa_in, tsa_out = model.box_features_at(patches, idx)  # the M' boxes only
+        o = model.objectness(tsa_in, tsa_out, idx)
         if use_ua and Mp:
             geo = model.box_geometry[idx]  # [B, M', 7]
             size = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).float()
@@ -671,7 +505,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         fill = None if pol is None else pol["mu"].detach().reshape(B, Mp)
         t, se, inter = region_targets(patches, words, wmask, boxes, g, g, rule=opts.tsa_rule, game=opts.tsa_game,
                                       num_samples=opts.num_samples, seed=_seed_of(batch, 1),
-                                      text_emb=out["text_emb"], center=opts.tsa_center, backend=opts.backend,
+                                      text_emb=out["text_emb"], center=opts.tsa_center, backend=model.config.kernel_backend,
                                       valid=valid, sample=sample, fill=fill)
         z = _standardise(t, valid, opts.min_spread)
         kl = soft_kl(z / opts.tau_i, o, valid)
@@ -715,7 +549,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
                                       opts.fsa_per_phrase, opts.fsa_scales)
         R = ridx.shape[1]
         P = pf.shape[1]
-        rfeat, _ = _box_feats_and_logits(model, patches, ridx, with_logits=False)
+        rfeat, _ = model.box_features_at(patches, ridx)
         pair_ok = pmask[:, :, None] & rvalid[:, None, :]
         pol = None
         if use_ua and P and R:
@@ -729,7 +563,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         fill = None if pol is None else pol["mu"].detach().reshape(B, P, R)
         inter, se = phrase_region_interactions(pf, pmask, rfeat, rvalid, num_samples=opts.num_samples,
                                                seed=_seed_of(batch, 2), sample=sample, fill=fill,
-                                               backend=opts.backend)
+                                               backend=model.config.kernel_backend)
         z = _standardise(phrase_contrast(inter, pair_ok) if opts.fsa_phrase_contrast else inter, pair_ok,
                          opts.min_spread)
         pred = torch.einsum("bpd,brd->bpr", pf.float(), rfeat.float()) / opts.tau
@@ -763,7 +597,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
             if bool(has.any()):
                 top = out["box_logits"].detach().argmax(-1)
                 top_px = _regions.boxes_to_pixels(cand[top], ps)[:, None]  # [B, 1, 4]
-                ious = _batched_iou(true_px, top_px)[..., 0]  # [B, P]
+                ious = _regions.box_iou(true_px.double(), top_px.double())[..., 0]  # [B, P]
                 over = ((ious > 0) & tok).any(-1)
                 good = ((ious >= 0.5 - 1e-9) & tok).any(-1)
                 res["diag_top_box_overlap"] = float(over[has].float().mean())
@@ -789,23 +623,24 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
 
 
 # ------------------------------------------------------------------------------------------------
-# registration
+# what the table of loupe.losses needs
 # ------------------------------------------------------------------------------------------------
-def _build(name: str):
+#: the Shapley terms of the ``loupe`` objective and their default weights a, b, c (METHOD 9)
+SHAPLEY_TERMS: dict[str, float] = {"tsa": 0.5, "fsa": 0.5, "ua": 0.1}
+
+
+def build_module(name: str):
+    """``build(config)`` of term ``name``: the terms share one :class:`LoupeShapleyTerms`, built by the
+    first of them whose weight (default or ``config.loss_weights``) is not 0."""
     def build(config: Any) -> "LoupeShapleyTerms | None":
-        weights = _losses.resolve_loss_weights(config.objective, config.loss_weights)
-        first = next((t for t in ("tsa", "fsa", "ua") if t in weights), None)
+        weights = {**SHAPLEY_TERMS, **(config.loss_weights or {})}
+        first = next((t for t in SHAPLEY_TERMS if weights.get(t, 0) != 0), None)
         return LoupeShapleyTerms(config) if first == name else None
     return build
 
 
-def _term(name: str):
+def term_fn(name: str):
+    """``fn(out, batch, model, module)`` of term ``name`` (all three read one cached computation)."""
     def fn(out: dict, batch: Mapping[str, Any], model: nn.Module, module: nn.Module | None) -> torch.Tensor:
         return loupe_losses(out, batch, model)[f"loss_{name}"]
     return fn
-
-
-for _name, _w in (("tsa", 0.5), ("fsa", 0.5), ("ua", 0.1)):
-    if _name not in _losses.LOSS_TERMS:
-        _losses.register_loss_term(_losses.LossTerm(_name, _term(_name), _w, objectives=("loupe",),
-                                                    needs=("regions",), build=_build(_name)))

@@ -18,7 +18,7 @@ from torch import nn
 
 from loupe_kernels.box_objectness import box_inverse_scales, box_objectness, box_sums, interval_matrix
 
-__all__ = ["candidate_boxes", "box_iou", "box_geometry", "summed_area_table", "sat_pooling_matrix", "box_features",
+__all__ = ["candidate_boxes", "box_area", "box_iou", "box_geometry", "summed_area_table", "sat_pooling_matrix", "box_features",
            "box_features_at",
            "nms_topk", "phrase_features", "grounding_scores", "RegionGenerator", "boxes_to_pixels",
            "NUM_GEOMETRY", "interval_matrix", "box_sums", "box_inverse_scales", "box_membership",
@@ -40,17 +40,22 @@ def candidate_boxes(h: int, w: int, device: torch.device | str | None = None) ->
     return torch.tensor(boxes, dtype=torch.long, device=device)
 
 
+def box_area(b: torch.Tensor) -> torch.Tensor:
+    """Area of xyxy boxes ``[..., 4]`` -> ``[...]`` (0 for inverted boxes)."""
+    return (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+
+
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of every box in ``a [Na, 4]`` with every box in ``b [Nb, 4]`` (xyxy) -> ``[Na, Nb]`` float."""
+    """IoU of every box in ``a [..., Na, 4]`` with every box in ``b [..., Nb, 4]`` (xyxy, batched over
+    the leading dimensions) -> ``[..., Na, Nb]`` float (integer boxes in float64; 0 for empty unions).
+    The one IoU of the project: aligned pairs are ``box_iou(a[:, None], b[:, None])[:, 0, 0]``."""
     a = a.to(torch.float64) if not a.is_floating_point() else a
     b = b.to(a.dtype)
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
+    union = box_area(a)[..., :, None] + box_area(b)[..., None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
 
 

@@ -36,9 +36,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from loupe import checkpoint as ckpt  # noqa: E402  (after the path fix above)
+from loupe.config import DATASET_TYPES, OBJECTIVES, LoupeConfig  # noqa: E402
+
 DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "ds_config.json")
-DATASET_TYPES = ("synthetic", "fashion", "emoji", "csv", "webdataset")
-OBJECTIVES = ("loupe", "clip", "filip")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,7 +128,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--model-config is neither a JSON object nor a JSON file: {e}")
         if not isinstance(args.model_overrides, dict):
             p.error("--model-config must be a JSON object")
-        from loupe.model import LoupeConfig
         try:
             LoupeConfig(**{**args.model_overrides, "objective": args.objective})
         except (TypeError, ValueError) as e:
@@ -213,52 +213,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # log, checkpoints
 # ------------------------------------------------------------------------------------------------
-def truncate_log(path: str, last_step: int) -> int:
-    """Keep the lines of ``log.jsonl`` with ``step <= last_step``; returns how many were dropped."""
-    if not os.path.exists(path):
-        return 0
-    keep, dropped = [], 0
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                dropped += 1
-                continue
-            if rec.get("step", 0) <= last_step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
-    return dropped
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def resolve_resume_tag(ckpt_dir: str, resume: str | None) -> str | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        path = os.path.join(ckpt_dir, "latest")
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            return f.read().strip()
-    if not os.path.isdir(os.path.join(ckpt_dir, resume)):
-        raise SystemExit(f"--resume {resume!r}: no checkpoint {os.path.join(ckpt_dir, resume)}")
-    return resume
-
-
 def param_groups(model: torch.nn.Module, wd: float):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -344,7 +298,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from loupe import data as ldata
-    from loupe.model import LoupeConfig, LoupeModel
+    from loupe.model import LoupeModel
 
     on_gpu = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
@@ -359,18 +313,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     is_main = rank == 0
 
-    out_dir = os.path.abspath(args.output)
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    log_path = os.path.join(out_dir, "log.jsonl")
+    run = ckpt.RunPaths(args.output)
+    out_dir, ckpt_dir, log_path = run.root, run.checkpoints, run.log
     if is_main:
         os.makedirs(ckpt_dir, exist_ok=True)
     dist.barrier()
-    resume_tag = resolve_resume_tag(ckpt_dir, args.resume)
+    resume_tag = ckpt.resolve_resume_tag(ckpt_dir, args.resume)
     if args.resume == "latest" and resume_tag is None and is_main:
         print(f"loupe: --resume latest: no checkpoint under {ckpt_dir}, starting from step 0")
 
     # data and tokenizer (fit once on rank 0, saved with the model, loaded by the other ranks)
-    tok_path = os.path.join(out_dir, "tokenizer.json")
+    tok_path = run.tokenizer
     train_set = ldata.build_dataset(args.dataset_type, "train", seed=args.seed, path=args.train_data,
                                     size=args.train_size, img_key=args.csv_img_key,
                                     caption_key=args.csv_caption_key, separator=args.csv_separator)
@@ -380,10 +333,8 @@ def main(argv=None) -> int:
     dist.barrier()
     tokenizer = ldata.load_tokenizer(tok_path)
 
-    cfg_path = os.path.join(out_dir, "config.json")
-    if resume_tag and os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            saved = json.load(f)
+    saved = ckpt.read_config(out_dir) if resume_tag else None
+    if saved is not None:
         config = LoupeConfig.from_dict(saved["model"])
         if config.objective != args.objective:
             raise SystemExit(f"--resume: the checkpoint was trained with --objective {config.objective}, "
@@ -397,9 +348,9 @@ def main(argv=None) -> int:
     ds_config = build_ds_config(args, world)
     local_batch = ds_config["train_micro_batch_size_per_gpu"]
     if is_main:
-        write_atomic(cfg_path, json.dumps({"model": config.to_dict(), "train": {
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-            "deepspeed": ds_config, "world_size": world}, indent=2))
+        ckpt.write_config(out_dir, config, {k: v for k, v in vars(args).items()
+                                            if isinstance(v, (int, float, str, bool, type(None)))},
+                          deepspeed=ds_config, world_size=world)
 
     optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
@@ -413,7 +364,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--resume: could not load checkpoint {resume_tag!r} from {ckpt_dir}")
         start = int(client["step"])
         if is_main:
-            dropped = truncate_log(log_path, start)
+            dropped = ckpt.truncate_log(log_path, start)
             print(f"loupe: resumed from {resume_tag} at step {start}"
                   + (f" (dropped {dropped} log lines past it)" if dropped else ""))
     elif is_main and os.path.exists(log_path):
@@ -468,7 +419,7 @@ def main(argv=None) -> int:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step}, save_latest=False)
         dist.barrier()
         if is_main:
-            write_atomic(os.path.join(ckpt_dir, "latest"), tag)
+            ckpt.write_atomic(os.path.join(ckpt_dir, "latest"), tag)
         dist.barrier()
 
     step, last_saved, skipped_total = start, start, 0
@@ -530,13 +481,9 @@ def main(argv=None) -> int:
     # consolidated fp32 weights, readable without DeepSpeed (loupe.load)
     if is_main:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        with open(os.path.join(ckpt_dir, "latest")) as f:
-            tag = f.read().strip()
-        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-        torch.save({"config": config.to_dict(), "state_dict": state, "step": step},
-                   os.path.join(out_dir, "model.pt.tmp"))
-        os.replace(os.path.join(out_dir, "model.pt.tmp"), os.path.join(out_dir, "model.pt"))
-    eval_json = os.path.join(out_dir, "eval.json")
+        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=ckpt.latest_tag(ckpt_dir))
+        ckpt.save_model(out_dir, config, state, step)
+    eval_json = run.eval
     eval_done = False
     if is_main and not args.no_eval:
         try:
@@ -549,7 +496,7 @@ def main(argv=None) -> int:
     dist.barrier()
     if is_main:
         print(f"loupe: trained {args.objective} to step {step} on {world} process(es)")
-        print(f"  model:       {os.path.join(out_dir, 'model.pt')} (load with loupe.load({out_dir!r}))")
+        print(f"  model:       {run.model} (load with loupe.load({out_dir!r}))")
         print(f"  checkpoints: {ckpt_dir}")
         print(f"  log:         {log_path}")
         if eval_done:

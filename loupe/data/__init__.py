@@ -25,20 +25,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..config import DATASET_TYPES
 from .formats import CsvDataset, ShardDataset, expand_paths, write_csv, write_shards
-from .pipeline import CLIP_MEAN, CLIP_STD, Collator, Preprocess
+from .pipeline import CLIP_MEAN, CLIP_STD, Collator, Preprocess, open_image
 from .scenes import (COLOR_NAMES, DEFAULT_SIZES, SHAPES, SPLITS, Catalog, Scene, SceneGenerator,
-                     ShapeCatalog, box_iou, oracle_iou)
+                     ShapeCatalog, oracle_iou)
 from .text import (SubwordTokenizer, WordTokenizer, chunk_noun_phrases, load_tokenizer,
                    train_tokenizer)
 
 __all__ = ["build_dataset", "fit_tokenizer", "load_tokenizer", "Collator", "Preprocess", "SceneDataset",
            "CsvDataset", "ShardDataset", "RankShard", "write_shards", "write_csv", "chunk_noun_phrases",
            "WordTokenizer", "SubwordTokenizer", "train_tokenizer", "oracle_iou", "oracle_grounding",
-           "box_iou", "SceneGenerator", "ShapeCatalog", "Scene", "SHAPES", "COLOR_NAMES", "SPLITS",
-           "DATASET_TYPES", "CLIP_MEAN", "CLIP_STD"]
+           "SceneGenerator", "ShapeCatalog", "Scene", "SHAPES", "COLOR_NAMES", "SPLITS",
+           "DATASET_TYPES", "CLIP_MEAN", "CLIP_STD", "open_image"]
 
-DATASET_TYPES = ("synthetic", "fashion", "emoji", "csv", "webdataset")
 
 
 class SceneDataset(torch.utils.data.Dataset):

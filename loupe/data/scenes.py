@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["SHAPES", "COLORS", "SPLITS", "Catalog", "ShapeCatalog", "Scene", "SceneGenerator",
-           "oracle_iou", "oracle_iou_bruteforce", "box_iou", "PATCH"]
+           "oracle_iou", "oracle_iou_bruteforce", "PATCH"]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -62,15 +62,6 @@ TEMPLATES = {
 # ------------------------------------------------------------------------------------------------
 # geometry
 # ------------------------------------------------------------------------------------------------
-def box_iou(a, b) -> float:
-    """IoU of two ``xyxy`` boxes."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 @lru_cache(maxsize=1 << 18)
 def _oracle_int(box: tuple, image_size: int, patch: int):
     return oracle_iou.__wrapped__(box, image_size, patch)

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from loupe import data as ldata
+from loupe import checkpoint, report
 from loupe import evaluate as E
 from loupe.ground import ground
-from loupe.model import LoupeConfig, LoupeModel
+from loupe.config import LoupeConfig
+from loupe.model import LoupeModel
 
 TINY = {"vision_width": 32, "vision_layers": 1, "vision_heads": 2, "text_width": 32, "text_layers": 1,
         "text_heads": 2, "embed_dim": 32, "region_hidden": 32}
@@ -50,8 +52,8 @@ def test_evaluate_checkpoint_paths_ranges_and_files(ckpt, tmp_path):
                                 progress=False)
     with open(out) as f:
         saved = json.load(f)
-    for path in E.REQUIRED_PATHS:
-        v = E.get_path(saved, path)
+    for path in report.REQUIRED_PATHS:
+        v = report.get_path(saved, path)
         assert isinstance(v, float) and 0.0 <= v <= 1.0, (path, v)
     g = saved["grounding"]
     # the built-in scenes are made so that whole-patch boxes reach IoU >= 0.5 with every object
@@ -84,7 +86,7 @@ def test_same_numbers_twice_and_an_untrained_model_is_near_chance(ckpt):
 
 def test_grounding_metric_counts_a_planted_answer(ckpt, monkeypatch):
     """Replace the encoders so that phrases and patches carry the true boxes: Acc@0.5 and pointing 1."""
-    model, _ = E.load_checkpoint(ckpt)
+    model, _ = checkpoint.load_checkpoint(ckpt)
     ds = ldata.build_dataset("synthetic", "test", seed=3, size=12)
     D, g, p = model.config.embed_dim, model.grid_size, model.config.patch_size
     from loupe.data import oracle_iou
@@ -136,7 +138,7 @@ def test_grounding_metric_counts_a_planted_answer(ckpt, monkeypatch):
 
 
 def test_ground_returns_boxes_in_input_pixels(ckpt):
-    model, _ = E.load_checkpoint(ckpt)
+    model, _ = checkpoint.load_checkpoint(ckpt)
     img = (torch.rand(3, 48, 96) * 255).to(torch.uint8)
     res = ground(model, img, "a small red circle left of a big blue square", top_k=3)
     assert [r["phrase"] for r in res] == ["a small red circle", "a big blue square"]
@@ -155,7 +157,7 @@ def test_lone_phrases_are_encoded_beside_partners(ckpt):
     """``encode_lone_phrases`` = the normalised mean of the phrase's features in each context caption;
     ``ground`` uses it for a text with one phrase, and class prompts use it with their templates."""
     from loupe.model import LONE_PHRASE_PARTNERS
-    model, _ = E.load_checkpoint(ckpt)
+    model, _ = checkpoint.load_checkpoint(ckpt)
     assert model.config.text_center_words
     got = model.encode_lone_phrases(["a red circle", "a ring"])
     want = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loupe import evaluate as E
+from loupe import metrics as M
 from loupe import regions as R
 
 
@@ -19,12 +19,12 @@ def test_recall_at_k_hand_computed_with_ties():
                       [0.5, 0.5, 0.1, 0.0],    # target 1 tied with key 0: rank 1 (ties count against)
                       [0.8, 0.7, 0.1, 0.6],    # target 2 is last: rank 3
                       [0.1, 0.2, 0.3, 0.25]])  # target 3 ranks 1
-    r = E.recall_at_k(s, torch.arange(4), ks=(1, 2, 3, 4))
+    r = M.recall_at_k(s, torch.arange(4), ks=(1, 2, 3, 4))
     assert r == {1: 0.25, 2: 0.75, 3: 0.75, 4: 1.0}
 
 
 def test_recall_constant_scores_is_zero_not_one():
-    r = E.recall_at_k(torch.zeros(5, 5), torch.arange(5), ks=(1, 4, 5))
+    r = M.recall_at_k(torch.zeros(5, 5), torch.arange(5), ks=(1, 4, 5))
     assert r[1] == 0.0 and r[4] == 0.0 and r[5] == 1.0
 
 
@@ -32,7 +32,7 @@ def test_recall_matches_a_sort_without_ties():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(30, 40, generator=g)
     t = torch.randint(0, 40, (30,), generator=g)
-    r = E.recall_at_k(s, t, ks=(1, 5, 10))
+    r = M.recall_at_k(s, t, ks=(1, 5, 10))
     order = s.argsort(dim=1, descending=True)
     rank = (order == t[:, None]).float().argmax(1)
     for k in (1, 5, 10):
@@ -41,11 +41,11 @@ def test_recall_matches_a_sort_without_ties():
 
 def test_recall_rejects_bad_input():
     with pytest.raises(ValueError, match="targets"):
-        E.recall_at_k(torch.zeros(3, 3), torch.tensor([0, 1, 3]))
+        M.recall_at_k(torch.zeros(3, 3), torch.tensor([0, 1, 3]))
     with pytest.raises(ValueError, match="NaN"):
-        E.recall_at_k(torch.tensor([[float("nan")]]), torch.tensor([0]))
+        M.recall_at_k(torch.tensor([[float("nan")]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="2-D"):
-        E.recall_at_k(torch.zeros(3), torch.tensor([0, 1, 2]))
+        M.recall_at_k(torch.zeros(3), torch.tensor([0, 1, 2]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -54,18 +54,18 @@ def test_recall_rejects_bad_input():
 def test_box_iou_pairs_edge_cases():
     a = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 0, 0], [0, 0, 10, 10]], dtype=torch.float)
     b = torch.tensor([[0, 0, 10, 10], [10, 0, 20, 10], [5, 0, 15, 10], [0, 0, 0, 0], [2, 2, 4, 4]], dtype=torch.float)
-    iou = E.box_iou_pairs(a, b)
+    iou = M.box_iou_pairs(a, b)
     assert iou.tolist() == pytest.approx([1.0, 0.0, 50 / 150, 0.0, 4 / 100])
 
 
 def test_chance_and_oracle_against_loops():
     cand = R.candidate_boxes(8, 8).double() * 8
     true = torch.tensor([[3.0, 5.0, 20.0, 17.0], [0.0, 0.0, 64.0, 64.0], [40.0, 41.0, 54.0, 60.0]])
-    ch = E.chance_acc(true, cand)
-    orc = E.oracle_hits(true, cand)
+    ch = M.chance_acc(true, cand)
+    orc = M.oracle_hits(true, cand)
     from loupe.data import oracle_iou
     for i, t in enumerate(true.tolist()):
-        ious = [E.box_iou_pairs(torch.tensor([c]), torch.tensor([t]))[0].item() for c in cand.tolist()]
+        ious = [M.box_iou_pairs(torch.tensor([c]), torch.tensor([t]))[0].item() for c in cand.tolist()]
         assert ch[i].item() == pytest.approx(sum(x >= 0.5 for x in ious) / len(ious))
         assert bool(orc[i]) == (oracle_iou(tuple(t), 64, 8)[0] >= 0.5) == (max(ious) >= 0.5)
     assert ch[1].item() == pytest.approx(sum(1 for c in cand.tolist() if (c[2] - c[0]) * (c[3] - c[1]) >= 2048)
@@ -97,15 +97,15 @@ def test_grounding_picks_the_object_box(obj):
     phrase[0, 0, 0] = 1.0  # names the object
     phrase[0, 1, 1] = 1.0  # names the background
     cand = R.candidate_boxes(g, g)
-    idx, score = E.grounding_predictions(phrase, patches, g, cand)
+    idx, score = M.grounding_predictions(phrase, patches, g, cand)
     assert tuple(cand[idx[0, 0]].tolist()) == obj
     true = torch.tensor([obj], dtype=torch.float64) * 8
     pred = cand[idx[0, :1]].double() * 8
-    assert E.box_iou_pairs(pred, true).item() == 1.0
+    assert M.box_iou_pairs(pred, true).item() == 1.0
     # the background phrase does not pick the object
     assert tuple(cand[idx[0, 1]].tolist()) != obj
     # pointing: the most similar patch of the object phrase lies in the object, the background one's does not
-    hits = E.pointing_hits(phrase[0], patches.expand(2, -1, -1), true.expand(2, -1), g, 8)
+    hits = M.pointing_hits(phrase[0], patches.expand(2, -1, -1), true.expand(2, -1), g, 8)
     assert hits.tolist() == [True, False]
 
 
@@ -119,7 +119,7 @@ def test_grounding_respects_allowed_boxes():
     allowed = torch.zeros(1, len(cand), dtype=torch.bool)
     other = ((cand == torch.tensor([0, 0, 2, 2])).all(1)).nonzero().item()
     allowed[0, other] = True
-    idx, _ = E.grounding_predictions(phrase, patches, g, cand, allowed=allowed)
+    idx, _ = M.grounding_predictions(phrase, patches, g, cand, allowed=allowed)
     assert idx.item() == other
 
 
@@ -130,8 +130,8 @@ def test_pointing_on_patch_boundaries():
     patches[0, :, 1] = 1.0
     patches[0, 1 * g + 2] = torch.tensor([1.0, 0, 0, 0])
     p = torch.tensor([[1.0, 0, 0, 0]])
-    assert E.pointing_hits(p, patches, torch.tensor([[16.0, 8.0, 24.0, 16.0]]), g, 8).item()
-    assert not E.pointing_hits(p, patches, torch.tensor([[0.0, 0.0, 20.0, 16.0]]), g, 8).item()
+    assert M.pointing_hits(p, patches, torch.tensor([[16.0, 8.0, 24.0, 16.0]]), g, 8).item()
+    assert not M.pointing_hits(p, patches, torch.tensor([[0.0, 0.0, 20.0, 16.0]]), g, 8).item()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,35 +140,35 @@ def test_pointing_on_patch_boundaries():
 def test_coco_map_hand_cases():
     gt = [{"boxes": [[0, 0, 10, 10]], "labels": [0]}]
     perfect = [{"boxes": [[0, 0, 10, 10]], "scores": [0.9], "labels": [0]}]
-    r = E.coco_map(gt, perfect, 1)
+    r = M.coco_map(gt, perfect, 1)
     assert r["map"] == pytest.approx(1.0) and r["map50"] == pytest.approx(1.0)
     # a false positive ranked first: precision 0.5 at recall 1 -> AP 0.5 at every threshold
     fp_first = [{"boxes": [[20, 20, 30, 30], [0, 0, 10, 10]], "scores": [0.95, 0.9], "labels": [0, 0]}]
-    assert E.coco_map(gt, fp_first, 1)["map"] == pytest.approx(0.5)
+    assert M.coco_map(gt, fp_first, 1)["map"] == pytest.approx(0.5)
     # false positive ranked last: AP 1
     fp_last = [{"boxes": [[20, 20, 30, 30], [0, 0, 10, 10]], "scores": [0.1, 0.9], "labels": [0, 0]}]
-    assert E.coco_map(gt, fp_last, 1)["map"] == pytest.approx(1.0)
+    assert M.coco_map(gt, fp_last, 1)["map"] == pytest.approx(1.0)
     # IoU 0.6: a hit at 0.5, 0.55, 0.6 (3 of 10 thresholds)
     loose = [{"boxes": [[0, 0, 10, 6]], "scores": [0.9], "labels": [0]}]
-    r = E.coco_map(gt, loose, 1)
+    r = M.coco_map(gt, loose, 1)
     assert r["map50"] == pytest.approx(1.0) and r["map"] == pytest.approx(0.3)
     # two ground truths, one found: AP = mean over recall points <= 0.5 of precision 1 = 51/101
     gt2 = [{"boxes": [[0, 0, 10, 10], [20, 20, 30, 30]], "labels": [0, 0]}]
-    assert E.coco_map(gt2, perfect, 1)["map50"] == pytest.approx(51 / 101)
+    assert M.coco_map(gt2, perfect, 1)["map50"] == pytest.approx(51 / 101)
     # a class without ground truth is left out; its detections do not count
     mixed = [{"boxes": [[0, 0, 10, 10], [0, 0, 10, 10]], "scores": [0.9, 0.99], "labels": [0, 1]}]
-    r = E.coco_map(gt, mixed, 2)
+    r = M.coco_map(gt, mixed, 2)
     assert r["map"] == pytest.approx(1.0) and np.isnan(r["per_class_ap"][1])
     # a duplicate detection is a false positive
     dup = [{"boxes": [[0, 0, 10, 10], [0, 0, 10, 10]], "scores": [0.9, 0.8], "labels": [0, 0]}]
-    assert E.coco_map(gt2, dup, 1)["map50"] == pytest.approx(51 / 101)
+    assert M.coco_map(gt2, dup, 1)["map50"] == pytest.approx(51 / 101)
 
 
 def test_coco_map_validates():
     with pytest.raises(ValueError, match="label"):
-        E.coco_map([{"boxes": [[0, 0, 1, 1]], "labels": [3]}], [{"boxes": [], "scores": [], "labels": []}], 2)
+        M.coco_map([{"boxes": [[0, 0, 1, 1]], "labels": [3]}], [{"boxes": [], "scores": [], "labels": []}], 2)
     with pytest.raises(ValueError, match="images"):
-        E.coco_map([], [{"boxes": [], "scores": [], "labels": []}], 2)
+        M.coco_map([], [{"boxes": [], "scores": [], "labels": []}], 2)
 
 
 def _random_fixture(seed: int, n_img: int = 12, C: int = 3):
@@ -235,7 +235,7 @@ def test_coco_map_matches_pycocotools(seed):
     if not any(len(d["scores"]) for d in dets):
         pytest.skip("empty fixture")
     ev = _pycoco(gts, dets, C)
-    ours = E.coco_map(gts, dets, C, max_dets=100)
+    ours = M.coco_map(gts, dets, C, max_dets=100)
     assert ours["map"] == pytest.approx(ev.stats[0], abs=1e-12)
     assert ours["map50"] == pytest.approx(ev.stats[1], abs=1e-12)
     assert ours["map75"] == pytest.approx(ev.stats[2], abs=1e-12)
@@ -256,11 +256,11 @@ def test_coco_map_ties_and_max_dets_match_pycocotools():
         dets.append({"boxes": db, "scores": np.array([0.5, 0.5, 0.5, 0.9, 0.1, 0.5, 0.3, 0.7]),
                      "labels": np.zeros(8, int)})
     ev = _pycoco(gts, dets, 1)
-    ours = E.coco_map(gts, dets, 1)
+    ours = M.coco_map(gts, dets, 1)
     assert ours["map"] == pytest.approx(ev.stats[0], abs=1e-12)
     assert ours["map50"] == pytest.approx(ev.stats[1], abs=1e-12)
     # max_dets: pycocotools' maxDets=10 row
-    ours10 = E.coco_map(gts, dets, 1, max_dets=3)
+    ours10 = M.coco_map(gts, dets, 1, max_dets=3)
     with __import__("contextlib").redirect_stdout(__import__("io").StringIO()):
         ev.params.maxDets = [1, 3, 100]
         ev.evaluate()
@@ -272,13 +272,13 @@ def test_detection_confidence_hand_computed():
     # image 0: class 0 present (0.9), class 1 absent (0.1); scores of 2 boxes per image and class
     scores = torch.tensor([[[4.0, 1.0], [8.0, 6.0]], [[-1.0, -2.0], [2.0, -1.0]]])
     presence = torch.tensor([[0.9, 0.1], [0.5, 0.5]])
-    got = E.detection_confidence(scores, presence)
+    got = M.detection_confidence(scores, presence)
     want = torch.tensor([[[0.9, 0.225], [0.1, 0.075]], [[0.5, 0.5], [0.5, 0.0]]])
     assert torch.allclose(got, want)
     # the absent class's best box, though its rule score is higher, ranks below the present class's
     assert float(got[0, 1, 0]) < float(got[0, 0, 0])
     with pytest.raises(ValueError, match="detection_confidence"):
-        E.detection_confidence(scores, presence[:, :1])
+        M.detection_confidence(scores, presence[:, :1])
 
 
 def test_patch_pair_cos_hand_computed():
@@ -286,10 +286,10 @@ def test_patch_pair_cos_hand_computed():
     Image 1: unnormalised copies of one direction -> 1. Too few patches is an error."""
     x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]],
                       [[2.0, 2.0], [0.5, 0.5], [3.0, 3.0]]])
-    got = E.patch_pair_cos(x)
+    got = M.patch_pair_cos(x)
     assert torch.allclose(got, torch.tensor([1 / 3, 1.0], dtype=torch.float64), atol=1e-12)
     with pytest.raises(ValueError, match="patch_pair_cos"):
-        E.patch_pair_cos(torch.ones(2, 1, 3))
+        M.patch_pair_cos(torch.ones(2, 1, 3))
 
 
 def test_map_diagnostics_hand_computed():
@@ -300,7 +300,7 @@ def test_map_diagnostics_hand_computed():
     phrase = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     image = torch.tensor([0, 0, 1])
     boxes = torch.tensor([[0.0, 0, 16, 16], [16.0, 16, 32, 32], [0.0, 0, 32, 32]])
-    d = E.map_diagnostics(phrase, patches[image], boxes, image, grid=2, patch_size=16)
+    d = M.map_diagnostics(phrase, patches[image], boxes, image, grid=2, patch_size=16)
     # maps: [1,0,0,0], [0,0,0,1], [1,1,1,1]; inside minus outside: 1 - 0, 1 - 0, NaN
     assert d["inside_minus_outside"][:2].tolist() == [1.0, 1.0] and torch.isnan(d["inside_minus_outside"][2])
     assert d["best_patch"].tolist() == [0, 3, 0]

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 import loupe
 from loupe.losses import LOSS_TERMS, LossTerm, register_loss_term
-from loupe.model import LoupeConfig, LoupeModel, load
+from loupe.checkpoint import load
+from loupe.config import LoupeConfig
+from loupe.model import LoupeModel
 from loupe.regions import nms_topk
 
 TINY = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, vocab_size=50,

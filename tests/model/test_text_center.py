@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loupe.model import LoupeConfig, LoupeModel, center_words
+from loupe.config import LoupeConfig
+from loupe.model import LoupeModel
+from loupe.transformer import center_words
 
 SMALL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
              text_layers=1, text_heads=2, embed_dim=16, vocab_size=50, context_length=8, objective="filip")

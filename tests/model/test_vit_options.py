@@ -1,50 +1,45 @@
-"""ViT options: register tokens (``vision_registers``) and local patch attention (``vision_local_radius``)."""
+"""ViT options: local patch attention (``vision_local_radius``), mean pooling, and the retired switches."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loupe.model import LoupeConfig, LoupeModel
+from loupe.config import LoupeConfig, ObjectiveOptions, options_from_config
+from loupe.model import LoupeModel
 
 SMALL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
              text_layers=1, text_heads=2, embed_dim=16, vocab_size=50, context_length=8, objective="filip")
 
 
-def test_registers_are_dropped_at_the_output_and_take_part_inside():
-    torch.manual_seed(0)
-    model = LoupeModel(LoupeConfig(vision_registers=3, **SMALL)).eval()
-    images = torch.randn(2, 3, 32, 32)
-    cls, patches = model.encode_image_tokens(images)
-    assert cls.shape == (2, 16) and patches.shape == (2, 16, 16)
-    with torch.no_grad():
-        model.visual.registers.add_(torch.randn_like(model.visual.registers))  # attended to: outputs change
-    cls2, patches2 = model.encode_image_tokens(images)
-    assert not torch.allclose(cls, cls2) and not torch.allclose(patches, patches2)
+@pytest.mark.parametrize("field,off,on", [("vision_registers", 0, 2), ("vision_center_patches", False, True)])
+def test_retired_switches_load_when_off_and_raise_when_on(field, off, on):
+    """Switches measured worse everywhere were removed; old configs load when they had them off."""
+    d = LoupeConfig(**SMALL).to_dict()
+    assert field not in d
+    assert LoupeConfig.from_dict({**d, field: off}) == LoupeConfig(**SMALL)
+    with pytest.raises(ValueError, match=field):
+        LoupeConfig.from_dict({**d, field: on})
+    with pytest.raises(TypeError):
+        LoupeConfig(**{field: on}, **SMALL)
 
 
-def test_registers_get_gradients():
-    torch.manual_seed(0)
-    model = LoupeModel(LoupeConfig(vision_registers=2, **SMALL))
-    cls, patches = model.encode_image_tokens(torch.randn(2, 3, 32, 32))
-    (cls.sum() + patches.pow(2).sum()).backward()
-    g = model.visual.registers.grad
-    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
-
-
-@pytest.mark.parametrize("bad", [-1, 1.5, True])
-def test_bad_register_count(bad):
-    with pytest.raises(ValueError, match="vision_registers"):
-        LoupeConfig(vision_registers=bad, **SMALL)
+def test_retired_objective_backend_option():
+    d = LoupeConfig(**SMALL).to_dict()
+    assert LoupeConfig.from_dict({**d, "loupe_options": {"backend": None}}).loupe_options == {"backend": None}
+    assert options_from_config(LoupeConfig(loupe_options={"backend": None}, **SMALL)) == ObjectiveOptions()
+    with pytest.raises(ValueError, match="backend"):
+        LoupeConfig(loupe_options={"backend": "cpu"}, **SMALL)
+    with pytest.raises(ValueError, match="kernel_backend"):
+        LoupeConfig(kernel_backend="gpu", **SMALL)
 
 
 @pytest.mark.parametrize("radius,layers", [(0, 1), (1, 1), (1, 2)])
-@pytest.mark.parametrize("registers", [0, 2])
-def test_local_attention_limits_the_receptive_field(radius, layers, registers):
+def test_local_attention_limits_the_receptive_field(radius, layers):
     """A patch token changes only when a patch within radius*layers (Chebyshev) of it changes;
     [CLS] sees every patch."""
     torch.manual_seed(0)
     cfg = dict(SMALL, vision_layers=layers)
-    model = LoupeModel(LoupeConfig(vision_registers=registers, vision_local_radius=radius, **cfg)).eval()
+    model = LoupeModel(LoupeConfig(vision_local_radius=radius, **cfg)).eval()
     g = 4  # 32 / 8
     x = torch.randn(1, 3, 32, 32)
     x2 = x.clone()
@@ -77,19 +72,6 @@ def test_bad_local_radius(bad):
         LoupeConfig(vision_local_radius=bad, **SMALL)
 
 
-def test_centred_patches_are_normalised_residuals_of_the_image_mean():
-    torch.manual_seed(0)
-    model = LoupeModel(LoupeConfig(vision_center_patches=True, **SMALL)).eval()
-    seen = {}
-    model.visual.proj.register_forward_hook(lambda m, i, o: seen.__setitem__("u", o))
-    with torch.no_grad():
-        cls, patches = model.encode_image_tokens(torch.randn(3, 3, 32, 32))
-    u = seen["u"]
-    want = torch.nn.functional.normalize(u[:, 1:] - u[:, 1:].mean(1, keepdim=True), dim=-1)
-    torch.testing.assert_close(patches, want)
-    torch.testing.assert_close(cls, torch.nn.functional.normalize(u[:, 0], dim=-1))
-
-
 def test_mean_pooled_image_embedding_is_the_normalised_mean_of_the_patch_tokens():
     torch.manual_seed(0)
     model = LoupeModel(LoupeConfig(vision_pool="mean", **SMALL)).eval()
@@ -109,20 +91,19 @@ def test_mean_pooled_image_embedding_is_the_normalised_mean_of_the_patch_tokens(
     assert not torch.allclose(emb_cls, emb)
 
 
-@pytest.mark.parametrize("bad", [dict(vision_pool="max"), dict(vision_pool="mean", vision_center_patches=True)])
+@pytest.mark.parametrize("bad", [dict(vision_pool="max")])
 def test_bad_vision_pool(bad):
     with pytest.raises(ValueError, match="vision_pool"):
         LoupeConfig(**bad)
 
 
 def test_loupe_options_reach_the_shapley_terms_and_are_validated():
-    import loupe.objectives as lo
     cfg = LoupeConfig(loupe_options={"fsa_scales": 3, "num_samples": 8}, **{**SMALL, "objective": "loupe"})
     model = LoupeModel(cfg)
     opts = next(m for m in model.loss_modules.values() if m is not None).options
     assert (opts.fsa_scales, opts.num_samples) == (3, 8)
     assert LoupeConfig.from_dict(cfg.to_dict()).loupe_options == {"fsa_scales": 3, "num_samples": 8}
-    assert lo.options_from_config(LoupeConfig(**SMALL)) == lo.ObjectiveOptions()
+    assert options_from_config(LoupeConfig(**SMALL)) == ObjectiveOptions()
     with pytest.raises(ValueError, match="unknown keys"):
         LoupeConfig(loupe_options={"fsa_scale": 3})
     with pytest.raises(ValueError, match="num_samples"):

