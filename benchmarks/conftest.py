@@ -20,6 +20,9 @@ import textwrap
 import pytest
 import torch
 
+# the benchmark baselines (benchmarks/baselines.py) are imported as `baselines` by the benchmark files
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 
 def pytest_addoption(parser):
     parser.addoption("--results-md", default=None,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import loupe_kernels as lk
-from loupe_kernels import shapley as sh
+
+from baselines import draw_coalitions_torch, shapley_maxsim_naive, shapley_maxsim_vectorised
 
 HAS_CPU = "cpu" in lk.available_backends()
 G, N, LQ, D, M, S, K = 32, 49, 32, 256, 8, 3, 64
@@ -36,21 +37,17 @@ def test_maxsim(benchmark, variant):
     if variant == "cpu" and not HAS_CPU:
         pytest.skip("cpu backend not built")
     q, x, sim, subsets = inputs()
-    qm = torch.ones(G, LQ, dtype=torch.bool)
     gen = torch.Generator().manual_seed(1)
     benchmark.group = GROUP
     benchmark.extra_info["variant"] = variant
     if variant == "naive":
         def fn():
-            C = sh.draw_coalitions_torch(subsets, None, K, gen)
-            return sh.shapley_maxsim_naive(q, x, subsets, C)
+            C = draw_coalitions_torch(subsets, None, K, gen)
+            return shapley_maxsim_naive(q, x, subsets, C)
         rounds, warmup = 1, 0
     elif variant == "vectorised":
         def fn():
-            C = sh.draw_coalitions_torch(subsets, None, K, gen)
-            samples, _ = sh.shapley_from_coalitions(lambda m: sh._maxsim_values(sim, qm, m, False), subsets, C,
-                                                    row_elems=LQ)
-            return sh._stats(samples, torch.float32)
+            return shapley_maxsim_vectorised(sim, subsets, K, gen)
         rounds, warmup = 3, 1
     else:
         def fn():
@@ -69,16 +66,12 @@ def test_maxsim_vs_vectorised(benchmark, variant):
     if variant == "cpu" and not HAS_CPU:
         pytest.skip("cpu backend not built")
     _, _, sim, subsets = inputs()
-    qm = torch.ones(G, LQ, dtype=torch.bool)
     gen = torch.Generator().manual_seed(1)
     benchmark.group = GROUP + " / vs vectorised"
     benchmark.extra_info["variant"] = variant
     if variant == "vectorised":
         def fn():
-            C = sh.draw_coalitions_torch(subsets, None, K, gen)
-            samples, _ = sh.shapley_from_coalitions(lambda m: sh._maxsim_values(sim, qm, m, False), subsets, C,
-                                                    row_elems=LQ)
-            return sh._stats(samples, torch.float32)
+            return shapley_maxsim_vectorised(sim, subsets, K, gen)
         rounds, warmup = 3, 1
     else:
         def fn():

@@ -6,8 +6,8 @@ subsets of size s=3, K=64 samples, bf16 similarity given; coalition drawing insi
 every side. Each timed call ends with ``torch.cuda.synchronize()``.
 
 Variants (group ``shapley_interaction / ... / bf16 / GPU``):
-- ``vectorised``: coalitions from torch's RNG (``draw_coalitions_torch``), each of the s + 2 terms by
-  ``torch.where(mask, sim, -inf).amax(-1)`` then mean (``shapley_from_coalitions``, large chunks).
+- ``vectorised``: coalitions from torch's RNG (``baselines.draw_coalitions_torch``), each of the s + 2 terms by
+  ``torch.where(mask, sim, -inf).amax(-1)`` then mean (``baselines.shapley_maxsim_vectorised``, large chunks).
 - ``triton``, ``cuda``: the fused kernels; ``extra_info["target"]`` compares them with ``vectorised``.
 - ``floor``: a register-only chain of float32 maxima (inline PTX ``max.f32``, so the compiler cannot fold
   it) doing exactly the fused algorithm's number of compare operations, i.e. that count at the card's
@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import loupe_kernels as lk
-from loupe_kernels import shapley as sh
+
+from baselines import shapley_maxsim_vectorised
 
 pytestmark = pytest.mark.gpu
 
@@ -153,14 +154,10 @@ def test_maxsim_gpu(benchmark, variant):
         rounds, warmup = 10, 2
     elif variant == "vectorised":
         sim, subsets = inputs()
-        qm = torch.ones(G, LQ, dtype=torch.bool, device="cuda")
         gen = torch.Generator(device="cuda").manual_seed(1)
 
         def fn():
-            C = sh.draw_coalitions_torch(subsets, None, K, gen)
-            samples, _ = sh.shapley_from_coalitions(lambda m: sh._maxsim_values(sim, qm, m, False), subsets, C,
-                                                    chunk_elems=1 << 29, row_elems=LQ)
-            out = sh._stats(samples, torch.float32)
+            out = shapley_maxsim_vectorised(sim, subsets, K, gen, chunk_elems=1 << 29)
             torch.cuda.synchronize()
             return out
         rounds, warmup = 3, 1

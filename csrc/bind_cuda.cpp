@@ -8,24 +8,32 @@
 #define LOUPE_TORCH_VERSION "unknown"
 #endif
 
-// ---- token_region_similarity (includes / wrappers) ----
 #include <c10/cuda/CUDAGuard.h>
 
+#include "cuda/common.h"
+
+namespace {
+
+// The LoupeDtype code of a floating tensor; `what` names the op and the argument in the error.
+int dtype_code(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return LOUPE_F32;
+    case at::kDouble: return LOUPE_F64;
+    case at::kHalf: return LOUPE_F16;
+    case at::kBFloat16: return LOUPE_BF16;
+    default: TORCH_CHECK(false, what, " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  }
+  return -1;
+}
+
+}  // namespace
+
+// ---- token_region_similarity (includes / wrappers) ----
 #include "cuda/token_region_similarity.h"
 
 namespace loupe_trs_cuda {
 
-inline int dtype_code(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return LOUPE_TRS_F32;
-    case at::kDouble: return LOUPE_TRS_F64;
-    case at::kHalf: return LOUPE_TRS_F16;
-    case at::kBFloat16: return LOUPE_TRS_BF16;
-    default: TORCH_CHECK(false, "token_region_similarity (cuda): query/key must be float16, bfloat16, float32 or "
-                                "float64, got ", t.scalar_type());
-  }
-  return -1;
-}
+inline int dtype_code(const at::Tensor& t) { return ::dtype_code(t, "token_region_similarity (cuda): query/key"); }
 
 inline void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& ref) {
   TORCH_CHECK(t.is_cuda(), "token_region_similarity (cuda): ", name, " must be a CUDA tensor");
@@ -110,8 +118,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
 }  // namespace loupe_trs_cuda
 
 // ---- shapley (includes / wrappers) ----
-#include <c10/cuda/CUDAGuard.h>
-
 #include "cuda/shapley.h"
 
 namespace loupe_shapley_cuda {
@@ -138,14 +144,7 @@ std::vector<at::Tensor> maxsim(const at::Tensor& sim, const at::Tensor& query_ma
   const int64_t G = sim.size(0), Lq = sim.size(1), n = sim.size(2), M = subsets.size(1);
   TORCH_CHECK(subsets.size(0) == G && subsets.size(2) == (query_players ? Lq + n : n), "subsets shape");
   TORCH_CHECK(query_mask.dim() == 2 && query_mask.size(0) == G && query_mask.size(1) == Lq, "query_mask shape");
-  int dtype;
-  switch (sim.scalar_type()) {
-    case at::kFloat: dtype = LOUPE_F32; break;
-    case at::kDouble: dtype = LOUPE_F64; break;
-    case at::kHalf: dtype = LOUPE_F16; break;
-    case at::kBFloat16: dtype = LOUPE_BF16; break;
-    default: TORCH_CHECK(false, "sim must be float16, bfloat16, float32 or float64");
-  }
+  const int dtype = dtype_code(sim, "shapley_maxsim (cuda): sim");
   const c10::cuda::CUDAGuard guard(sim.device());
   const auto opts = sim.options().dtype(dtype == LOUPE_F64 ? at::kDouble : at::kFloat);
   at::Tensor est = at::empty({G, M}, opts), se = at::empty({G, M}, opts);
@@ -169,14 +168,7 @@ std::vector<at::Tensor> pooled(const at::Tensor& features, const at::Tensor& tar
               "target must be a contiguous [G, D] CUDA tensor of the dtype and device of features");
   TORCH_CHECK(subsets.size(0) == G && subsets.size(2) == n, "subsets must be [G, M, n]");
   TORCH_CHECK(G * M <= INT32_MAX && D <= INT32_MAX && n <= INT32_MAX, "features/subsets too large");
-  int dtype;
-  switch (features.scalar_type()) {
-    case at::kFloat: dtype = LOUPE_F32; break;
-    case at::kDouble: dtype = LOUPE_F64; break;
-    case at::kHalf: dtype = LOUPE_F16; break;
-    case at::kBFloat16: dtype = LOUPE_BF16; break;
-    default: TORCH_CHECK(false, "features must be float16, bfloat16, float32 or float64");
-  }
+  const int dtype = dtype_code(features, "shapley_pooled (cuda): features");
   const c10::cuda::CUDAGuard guard(features.device());
   const auto opts = features.options().dtype(dtype == LOUPE_F64 ? at::kDouble : at::kFloat);
   at::Tensor est = at::empty({G, M}, opts), se = at::empty({G, M}, opts);
@@ -205,22 +197,11 @@ at::Tensor coalitions(const at::Tensor& subsets, const at::Tensor& player_mask, 
 }  // namespace loupe_shapley_cuda
 
 // ---- interaction_loss (includes / wrappers) ----
-#include <c10/cuda/CUDAGuard.h>
-
 #include "cuda/interaction_loss.h"
 
 namespace loupe_uil_cuda {
 
-inline int dtype_code(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return LOUPE_UIL_F32;
-    case at::kDouble: return LOUPE_UIL_F64;
-    case at::kHalf: return LOUPE_UIL_F16;
-    case at::kBFloat16: return LOUPE_UIL_BF16;
-    default: TORCH_CHECK(false, "uil_cuda: mu must be float16, bfloat16, float32 or float64");
-  }
-  return -1;
-}
+inline int dtype_code(const at::Tensor& t) { return ::dtype_code(t, "uil_cuda: mu"); }
 
 inline const void* ptr(const at::Tensor& mu, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.is_contiguous() && t.device() == mu.device(), "uil_cuda: ", name,

@@ -12,10 +12,11 @@ from .interaction_loss import UncertaintyInteractionLoss, uncertainty_interactio
 from .box_objectness import box_objectness
 from . import uansil
 from . import reference
+from . import testing
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "BACKENDS", "available_backends", "backend_status",
            "token_region_similarity", "token_region_similarity_dual", "TokenRegionSimilarity", "shapley_interaction", "shapley_interaction_pooled",
-           "sample_coalitions", "reference", "uncertainty_interaction_loss", "UncertaintyInteractionLoss", "uansil",
+           "sample_coalitions", "reference", "testing", "uncertainty_interaction_loss", "UncertaintyInteractionLoss", "uansil",
            "box_objectness"]

@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from ._backends import extension, resolve_backend
+from ._common import FLOAT_DTYPES, work_dtype
 
 __all__ = ["box_objectness", "box_objectness_reference", "interval_matrix", "box_sums", "box_inverse_scales",
            "num_boxes"]
 
 OP = "box_objectness"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def num_boxes(h: int, w: int) -> int:
@@ -127,7 +127,7 @@ def box_objectness_reference(tokens: torch.Tensor, h: int, w: int, w_in: torch.T
                              bias: torch.Tensor, w2: torch.Tensor, b2, eps: float = 1e-12,
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The contract in PyTorch (differentiable in ``tokens`` and the weights; no validation)."""
-    work = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    work = work_dtype(tokens.dtype)
     x = tokens.to(work)
     inv_in, inv_out = box_inverse_scales(x, h, w, eps)
     H = w_in.shape[0]
@@ -157,7 +157,7 @@ def box_objectness_reference(tokens: torch.Tensor, h: int, w: int, w_in: torch.T
 def _box_objectness_op(tokens: torch.Tensor, h: int, w: int, w_in: torch.Tensor, w_out: torch.Tensor,
                        bias: torch.Tensor, w2: torch.Tensor, b2: float, eps: float,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    work = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    work = work_dtype(tokens.dtype)
     c = [t.to(work).contiguous() for t in (tokens, w_in, w_out, bias, w2)]
     if c[3].dim() == 2:
         c[3] = c[3][None]
@@ -167,7 +167,7 @@ def _box_objectness_op(tokens: torch.Tensor, h: int, w: int, w_in: torch.Tensor,
 
 @_box_objectness_op.register_fake
 def _(tokens, h, w, w_in, w_out, bias, w2, b2, eps):
-    work = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    work = work_dtype(tokens.dtype)
     shape = (tokens.shape[0], num_boxes(h, w))
     return (tokens.new_empty(shape, dtype=work), tokens.new_empty(shape, dtype=work),
             tokens.new_empty(shape, dtype=work))
@@ -186,7 +186,7 @@ def _validate(tokens, h, w, w_in, w_out, bias, w2, b2, eps):
     B, n, D = tokens.shape
     if n != h * w:
         raise ValueError(f"{OP}: tokens has {n} patches, but the grid is {h}x{w}={h * w}")
-    if tokens.dtype not in _FLOAT_DTYPES:
+    if tokens.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{OP}: tokens must be floating point, got {tokens.dtype}")
     K = num_boxes(h, w)
     if not isinstance(w_in, torch.Tensor) or w_in.dim() != 2 or w_in.shape[1] != D:
@@ -205,7 +205,7 @@ def _validate(tokens, h, w, w_in, w_out, bias, w2, b2, eps):
     for name, t in (("w_in", w_in), ("w_out", w_out), ("bias", bias), ("w2", w2)):
         if t.device != tokens.device:
             raise ValueError(f"{OP}: {name} is on {t.device} but tokens are on {tokens.device}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{OP}: {name} must be floating point, got {t.dtype}")
     if isinstance(b2, torch.Tensor):
         if b2.numel() != 1:

@@ -41,11 +41,11 @@ from typing import Callable, Optional
 import torch
 
 from ._backends import extension, resolve_backend
+from ._common import FLOAT_DTYPES, triton_loader, work_dtype
 
 __all__ = ["uncertainty_interaction_loss", "uncertainty_interaction_loss_reference", "UncertaintyInteractionLoss"]
 
 OP = "uncertainty_interaction_loss"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 STATUS_BITS = {
     1: "target contains NaN or inf where weight != 0",
@@ -61,7 +61,7 @@ STATUS_BITS = {
 def _check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{OP}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
 
 
@@ -133,16 +133,12 @@ def _check_data(target, target_var, weight) -> None:
     _raise_status(status)
 
 
-def _work_dtype(dt: torch.dtype) -> torch.dtype:
-    return torch.float64 if dt == torch.float64 else torch.float32
-
-
 # --------------------------------------------------------------------------------------------
 # reference: the formula in plain PyTorch, differentiated by autograd
 # --------------------------------------------------------------------------------------------
 def _reference(mu, log_var, target, target_var, weight, red: int):
     _check_data(target, target_var, weight)
-    work = _work_dtype(mu.dtype)
+    work = work_dtype(mu.dtype)
     m, v, t = mu.to(work), log_var.to(work), target.to(work)
     s = target_var.to(work) if target_var is not None else None
     if weight is not None:
@@ -185,43 +181,33 @@ def uncertainty_interaction_loss_reference(mu: torch.Tensor, log_var: torch.Tens
 #          float64 for float64) for mean/sum with need_grad, else empty
 #   backward(grad, mu, log_var, target, target_var|None, weight|None) -> (d_mu, d_log_var)  (none)
 # --------------------------------------------------------------------------------------------
-def _cpu_forward(mu, log_var, target, target_var, weight, red, need_grad):
-    loss, gmu, gv, status = extension("cpu").uil_forward(mu, log_var, target, target_var, weight, red, need_grad)
-    return loss, gmu, gv, int(status)
+def _compiled(name: str) -> tuple[Callable, Callable]:
+    """(forward, backward) of the compiled extension ``name`` ("cpu" or "cuda"): one binding contract."""
+    def forward(mu, log_var, target, target_var, weight, red, need_grad):
+        loss, gmu, gv, status = extension(name).uil_forward(mu, log_var, target, target_var, weight, red, need_grad)
+        return loss, gmu, gv, int(status)
+
+    def backward(grad, mu, log_var, target, target_var, weight):
+        return extension(name).uil_backward(grad, mu, log_var, target, target_var, weight)
+
+    return forward, backward
 
 
-def _cpu_backward(grad, mu, log_var, target, target_var, weight):
-    dmu, dv = extension("cpu").uil_backward(grad, mu, log_var, target, target_var, weight)
-    return dmu, dv
-
-
-def _triton_mod():
-    from . import triton_interaction_loss
-    return triton_interaction_loss
+_triton = triton_loader("interaction_loss")
 
 
 def _triton_forward(mu, log_var, target, target_var, weight, red, need_grad):
-    return _triton_mod().forward(mu, log_var, target, target_var, weight, red, need_grad)
+    return _triton().forward(mu, log_var, target, target_var, weight, red, need_grad)
 
 
 def _triton_backward(grad, mu, log_var, target, target_var, weight):
-    return _triton_mod().backward(grad, mu, log_var, target, target_var, weight)
-
-
-def _cuda_forward(mu, log_var, target, target_var, weight, red, need_grad):
-    loss, gmu, gv, status = extension("cuda").uil_forward(mu, log_var, target, target_var, weight, red, need_grad)
-    return loss, gmu, gv, int(status)
-
-
-def _cuda_backward(grad, mu, log_var, target, target_var, weight):
-    dmu, dv = extension("cuda").uil_backward(grad, mu, log_var, target, target_var, weight)
-    return dmu, dv
+    return _triton().backward(grad, mu, log_var, target, target_var, weight)
 
 
 KERNELS: dict[str, tuple[Callable, Callable]] = {
-    "cpu": (_cpu_forward, _cpu_backward),
+    "cpu": _compiled("cpu"),
     "triton": (_triton_forward, _triton_backward),
-    "cuda": (_cuda_forward, _cuda_backward),
+    "cuda": _compiled("cuda"),
 }
 
 
@@ -243,7 +229,7 @@ def _uil_forward_op(mu: torch.Tensor, log_var: torch.Tensor, target: torch.Tenso
 def _(mu, log_var, target, target_var, weight, reduction, need_grad, backend):
     loss = mu.new_empty(mu.shape) if reduction == 0 else mu.new_empty(())
     gshape = mu.shape if (need_grad and reduction != 0) else (0,)
-    gdt = _work_dtype(mu.dtype)
+    gdt = work_dtype(mu.dtype)
     return loss, mu.new_empty(gshape, dtype=gdt), mu.new_empty(gshape, dtype=gdt)
 
 

@@ -27,12 +27,12 @@ from typing import Callable
 import torch
 
 from ._backends import extension, resolve_backend
+from ._common import FLOAT_DTYPES, to_work, triton_loader, work_dtype
 
 __all__ = ["token_region_similarity", "token_region_similarity_dual", "TokenRegionSimilarity",
            "token_region_similarity_reference"]
 
 OP = "token_region_similarity"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def _validate(query, key, query_mask, key_mask, pairwise):
             raise TypeError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{OP}: {name} must have shape [B, L, D] (3-D), got {t.dim()}-D {list(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{OP}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
     if query.dtype != key.dtype:
         raise TypeError(f"{OP}: query and key must have the same dtype, got {query.dtype} and {key.dtype}")
@@ -109,32 +109,25 @@ def token_region_similarity_reference(query, key, query_mask=None, key_mask=None
 #   backward(grad, query, key, qmask, argmax, pairwise) -> (d_query, d_key) in input dtype
 # --------------------------------------------------------------------------------------------
 def _cpu_forward(query, key, qm, km, pairwise):
-    dt = query.dtype
-    work = dt if dt in (torch.float32, torch.float64) else torch.float32
-    out, amax = extension("cpu").trs_forward(query.to(work).contiguous(), key.to(work).contiguous(),
-                                             qm, km, pairwise)
-    return out.to(dt), amax
+    out, amax = extension("cpu").trs_forward(to_work(query), to_work(key), qm, km, pairwise)
+    return out.to(query.dtype), amax
 
 
 def _cpu_backward(grad, query, key, qm, amax, pairwise):
-    dt = query.dtype
-    work = dt if dt in (torch.float32, torch.float64) else torch.float32
-    dq, dk = extension("cpu").trs_backward(grad.to(work).contiguous(), query.to(work).contiguous(),
-                                           key.to(work).contiguous(), qm, amax, pairwise)
-    return dq.to(dt), dk.to(dt)
+    g = grad.to(work_dtype(query.dtype)).contiguous()
+    dq, dk = extension("cpu").trs_backward(g, to_work(query), to_work(key), qm, amax, pairwise)
+    return dq.to(query.dtype), dk.to(query.dtype)
 
 
-def _triton_mod():
-    from . import triton_token_region_similarity  # lazy: TRITON_INTERPRET is read when triton is imported
-    return triton_token_region_similarity
+_triton = triton_loader("token_region_similarity")
 
 
 def _triton_forward(query, key, qm, km, pairwise):
-    return _triton_mod().forward(query, key, qm, km, pairwise)
+    return _triton().forward(query, key, qm, km, pairwise)
 
 
 def _triton_backward(grad, query, key, qm, amax, pairwise):
-    return _triton_mod().backward(grad, query, key, qm, amax, pairwise)
+    return _triton().backward(grad, query, key, qm, amax, pairwise)
 
 
 def _cuda_forward(query, key, qm, km, pairwise):
@@ -237,9 +230,7 @@ def _trs_dual_op(query: torch.Tensor, key: torch.Tensor, query_mask: torch.Tenso
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_finite(query, key)
     dt = query.dtype
-    work = dt if dt in (torch.float32, torch.float64) else torch.float32
-    out, amax, out2, amax2 = DUAL_KERNELS[backend](query.to(work).contiguous(), key.to(work).contiguous(),
-                                                   query_mask, key_mask)
+    out, amax, out2, amax2 = DUAL_KERNELS[backend](to_work(query), to_work(key), query_mask, key_mask)
     return out.to(dt), amax, out2.to(dt), amax2
 
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import work_dtype
+
 __all__ = ["forward", "backward"]
 
 BLOCK = 1024
@@ -104,10 +106,6 @@ def _uil_kernel(mu_ptr, lv_ptr, t_ptr, tv_ptr, w_ptr, gin_ptr, loss_ptr, gmu_ptr
         tl.store(status_ptr + pid, bad_t | (bad_sn << 1) | (bad_s << 2) | (bad_w << 3))
 
 
-def _work(dt: torch.dtype) -> torch.dtype:
-    return torch.float64 if dt == torch.float64 else torch.float32
-
-
 def _launch(mode, mu, lv, t, tv, w, gin, loss, gmu, gv, part, status, scale):
     n = mu.numel()
     grid = (max(triton.cdiv(n, BLOCK), 1),)
@@ -124,7 +122,7 @@ def forward(mu, log_var, target, target_var, weight, red: int, need_grad: bool):
     """(loss, grad_mu, grad_log_var, status) with the contract of the other backends."""
     n = mu.numel()
     nprog = max(triton.cdiv(n, BLOCK), 1)
-    work = _work(mu.dtype)
+    work = work_dtype(mu.dtype)
     status = torch.zeros(nprog, dtype=torch.int32, device=mu.device)
     write_grad = need_grad and red != 0
     gshape = mu.shape if write_grad else (0,)

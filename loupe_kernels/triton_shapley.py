@@ -15,7 +15,8 @@ taken, so nothing of size [K, P] is materialised:
   the target and one norm each.
 
 Accumulation is in float32 (float64 for float64 input). The per-sample values ``G(C)``
-``[G, M, K]`` are written out; mean and standard error are reduced by PyTorch. The coalition kernel
+``[G, M, K]`` are written out and returned; ``loupe_kernels.shapley`` reduces them to the mean and
+standard error. The coalition kernel
 (the same draw, writing C) serves the cross-backend tests.
 """
 from __future__ import annotations
@@ -26,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["maxsim", "pooled", "coalitions"]
+from ._common import POOLED_NORM_EPS, triton_acc, work_dtype
 
-_NORM_EPS = 1e-12
+__all__ = ["maxsim_samples", "pooled_samples", "coalitions"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,6 +67,23 @@ def _draw_init(seed, npool, offs_k, m, g, SCHED: tl.constexpr):
 
 
 @triton.jit
+def _draw_start(S_ptr, pm_ptr, seed, K, M, P, SCHED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Start of every program: its task (g, m) and lanes (samples k), and the state of the draw."""
+    pid = tl.program_id(0)
+    kb = tl.program_id(1)
+    g = pid // M
+    m = pid % M
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs_k < K
+    npool = _pool_size(S_ptr, pm_ptr, pid, g, P, BLOCK_P)
+    kvec, m32, g32, r, w0, w1, w2, w3 = _draw_init(seed, npool, offs_k, m, g, SCHED)
+    c = tl.zeros([BLOCK_K], dtype=tl.int64)
+    t = npool * 0
+    blk = npool * 0
+    return pid, g, offs_k, kmask, npool, kvec, m32, g32, r, c, t, blk, w0, w1, w2, w3
+
+
+@triton.jit
 def _draw_step(seed, kvec, m32, g32, inpool, npool, t, c, r, blk, w0, w1, w2, w3):
     """Selection-sampling decision of the next player (pool position t when ``inpool``).
 
@@ -90,17 +108,8 @@ def _draw_step(seed, kvec, m32, g32, inpool, npool, t, c, r, blk, w0, w1, w2, w3
 @triton.jit
 def _coalitions_kernel(S_ptr, pm_ptr, coal_ptr, seed, K, M, P,
                        SCHED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
-    pid = tl.program_id(0)
-    kb = tl.program_id(1)
-    g = pid // M
-    m = pid % M
-    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = offs_k < K
-    npool = _pool_size(S_ptr, pm_ptr, pid, g, P, BLOCK_P)
-    kvec, m32, g32, r, w0, w1, w2, w3 = _draw_init(seed, npool, offs_k, m, g, SCHED)
-    c = tl.zeros([BLOCK_K], dtype=tl.int64)
-    t = npool * 0
-    blk = npool * 0
+    pid, g, offs_k, kmask, npool, kvec, m32, g32, r, c, t, blk, w0, w1, w2, w3 = _draw_start(
+        S_ptr, pm_ptr, seed, K, M, P, SCHED, BLOCK_K, BLOCK_P)
     for p in range(0, P):
         sp = tl.load(S_ptr + pid * P + p) != 0
         vp = tl.load(pm_ptr + g * P + p) != 0
@@ -124,24 +133,15 @@ def _maxsim_value(best, inq, keys, ACC: tl.constexpr):
 def _maxsim_kernel(sim_ptr, qm_ptr, S_ptr, pm_ptr, samples_ptr, seed, K, M, Lq, n,
                    SCHED: tl.constexpr, QP: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr):
-    pid = tl.program_id(0)
-    kb = tl.program_id(1)
-    g = pid // M
-    m = pid % M
     if QP:
         qoff = Lq          # players 0..Lq-1 are the query tokens, then the n keys
     else:
         qoff = 0
     P = qoff + n
-    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = offs_k < K
+    pid, g, offs_k, kmask, npool, kvec, m32, g32, r, c, t, blk, w0, w1, w2, w3 = _draw_start(
+        S_ptr, pm_ptr, seed, K, M, P, SCHED, BLOCK_K, BLOCK_P)
     offs_q = tl.arange(0, BLOCK_Q)
     qin = offs_q < Lq
-    npool = _pool_size(S_ptr, pm_ptr, pid, g, P, BLOCK_P)
-    kvec, m32, g32, r, w0, w1, w2, w3 = _draw_init(seed, npool, offs_k, m, g, SCHED)
-    c = tl.zeros([BLOCK_K], dtype=tl.int64)
-    t = npool * 0
-    blk = npool * 0
     sim_g = sim_ptr + g * Lq * n + offs_q * n
     mC = tl.full([BLOCK_K, BLOCK_Q], float("-inf"), ACC)
     sS = tl.full([BLOCK_Q], float("-inf"), ACC)
@@ -205,19 +205,10 @@ def _pooled_value(z, tv, EPS: tl.constexpr):
 def _pooled_kernel(x_ptr, t_ptr, S_ptr, pm_ptr, samples_ptr, seed, K, M, n, D,
                    SCHED: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    pid = tl.program_id(0)
-    kb = tl.program_id(1)
-    g = pid // M
-    m = pid % M
-    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = offs_k < K
+    pid, g, offs_k, kmask, npool, kvec, m32, g32, r, c, t, blk, w0, w1, w2, w3 = _draw_start(
+        S_ptr, pm_ptr, seed, K, M, n, SCHED, BLOCK_K, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    npool = _pool_size(S_ptr, pm_ptr, pid, g, n, BLOCK_P)
-    kvec, m32, g32, r, w0, w1, w2, w3 = _draw_init(seed, npool, offs_k, m, g, SCHED)
-    c = tl.zeros([BLOCK_K], dtype=tl.int64)
-    t = npool * 0
-    blk = npool * 0
     x_g = x_ptr + g * n * D + offs_d
     tv = tl.load(t_ptr + g * D + offs_d, mask=dmask, other=0.0).to(ACC)
     zC = tl.zeros([BLOCK_K, BLOCK_D], dtype=ACC)     # running sum of the features of C
@@ -254,10 +245,6 @@ def _block_p(P: int) -> int:
     return max(16, min(256, triton.next_power_of_2(P)))
 
 
-def _acc(dt: torch.dtype):
-    return tl.float64 if dt == torch.float64 else tl.float32
-
-
 def _u8(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
@@ -275,14 +262,13 @@ def coalitions(subsets: torch.Tensor, player_mask: torch.Tensor, K: int, seed: i
     return out.bool()
 
 
-def maxsim(sim: torch.Tensor, query_mask: torch.Tensor, subsets: torch.Tensor, player_mask: torch.Tensor,
-           query_players: bool, K: int, seed: int, schedule: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max-sim game (``query_players``: the region-phrase game): per-sample values in the kernel,
-    then mean and standard error."""
-    from .shapley import _out_dtype, _stats
+def maxsim_samples(sim: torch.Tensor, query_mask: torch.Tensor, subsets: torch.Tensor, player_mask: torch.Tensor,
+                   query_players: bool, K: int, seed: int, schedule: int) -> torch.Tensor:
+    """Max-sim game (``query_players``: the region-phrase game): the per-sample values ``[G, M, K]``
+    (float32, float64 for float64 input)."""
     G, Lq, n = sim.shape
     M, P = subsets.shape[1], subsets.shape[2]
-    dt = _out_dtype(sim.dtype)
+    dt = work_dtype(sim.dtype)
     samples = torch.empty((G, M, K), dtype=dt, device=sim.device)
     if samples.numel():
         BLOCK_Q = max(16, triton.next_power_of_2(Lq))
@@ -292,18 +278,17 @@ def maxsim(sim: torch.Tensor, query_mask: torch.Tensor, subsets: torch.Tensor, p
         grid = (G * M, math.ceil(K / BLOCK_K))
         _maxsim_kernel[grid](sim.contiguous(), _u8(query_mask), _u8(subsets), _u8(player_mask), samples,
                              int(seed), K, M, Lq, n,
-                             SCHED=schedule, QP=bool(query_players), ACC=_acc(dt),
+                             SCHED=schedule, QP=bool(query_players), ACC=triton_acc(dt),
                              BLOCK_K=BLOCK_K, BLOCK_Q=BLOCK_Q, BLOCK_P=_block_p(P))
-    return _stats(samples, dt)
+    return samples
 
 
-def pooled(features: torch.Tensor, target: torch.Tensor, subsets: torch.Tensor, player_mask: torch.Tensor,
-           K: int, seed: int, schedule: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled game: per-sample values in the kernel, then mean and standard error."""
-    from .shapley import _out_dtype, _stats
+def pooled_samples(features: torch.Tensor, target: torch.Tensor, subsets: torch.Tensor, player_mask: torch.Tensor,
+                   K: int, seed: int, schedule: int) -> torch.Tensor:
+    """Pooled game: the per-sample values ``[G, M, K]`` (float32, float64 for float64 input)."""
     G, n, D = features.shape
     M = subsets.shape[1]
-    dt = _out_dtype(features.dtype)
+    dt = work_dtype(features.dtype)
     samples = torch.empty((G, M, K), dtype=dt, device=features.device)
     if samples.numel():
         BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -315,6 +300,6 @@ def pooled(features: torch.Tensor, target: torch.Tensor, subsets: torch.Tensor, 
         grid = (G * M, math.ceil(K / BLOCK_K))
         _pooled_kernel[grid](features.contiguous(), target.contiguous(), _u8(subsets), _u8(player_mask), samples,
                              int(seed), K, M, n, D,
-                             SCHED=schedule, ACC=_acc(dt), EPS=_NORM_EPS,
+                             SCHED=schedule, ACC=triton_acc(dt), EPS=POOLED_NORM_EPS,
                              BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_P=_block_p(n))
-    return _stats(samples, dt)
+    return samples

@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import triton_acc, work_dtype
+
 __all__ = ["forward", "backward"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -133,6 +135,18 @@ def _fwd_kernel(q_ptr, k_ptr, qm_ptr, km_ptr, cnt_ptr, out_ptr, amax_ptr,
 
 
 @triton.jit
+def _partners(item, n, PAIRWISE: tl.constexpr):
+    """The items [lo, hi) of the other side paired with ``item``: all ``n`` for all pairs, else itself."""
+    if PAIRWISE:
+        lo = 0
+        hi = n
+    else:
+        lo = item
+        hi = item + 1
+    return lo, hi
+
+
+@triton.jit
 def _dq_kernel(g_ptr, k_ptr, cnt_ptr, amax_ptr, dq_ptr, Bq, Bk, Lq, Lk, D, s_ga, s_gb,
                PAIRWISE: tl.constexpr, BLOCK_A: tl.constexpr, LQ_PAD: tl.constexpr, ROWS: tl.constexpr,
                BLOCK_D: tl.constexpr, ACC: tl.constexpr):
@@ -146,12 +160,7 @@ def _dq_kernel(g_ptr, k_ptr, cnt_ptr, amax_ptr, dq_ptr, Bq, Bk, Lq, Lk, D, s_ga,
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = dd < D
     acc = tl.zeros([ROWS, BLOCK_D], ACC)
-    if PAIRWISE:
-        b_lo = 0
-        b_hi = Bk
-    else:
-        b_lo = pid_a
-        b_hi = pid_a + 1
+    b_lo, b_hi = _partners(pid_a, Bk, PAIRWISE)
     for b in range(b_lo, b_hi):
         pair = a.to(tl.int64) * s_ga + b * s_gb
         idx = tl.load(amax_ptr + pair * Lq + j, mask=row_in, other=-1)
@@ -181,12 +190,7 @@ def _dk_kernel(g_ptr, q_ptr, cnt_ptr, amax_ptr, dk_ptr, Bq, Bk, Lq, Lk, D, s_ga,
     col_item = cols // LQ_PAD
     j = cols % LQ_PAD
     acc = tl.zeros([BLOCK_KR, BLOCK_D], ACC)
-    if PAIRWISE:
-        a_lo = 0
-        a_hi = Bq
-    else:
-        a_lo = b
-        a_hi = b + 1
+    a_lo, a_hi = _partners(b, Bq, PAIRWISE)
     for a0 in range(a_lo, a_hi, BLOCK_A):
         a = a0 + col_item
         col_in = (a < a_hi) & (j < Lq)
@@ -267,14 +271,6 @@ def _config(Bq: int, Bk: int, Lq: int, Lk: int, D: int, pairwise: bool, itemsize
                    dq_block_a, dq_block_d, dk_block_a, dk_block_kr, dk_block_d, 8)
 
 
-def _acc_dtype(dt: torch.dtype):
-    if dt == torch.float64:
-        return tl.float64
-    if dt in (torch.float32, torch.float16, torch.bfloat16):
-        return tl.float32
-    raise TypeError(f"token_region_similarity (triton): query must be float16/bfloat16/float32/float64, got {dt}")
-
-
 def _precision(dt: torch.dtype) -> str:
     """fp32: three-pass TF32 on tensor cores (about fp32 accuracy), or plain TF32 when PyTorch allows
     TF32 matmuls; fp16/bf16 ignore it; fp64 needs IEEE."""
@@ -285,8 +281,7 @@ def _precision(dt: torch.dtype) -> str:
 
 def _counts(qm: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     """Number of valid query tokens per item, at least 1 (an empty item sums to 0 anyway)."""
-    work = torch.float64 if dt == torch.float64 else torch.float32
-    return qm.sum(dim=1).clamp(min=1).to(work)
+    return qm.sum(dim=1).clamp(min=1).to(work_dtype(dt))
 
 
 def _strides(pairwise: bool, Bk: int) -> tuple[int, int]:
@@ -309,7 +304,7 @@ def _as_u8(mask: torch.Tensor) -> torch.Tensor:
 def forward(query: torch.Tensor, key: torch.Tensor, qmask: torch.Tensor, kmask: torch.Tensor,
             pairwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores ``[Bq, Bk]`` or ``[B]`` in the input dtype, int32 arg-max ``[Bq, Bk, Lq]`` or ``[B, Lq]``)."""
-    acc = _acc_dtype(query.dtype)
+    acc = triton_acc(query.dtype, "token_region_similarity (triton): query")
     query, key = query.contiguous(), key.contiguous()
     Bq, Lq, D = query.shape
     Bk, Lk = key.shape[0], key.shape[1]
@@ -335,7 +330,7 @@ def forward(query: torch.Tensor, key: torch.Tensor, qmask: torch.Tensor, kmask: 
 def backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, qmask: torch.Tensor,
              argmax: torch.Tensor, pairwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_query, d_key) in the input dtype, from the arg-max saved by :func:`forward`."""
-    acc = _acc_dtype(query.dtype)
+    acc = triton_acc(query.dtype, "token_region_similarity (triton): query")
     query, key = query.contiguous(), key.contiguous()
     grad, argmax = grad.contiguous(), argmax.contiguous()
     if argmax.dtype != torch.int32:

@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cuda/common.h"  // LoupeUilStatus: the status bits (plain enums, no CUDA headers)
 #include "ops.h"
 
 namespace loupe {
@@ -106,6 +107,9 @@ inline float log_approx(float x) {
 inline double log_approx(double x) { return std::log(x); }
 
 // The loss of one element and its two derivatives, without weight.
+// Twin of element() in csrc/cuda/interaction_loss.cu (and _element in triton_interaction_loss.py): the same
+// formulas, kept apart because this file builds against ATen (at::parallel_for; its own vectorisable
+// exp/log) while the .cu must compile with plain nvcc and no torch headers.
 template <typename acc_t, bool HAS_TV>
 inline void element(acc_t mu, acc_t v, acc_t t, acc_t s, acc_t& loss, acc_t& dmu, acc_t& dv) {
   const acc_t r = t - mu;
@@ -191,6 +195,8 @@ inline void core(const acc_t* __restrict mu, const acc_t* __restrict lv, const a
     for (int j = 0; j < 8; ++j) sum += lane[j];
     sum_out += double(sum);
   }
+  static_assert(LOUPE_UIL_BAD_TARGET == 1 << 0 && LOUPE_UIL_NEG_TARGET_VAR == 1 << 1 &&
+                LOUPE_UIL_BAD_TARGET_VAR == 1 << 2 && LOUPE_UIL_BAD_WEIGHT == 1 << 3, "status bits (cuda/common.h)");
   status_out |= bad_t | (bad_s_neg << 1) | (bad_s << 2) | (bad_w << 3);
 }
 

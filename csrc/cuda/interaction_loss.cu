@@ -17,24 +17,26 @@ constexpr int kThreads = 256;
 constexpr int kItems = 4;
 constexpr int64_t kPerBlock = int64_t(kThreads) * kItems;
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_acc(float x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <typename T> __device__ __forceinline__ T from_acc(double x) { return T(x); }
+using loupe_cuda::from_acc;
+using loupe_cuda::to_acc;
+template <typename T> using Acc = loupe_cuda::AccOf<T>;
 
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
 __device__ __forceinline__ float log_(float x) { return logf(x); }
 __device__ __forceinline__ double log_(double x) { return log(x); }
+
+// Tree reduction over the block: ssum[0] = sum of ssum[0..kThreads), sstat[0] = OR of sstat (fixed order).
+__device__ __forceinline__ void block_reduce(double* ssum, int* sstat) {
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      ssum[threadIdx.x] += ssum[threadIdx.x + stride];
+      sstat[threadIdx.x] |= sstat[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+}
 
 template <typename A>
 __device__ __forceinline__ bool not_finite(A x) {
@@ -42,6 +44,7 @@ __device__ __forceinline__ bool not_finite(A x) {
   return d != d;
 }
 
+// Twin of element() in csrc/cpu/interaction_loss.cpp (torch-free here, ATen there; see cuda/common.h).
 template <typename A, bool HAS_TV>
 __device__ __forceinline__ void element(A m, A v, A t, A s, A& loss, A& dm, A& dv) {
   const A r = t - m;
@@ -88,12 +91,12 @@ uil_kernel(const T* __restrict__ mu, const T* __restrict__ lv, const T* __restri
     A s = HAS_TV ? to_acc(tv[i]) : A(0);
     const A wi = HAS_W ? to_acc(w[i]) : A(1);
     const bool live = HAS_W ? (wi != A(0)) : true;
-    if (HAS_W) status |= (not_finite(wi) || wi < A(0)) ? 8 : 0;
+    if (HAS_W) status |= (not_finite(wi) || wi < A(0)) ? LOUPE_UIL_BAD_WEIGHT : 0;
     if (MODE != 3) {
-      status |= (live && not_finite(t)) ? 1 : 0;
+      status |= (live && not_finite(t)) ? LOUPE_UIL_BAD_TARGET : 0;
       if (HAS_TV) {
-        status |= (s < A(0)) ? 2 : 0;
-        status |= (live && not_finite(s)) ? 4 : 0;
+        status |= (s < A(0)) ? LOUPE_UIL_NEG_TARGET_VAR : 0;
+        status |= (live && not_finite(s)) ? LOUPE_UIL_BAD_TARGET_VAR : 0;
       }
     }
     if (HAS_W && !live) {
@@ -124,14 +127,7 @@ uil_kernel(const T* __restrict__ mu, const T* __restrict__ lv, const T* __restri
   if (MODE == 3) return;
   ssum[threadIdx.x] = sum;
   sstat[threadIdx.x] = status;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
-      ssum[threadIdx.x] += ssum[threadIdx.x + stride];
-      sstat[threadIdx.x] |= sstat[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
+  block_reduce(ssum, sstat);
   if (threadIdx.x == 0) {
     if (partials) partials[blockIdx.x] = ssum[0];
     block_status[blockIdx.x] = sstat[0];
@@ -153,14 +149,7 @@ finish_kernel(const double* __restrict__ partials, const int* __restrict__ block
   }
   ssum[threadIdx.x] = sum;
   sstat[threadIdx.x] = st;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
-      ssum[threadIdx.x] += ssum[threadIdx.x + stride];
-      sstat[threadIdx.x] |= sstat[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
+  block_reduce(ssum, sstat);
   if (threadIdx.x == 0) {
     if (reduction != 0) {
       double total = ssum[0];
@@ -230,16 +219,16 @@ cudaError_t loupe_uil_forward(const void* mu, const void* log_var, const void* t
                               cudaStream_t stream) {
   if (reduction < 0 || reduction > 2) return cudaErrorInvalidValue;
   switch (dtype) {
-    case LOUPE_UIL_F32:
+    case LOUPE_F32:
       return forward_t<float>(mu, log_var, target, target_var, weight, n, reduction, need_grad, loss, grad_mu,
                               grad_log_var, partials, block_status, status, stream);
-    case LOUPE_UIL_F64:
+    case LOUPE_F64:
       return forward_t<double>(mu, log_var, target, target_var, weight, n, reduction, need_grad, loss, grad_mu,
                                grad_log_var, partials, block_status, status, stream);
-    case LOUPE_UIL_F16:
+    case LOUPE_F16:
       return forward_t<__half>(mu, log_var, target, target_var, weight, n, reduction, need_grad, loss, grad_mu,
                                grad_log_var, partials, block_status, status, stream);
-    case LOUPE_UIL_BF16:
+    case LOUPE_BF16:
       return forward_t<__nv_bfloat16>(mu, log_var, target, target_var, weight, n, reduction, need_grad, loss,
                                       grad_mu, grad_log_var, partials, block_status, status, stream);
     default:
@@ -251,13 +240,13 @@ cudaError_t loupe_uil_backward(const void* grad, const void* mu, const void* log
                                const void* target_var, const void* weight, int dtype, int64_t n, void* d_mu,
                                void* d_log_var, cudaStream_t stream) {
   switch (dtype) {
-    case LOUPE_UIL_F32:
+    case LOUPE_F32:
       return backward_t<float>(grad, mu, log_var, target, target_var, weight, n, d_mu, d_log_var, stream);
-    case LOUPE_UIL_F64:
+    case LOUPE_F64:
       return backward_t<double>(grad, mu, log_var, target, target_var, weight, n, d_mu, d_log_var, stream);
-    case LOUPE_UIL_F16:
+    case LOUPE_F16:
       return backward_t<__half>(grad, mu, log_var, target, target_var, weight, n, d_mu, d_log_var, stream);
-    case LOUPE_UIL_BF16:
+    case LOUPE_BF16:
       return backward_t<__nv_bfloat16>(grad, mu, log_var, target, target_var, weight, n, d_mu, d_log_var, stream);
     default:
       return cudaErrorInvalidValue;

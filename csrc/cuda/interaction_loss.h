@@ -3,8 +3,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-// dtype codes of the inputs (all inputs share one dtype)
-enum LoupeUilDtype { LOUPE_UIL_F32 = 0, LOUPE_UIL_F64 = 1, LOUPE_UIL_F16 = 2, LOUPE_UIL_BF16 = 3 };
+#include "common.h"  // LoupeDtype (the dtype argument), LoupeUilStatus (the status bits)
 
 // Elements per block of the forward; the workspace holds one partial sum and one status per block.
 int64_t loupe_uil_num_blocks(int64_t n);
@@ -13,8 +12,8 @@ int64_t loupe_uil_num_blocks(int64_t n);
 // 1 mean, 2 sum. loss: [n] (none) or [1] (mean/sum), in dtype. For mean/sum with need_grad, grad_mu
 // / grad_log_var [n] receive the gradients of the reduced loss (double for F64, float otherwise);
 // else they may be null. partials: loupe_uil_num_blocks(n) doubles; block_status: as many ints;
-// status: one int, the OR of the bits (1 target not finite where weight != 0, 2 target_var < 0,
-// 4 target_var not finite where weight != 0, 8 weight negative or not finite). The partial sums are
+// status: one int, the OR of the LoupeUilStatus bits (1 target not finite where weight != 0,
+// 2 target_var < 0, 4 target_var not finite where weight != 0, 8 weight negative or not finite). The partial sums are
 // reduced in a fixed order: the loss is deterministic.
 cudaError_t loupe_uil_forward(const void* mu, const void* log_var, const void* target, const void* target_var,
                               const void* weight, int dtype, int64_t n, int reduction, int need_grad, void* loss,

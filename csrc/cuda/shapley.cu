@@ -80,18 +80,46 @@ __device__ __forceinline__ bool take_it(Stream& st, int64_t t, int64_t rem, int6
   return uint64_t(st.word(1 + t)) * uint64_t(rem) < (uint64_t(need) << 32);
 }
 
-template <typename T> __device__ __forceinline__ float to_f(T x);
-template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T, typename A> __device__ __forceinline__ A load_acc(const T* p) { return A(to_f<T>(*p)); }
-template <> __device__ __forceinline__ double load_acc<double, double>(const double* p) { return *p; }
+using loupe_cuda::load_acc;
 
 __device__ __forceinline__ double warp_sum(double x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
+}
+
+// One more sample x in a running Welford state (count n, mean, m2).
+__device__ __forceinline__ void welford_add(double x, double& n, double& mean, double& m2) {
+  n += 1.0;
+  const double d = x - mean;
+  mean += d / n;
+  m2 += d * (x - mean);
+}
+
+// Welford states (count, mean, m2) of the threads (or warps) in wf[3 * i], merged in index order.
+__device__ __forceinline__ void merge_welford(const double* wf, int parts, double& mean, double& se) {
+  double N = 0, mu = 0, m2 = 0;
+  for (int w = 0; w < parts; ++w) {  // Chan et al. merge
+    const double nb = wf[3 * w], mb = wf[3 * w + 1], qb = wf[3 * w + 2];
+    if (nb == 0) continue;
+    const double tot = N + nb, delta = mb - mu;
+    mu += delta * nb / tot;
+    m2 += qb + delta * delta * N * nb / tot;
+    N = tot;
+  }
+  mean = mu;
+  se = N > 1 ? sqrt(m2 / (N - 1)) / sqrt(N) : double(INFINITY);
+}
+
+// Thread 0 merges the Welford states of the block's parts (wf) in a fixed order into est / se of the task.
+template <typename A>
+__device__ __forceinline__ void write_stats(const double* wf, int parts, int task, A* est, A* se) {
+  if (threadIdx.x == 0) {
+    double mean, sd;
+    merge_welford(wf, parts, mean, sd);
+    est[task] = A(mean);
+    se[task] = A(sd);
+  }
 }
 
 // T: input type, A: compute type (float, or double for double input)
@@ -191,46 +219,16 @@ __global__ void maxsim_kernel(const T* __restrict__ sim, const uint8_t* __restri
       gk -= p >= qoff ? value(p - qoff, -1, nk + 1) : value(-1, p, nk);
     }
     gk += double(s_count - 1) * vC;
-    w_n += 1.0;
-    const double d = gk - w_mean;
-    w_mean += d / w_n;
-    w_m2 += d * (gk - w_mean);
+    welford_add(gk, w_n, w_mean, w_m2);
     __syncwarp();
   }
   if (lane == 0) { wf[3 * warp] = w_n; wf[3 * warp + 1] = w_mean; wf[3 * warp + 2] = w_m2; }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    double N = 0, mean = 0, m2 = 0;
-    for (int w = 0; w < warps; ++w) {  // Chan et al. merge
-      const double nb = wf[3 * w], mb = wf[3 * w + 1], qb = wf[3 * w + 2];
-      if (nb == 0) continue;
-      const double tot = N + nb, delta = mb - mean;
-      mean += delta * nb / tot;
-      m2 += qb + delta * delta * N * nb / tot;
-      N = tot;
-    }
-    est[task] = A(mean);
-    se[task] = N > 1 ? A(sqrt(m2 / (N - 1)) / sqrt(N)) : A(INFINITY);
-  }
+  write_stats(wf, warps, task, est, se);
 }
 
 __device__ __forceinline__ float amax(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double amax(double a, double b) { return fmax(a, b); }
-
-// Welford states (count, mean, m2) of the threads (or warps) in wf[3 * i], merged in index order.
-__device__ __forceinline__ void merge_welford(const double* wf, int parts, double& mean, double& se) {
-  double N = 0, mu = 0, m2 = 0;
-  for (int w = 0; w < parts; ++w) {  // Chan et al. merge
-    const double nb = wf[3 * w], mb = wf[3 * w + 1], qb = wf[3 * w + 2];
-    if (nb == 0) continue;
-    const double tot = N + nb, delta = mb - mu;
-    mu += delta * nb / tot;
-    m2 += qb + delta * delta * N * nb / tot;
-    N = tot;
-  }
-  mean = mu;
-  se = N > 1 ? sqrt(m2 / (N - 1)) / sqrt(N) : double(INFINITY);
-}
 
 // LQ: compile-time bound on Lq (32 or 64); T input type, A compute type.
 template <typename T, typename A, int LQ>
@@ -361,21 +359,13 @@ __global__ void maxsim_lanes_kernel(const T* __restrict__ sim, const uint8_t* __
       }
     }
     gk += double(s - 1) * vC;
-    w_n += 1.0;
-    const double d = gk - w_mean;
-    w_mean += d / w_n;
-    w_m2 += d * (gk - w_mean);
+    welford_add(gk, w_n, w_mean, w_m2);
   }
   wf[3 * tid] = w_n;
   wf[3 * tid + 1] = w_mean;
   wf[3 * tid + 2] = w_m2;
   __syncthreads();
-  if (tid == 0) {
-    double mean, sd;
-    merge_welford(wf, nthreads, mean, sd);
-    est[task] = A(mean);
-    se[task] = A(sd);
-  }
+  write_stats(wf, nthreads, task, est, se);
 }
 
 constexpr double kNormEps = 1e-12;
@@ -463,26 +453,11 @@ __global__ void pooled_kernel(const T* __restrict__ x, const T* __restrict__ tgt
     double gk = pooled_value<T, A>(zC, zS, xg, tv, D, lane, 1);
     for (int j = 0; j < s; ++j) gk -= pooled_value<T, A>(zC, zS, xg + int64_t(idx[n - 1 - j]) * D, tv, D, lane, 2);
     gk += double(s - 1) * vC;
-    w_n += 1.0;
-    const double dlt = gk - w_mean;
-    w_mean += dlt / w_n;
-    w_m2 += dlt * (gk - w_mean);
+    welford_add(gk, w_n, w_mean, w_m2);
   }
   if (lane == 0) { wf[3 * warp] = w_n; wf[3 * warp + 1] = w_mean; wf[3 * warp + 2] = w_m2; }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    double N = 0, mean = 0, m2 = 0;
-    for (int w = 0; w < warps; ++w) {  // Chan et al. merge, warps in a fixed order
-      const double nb = wf[3 * w], mb = wf[3 * w + 1], qb = wf[3 * w + 2];
-      if (nb == 0) continue;
-      const double tot = N + nb, delta = mb - mean;
-      mean += delta * nb / tot;
-      m2 += qb + delta * delta * N * nb / tot;
-      N = tot;
-    }
-    est[task] = A(mean);
-    se[task] = N > 1 ? A(sqrt(m2 / (N - 1)) / sqrt(N)) : A(INFINITY);
-  }
+  write_stats(wf, warps, task, est, se);  // warps in a fixed order
 }
 
 __global__ void coalitions_kernel(const uint8_t* __restrict__ S, const uint8_t* __restrict__ pm, int G, int M,

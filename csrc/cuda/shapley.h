@@ -3,8 +3,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-// dtype codes of sim
-enum LoupeShapleyDtype { LOUPE_F32 = 0, LOUPE_F64 = 1, LOUPE_F16 = 2, LOUPE_BF16 = 3 };
+#include "common.h"  // LoupeDtype: the dtype codes of sim and features
 
 // Max-sim game. sim [G, Lq, n] (dtype), query_mask [G, Lq], subsets [G, M, P], player_mask [G, P]
 // (uint8 0/1, contiguous), P = n or Lq + n (query_players). est / se [G, M]: double for LOUPE_F64,

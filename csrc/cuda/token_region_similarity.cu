@@ -38,21 +38,11 @@ constexpr int kKeys = 64;      // key tokens per tile
 constexpr int kThreads = 256;  // 16 x 16 threads; thread (ty, tx) owns rows ty + 16r, keys tx + 16c
 constexpr int kItemsPerBlock = 8;
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
+using loupe_cuda::AccOf;
+using loupe_cuda::from_acc;
+using loupe_cuda::to_acc;
 
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-template <typename T> __device__ __forceinline__ T zero_of() { return from_acc<T>(0); }
+template <typename T> __device__ __forceinline__ T zero_of() { return from_acc<T>(typename AccOf<T>::type(0)); }
 
 // (value, index) that wins: larger value, or the same value at a lower index; index -1 never wins.
 template <typename A>
@@ -606,7 +596,7 @@ int grid_1d(size_t n, int threads) {
   return static_cast<int>(blocks < 65535 * 32 ? (blocks > 0 ? blocks : 1) : 65535 * 32);
 }
 
-size_t acc_size(int dtype) { return dtype == LOUPE_TRS_F64 ? sizeof(double) : sizeof(float); }
+size_t acc_size(int dtype) { return dtype == LOUPE_F64 ? sizeof(double) : sizeof(float); }
 
 struct DeviceInfo {
   int major = 0;
@@ -621,6 +611,15 @@ DeviceInfo device_info() {
   if (cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
     info.smem_optin = 48 * 1024;
   return info;
+}
+
+// Grid of the tiled forward kernels (fwd_wmma_kernel, fwd_simt_kernel): blocks of kRows query rows, and
+// for all pairs kItemsPerBlock key items per block; pairwise = 0 tiles each item's own rows.
+dim3 tile_grid(int Bq, int Bk, int Lq, int pairwise) {
+  if (pairwise)
+    return dim3(static_cast<unsigned>((static_cast<size_t>(Bq) * Lq + kRows - 1) / kRows),
+                static_cast<unsigned>((Bk + kItemsPerBlock - 1) / kItemsPerBlock));
+  return dim3(static_cast<unsigned>(static_cast<size_t>(Bq) * ((Lq + kRows - 1) / kRows)), 1);
 }
 
 template <typename T>
@@ -648,26 +647,14 @@ cudaError_t forward_t(const T* q, const T* k, const uint8_t* qm, const uint8_t* 
         if (e != cudaSuccess) return e;
         fwd_fast_kernel<T><<<grid, kFThreads, smem, stream>>>(q, k, qm, km, Bq, Bk, Lq, Lk, D, items, rowmax, amax);
       } else if (dev.major >= 8) {
-        dim3 grid;
-        if (pairwise) {
-          grid = dim3(static_cast<unsigned>((static_cast<size_t>(Bq) * Lq + kRows - 1) / kRows),
-                      static_cast<unsigned>((Bk + kItemsPerBlock - 1) / kItemsPerBlock));
-        } else {
-          grid = dim3(static_cast<unsigned>(static_cast<size_t>(Bq) * ((Lq + kRows - 1) / kRows)), 1);
-        }
+        const dim3 grid = tile_grid(Bq, Bk, Lq, pairwise);
         if (grid.y > 65535) return cudaErrorInvalidConfiguration;
         fwd_wmma_kernel<T><<<grid, kThreads, 0, stream>>>(q, k, qm, km, Bq, Bk, Lq, Lk, D, pairwise, rowmax, amax);
         fast = true;  // launched
       }
     }
     if (!fast) {
-      dim3 grid;
-      if (pairwise) {
-        grid = dim3(static_cast<unsigned>((static_cast<size_t>(Bq) * Lq + kRows - 1) / kRows),
-                    static_cast<unsigned>((Bk + kItemsPerBlock - 1) / kItemsPerBlock));
-      } else {
-        grid = dim3(static_cast<unsigned>(static_cast<size_t>(Bq) * ((Lq + kRows - 1) / kRows)), 1);
-      }
+      const dim3 grid = tile_grid(Bq, Bk, Lq, pairwise);
       if (grid.y > 65535) return cudaErrorInvalidConfiguration;
       fwd_simt_kernel<T><<<grid, kThreads, 0, stream>>>(q, k, qm, km, Bq, Bk, Lq, Lk, D, pairwise, rowmax, amax);
     }
@@ -741,16 +728,16 @@ cudaError_t loupe_trs_forward(const void* q, const void* k, int dtype, const uin
   if (Bq < 0 || Bk < 0 || Lq < 0 || Lk < 0 || D < 0) return cudaErrorInvalidValue;
   if (!pairwise && Bq != Bk) return cudaErrorInvalidValue;
   switch (dtype) {
-    case LOUPE_TRS_F32:
+    case LOUPE_F32:
       return forward_t(static_cast<const float*>(q), static_cast<const float*>(k), qm, km, Bq, Bk, Lq, Lk, D,
                        pairwise, workspace, static_cast<float*>(out), amax, stream);
-    case LOUPE_TRS_F64:
+    case LOUPE_F64:
       return forward_t(static_cast<const double*>(q), static_cast<const double*>(k), qm, km, Bq, Bk, Lq, Lk, D,
                        pairwise, workspace, static_cast<double*>(out), amax, stream);
-    case LOUPE_TRS_F16:
+    case LOUPE_F16:
       return forward_t(static_cast<const __half*>(q), static_cast<const __half*>(k), qm, km, Bq, Bk, Lq, Lk, D,
                        pairwise, workspace, static_cast<__half*>(out), amax, stream);
-    case LOUPE_TRS_BF16:
+    case LOUPE_BF16:
       return forward_t(static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k), qm, km, Bq, Bk,
                        Lq, Lk, D, pairwise, workspace, static_cast<__nv_bfloat16*>(out), amax, stream);
     default:
@@ -764,19 +751,19 @@ cudaError_t loupe_trs_backward(const void* grad, const void* q, const void* k, i
   if (Bq < 0 || Bk < 0 || Lq < 0 || Lk < 0 || D < 0) return cudaErrorInvalidValue;
   if (!pairwise && Bq != Bk) return cudaErrorInvalidValue;
   switch (dtype) {
-    case LOUPE_TRS_F32:
+    case LOUPE_F32:
       return backward_t(static_cast<const float*>(grad), static_cast<const float*>(q), static_cast<const float*>(k),
                         qm, amax, Bq, Bk, Lq, Lk, D, pairwise, deterministic, workspace, static_cast<float*>(dq),
                         static_cast<float*>(dk), stream);
-    case LOUPE_TRS_F64:
+    case LOUPE_F64:
       return backward_t(static_cast<const double*>(grad), static_cast<const double*>(q),
                         static_cast<const double*>(k), qm, amax, Bq, Bk, Lq, Lk, D, pairwise, deterministic, workspace,
                         static_cast<double*>(dq), static_cast<double*>(dk), stream);
-    case LOUPE_TRS_F16:
+    case LOUPE_F16:
       return backward_t(static_cast<const __half*>(grad), static_cast<const __half*>(q),
                         static_cast<const __half*>(k), qm, amax, Bq, Bk, Lq, Lk, D, pairwise, deterministic, workspace,
                         static_cast<__half*>(dq), static_cast<__half*>(dk), stream);
-    case LOUPE_TRS_BF16:
+    case LOUPE_BF16:
       return backward_t(static_cast<const __nv_bfloat16*>(grad), static_cast<const __nv_bfloat16*>(q),
                         static_cast<const __nv_bfloat16*>(k), qm, amax, Bq, Bk, Lq, Lk, D, pairwise, deterministic, workspace,
                         static_cast<__nv_bfloat16*>(dq), static_cast<__nv_bfloat16*>(dk), stream);

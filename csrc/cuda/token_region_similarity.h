@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-enum LoupeTrsDtype { LOUPE_TRS_F32 = 0, LOUPE_TRS_F64 = 1, LOUPE_TRS_F16 = 2, LOUPE_TRS_BF16 = 3 };
+#include "common.h"  // LoupeDtype: the dtype codes of query and key
 
 // Bytes of the workspace the forward needs (row maxima, double for F64, float otherwise).
 size_t loupe_trs_forward_workspace(int dtype, int Bq, int Bk, int Lq, int pairwise);

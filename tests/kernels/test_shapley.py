@@ -1,8 +1,10 @@
 """Shapley coalition sampling: the pinned draw, the exact oracle, unbiasedness, every CPU backend."""
 from __future__ import annotations
 
+import importlib.util
 import math
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ import torch
 
 import loupe_kernels as lk
 from loupe_kernels import shapley as sh
-from loupe_kernels.reference import exact_shapley_interaction
+from loupe_kernels import testing as lkt
+from loupe_kernels.testing import exact_shapley_interaction
 
 BACKENDS = [b for b in ("reference", "cpu") if b in lk.available_backends()]
 HAS_CPU = "cpu" in lk.available_backends()
@@ -102,11 +105,11 @@ def subsets_from(lists, P):
 # ------------------------------------------------------------------------------------------------
 def test_philox_known_answers():
     # METHOD section 5 / Random123 known-answer vectors for Philox4x32-10
-    w = sh.philox4x32_10(0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0)
+    w = lkt.philox4x32_10(0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0)
     assert [int(x) for x in w] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
-    w = sh.philox4x32_10(0, 0, 0, 0, 0, 0)
+    w = lkt.philox4x32_10(0, 0, 0, 0, 0, 0)
     assert [int(x) for x in w] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
-    w = sh.philox4x32_10(*[0xFFFFFFFF] * 6)
+    w = lkt.philox4x32_10(*[0xFFFFFFFF] * 6)
     assert [int(x) for x in w] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
 
 
@@ -115,7 +118,7 @@ def _pinned_draw_by_hand(S, valid, k, m, g, seed, schedule="uniform"):
     k0, k1 = seed & 0xFFFFFFFF, seed >> 32
 
     def word(kk, w):
-        blk = sh.philox4x32_10(kk, m, g, w // 4, k0, k1)
+        blk = lkt.philox4x32_10(kk, m, g, w // 4, k0, k1)
         return int(blk[w % 4])
     pool = [p for p in range(len(valid)) if valid[p] and p not in S]
     nprime = len(pool) + 1
@@ -387,11 +390,20 @@ def test_stderr_matches_the_sample_spread_and_k1_is_inf():
         est, se = lk.shapley_interaction(sim, subsets, num_samples=1, backend=b)
         assert torch.isinf(se).all() and torch.isfinite(est).all()
     C = lk.sample_coalitions(subsets, player_mask=pm, num_samples=40, seed=8)
-    samples, _ = sh.shapley_from_coalitions(lambda m: sh._maxsim_values(sim, qm, m, False), subsets, C)
+    samples, _ = lkt.shapley_from_coalitions(lambda m: lkt.maxsim_values(sim, qm, m, False), subsets, C)
     est, se = lk.shapley_interaction(sim, subsets, query_mask=qm, player_mask=pm, num_samples=40, seed=8,
                                      backend="reference")
     torch.testing.assert_close(est, samples.mean(-1), rtol=0, atol=1e-14)
     torch.testing.assert_close(se, samples.std(-1) / math.sqrt(40), rtol=0, atol=1e-14)
+
+
+def _benchmark_baselines():
+    """benchmarks/baselines.py (not part of the package), loaded by path."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "baselines.py"
+    spec = importlib.util.spec_from_file_location("loupe_benchmark_baselines", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_naive_and_torch_rng_baselines_agree_with_the_reference():
@@ -402,11 +414,12 @@ def test_naive_and_torch_rng_baselines_agree_with_the_reference():
     sim = torch.einsum("gjd,gid->gji", q, x)
     subsets = subsets_from([[[0, 1], [2, 3, 4]]] * G, n)
     C = lk.sample_coalitions(subsets, num_samples=12, seed=1)
-    est, se = sh.shapley_maxsim_naive(q, x, subsets, C)
+    baselines = _benchmark_baselines()
+    est, se = baselines.shapley_maxsim_naive(q, x, subsets, C)
     ref = lk.shapley_interaction(sim, subsets, num_samples=12, seed=1, backend="reference")
     torch.testing.assert_close(est, ref[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(se, ref[1], rtol=0, atol=1e-12)
-    Ct = sh.draw_coalitions_torch(subsets, None, 500, torch.Generator().manual_seed(0))
+    Ct = baselines.draw_coalitions_torch(subsets, None, 500, torch.Generator().manual_seed(0))
     assert not (Ct & subsets[:, :, None]).any()
     assert set(Ct[:, 0].sum(-1).unique().tolist()) == set(range(n - 1))  # sizes 0..n'-1, |S| = 2
 
