@@ -172,7 +172,7 @@ def _drop_retired(d: dict, retired: Mapping[str, Any], where: str) -> dict:
             value = d.pop(name)
             if value != off:
                 raise ValueError(f"{where}: {name}={value!r} was removed from loupe (it measured worse "
-                                 f"everywhere, or is now another setting); `git checkout pre-issue-17` "
+                                 f"everywhere, or is now another setting); `git checkout f7a402b` (tag pre-issue-17) "
                                  f"reproduces runs that used it")
     return d
 
