@@ -51,9 +51,11 @@ def _element(m, v, t, s, HAS_TV: tl.constexpr):
 
 @triton.jit
 def _uil_kernel(mu_ptr, lv_ptr, t_ptr, tv_ptr, w_ptr, gin_ptr, loss_ptr, gmu_ptr, gv_ptr, part_ptr, status_ptr,
-                n, scale, MODE: tl.constexpr, HAS_TV: tl.constexpr, HAS_W: tl.constexpr, F64: tl.constexpr,
-                BLOCK: tl.constexpr):
-    # MODE 0 forward none, 1 forward reduce, 2 forward reduce + gradients, 3 backward none
+                n, MODE: tl.constexpr, MEAN: tl.constexpr, HAS_TV: tl.constexpr, HAS_W: tl.constexpr,
+                F64: tl.constexpr, BLOCK: tl.constexpr):
+    # MODE 0 forward none, 1 forward reduce, 2 forward reduce + gradients, 3 backward none.
+    # MEAN: the gradients of MODE 2 are scaled by 1/n, computed here in the accumulator type (a float
+    # kernel argument would be an fp32 scalar on a GPU, wrong for float64: issue 20).
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -96,8 +98,12 @@ def _uil_kernel(mu_ptr, lv_ptr, t_ptr, tv_ptr, w_ptr, gin_ptr, loss_ptr, gmu_ptr
     if MODE == 1 or MODE == 2:
         tl.store(part_ptr + pid, tl.sum(loss, axis=0))
     if MODE == 2:
-        tl.store(gmu_ptr + offs, (dm * scale).to(gmu_ptr.dtype.element_ty), mask=mask)
-        tl.store(gv_ptr + offs, (dv * scale).to(gv_ptr.dtype.element_ty), mask=mask)
+        if MEAN:
+            inv_n = 1.0 / n.to(acc)
+            dm = dm * inv_n
+            dv = dv * inv_n
+        tl.store(gmu_ptr + offs, dm.to(gmu_ptr.dtype.element_ty), mask=mask)
+        tl.store(gv_ptr + offs, dv.to(gv_ptr.dtype.element_ty), mask=mask)
     if MODE == 3:
         g = tl.load(gin_ptr + offs, mask=mask, other=0.0).to(acc)
         tl.store(gmu_ptr + offs, (dm * g).to(gmu_ptr.dtype.element_ty), mask=mask)
@@ -106,7 +112,7 @@ def _uil_kernel(mu_ptr, lv_ptr, t_ptr, tv_ptr, w_ptr, gin_ptr, loss_ptr, gmu_ptr
         tl.store(status_ptr + pid, bad_t | (bad_sn << 1) | (bad_s << 2) | (bad_w << 3))
 
 
-def _launch(mode, mu, lv, t, tv, w, gin, loss, gmu, gv, part, status, scale):
+def _launch(mode, mu, lv, t, tv, w, gin, loss, gmu, gv, part, status, mean=False):
     n = mu.numel()
     grid = (max(triton.cdiv(n, BLOCK), 1),)
     dummy = mu
@@ -114,7 +120,7 @@ def _launch(mode, mu, lv, t, tv, w, gin, loss, gmu, gv, part, status, scale):
                       gin if gin is not None else dummy, loss if loss is not None else dummy,
                       gmu if gmu is not None else dummy, gv if gv is not None else dummy,
                       part if part is not None else dummy, status if status is not None else dummy,
-                      n, scale, MODE=mode, HAS_TV=tv is not None, HAS_W=w is not None,
+                      n, MODE=mode, MEAN=mean, HAS_TV=tv is not None, HAS_W=w is not None,
                       F64=mu.dtype == torch.float64, BLOCK=BLOCK)
 
 
@@ -133,12 +139,11 @@ def forward(mu, log_var, target, target_var, weight, red: int, need_grad: bool):
         return loss, gmu, gv, 0
     if red == 0:
         loss = torch.empty_like(mu)
-        _launch(0, mu, log_var, target, target_var, weight, None, loss, None, None, None, status, 1.0)
+        _launch(0, mu, log_var, target, target_var, weight, None, loss, None, None, None, status)
     else:
         part = torch.empty(nprog, dtype=work, device=mu.device)
-        scale = 1.0 / n if red == 1 else 1.0
         _launch(2 if write_grad else 1, mu, log_var, target, target_var, weight, None, None,
-                gmu if write_grad else None, gv if write_grad else None, part, status, scale)
+                gmu if write_grad else None, gv if write_grad else None, part, status, mean=red == 1)
         total = part.double().sum()
         loss = (total / n if red == 1 else total).to(mu.dtype)
     return loss, gmu, gv, _or_reduce(status)
@@ -157,5 +162,5 @@ def backward(grad, mu, log_var, target, target_var, weight):
     dmu, dv = torch.empty_like(mu), torch.empty_like(mu)
     if mu.numel() == 0:
         return dmu, dv
-    _launch(3, mu, log_var, target, target_var, weight, grad, None, dmu, dv, None, None, 1.0)
+    _launch(3, mu, log_var, target, target_var, weight, grad, None, dmu, dv, None, None)
     return dmu, dv
