@@ -16,7 +16,7 @@ __all__ = ["LoupeConfig", "ObjectiveOptions", "options_from_config", "OBJECTIVES
            "GAMES", "TARGET_RULES", "KERNEL_BACKENDS"]
 
 #: training objectives (``loupe.losses`` holds the table of their terms)
-OBJECTIVES: tuple[str, ...] = ("clip", "filip", "loupe")
+OBJECTIVES: tuple[str, ...] = ("clip", "filip", "loupe", "sparc")
 #: data sets ``loupe.data.build_dataset`` knows
 DATASET_TYPES: tuple[str, ...] = ("synthetic", "fashion", "emoji", "csv", "webdataset")
 #: Shapley games of L_TSA and the rules that turn interactions into region targets (METHOD 5, 6)
@@ -53,13 +53,18 @@ class LoupeConfig:
     embed_dim: int = 128
     mlp_ratio: float = 4.0
     # objective
-    objective: str = "loupe"          # "clip" | "filip" | "loupe" (see loupe.losses)
+    objective: str = "loupe"          # "clip" | "filip" | "loupe" | "sparc" (see loupe.losses)
     loss_weights: dict[str, float] | None = None  # overrides of the objective's term weights
     loupe_options: dict[str, Any] | None = None   # settings of the Shapley terms (loupe.objectives.ObjectiveOptions)
     logit_scale_init: float = 1.0 / 0.07
     logit_scale_max: float = 100.0
     kernel_backend: str | None = None  # backend of loupe_kernels ops (None = automatic)
     filip_center: bool = False         # L_FILIP on per-item centred token similarities (loupe.losses)
+    # SPARC's fine-grained term (loupe.sparc): sparsity threshold sigma on the min-max normalised
+    # token-patch similarities (None = 1/P, the paper's), and its inverse temperature (None = learned,
+    # initialised at logit_scale_init, as in the paper; a number = fixed)
+    sparc_threshold: float | None = None
+    sparc_scale: float | None = None
     vision_local_radius: int | None = None  # patch tokens attend only to patches this near (None: global)
     vision_pool: str = "cls"           # image embedding: "cls" ([CLS] token) or "mean" (mean of the patch tokens)
     # word tokens minus their caption's mean word token, renormalised (what a word adds to its caption);
@@ -125,6 +130,14 @@ class LoupeConfig:
         if not (self.logit_scale_init > 0 and self.logit_scale_max >= self.logit_scale_init):
             raise ValueError(f"LoupeConfig: need 0 < logit_scale_init <= logit_scale_max, got "
                              f"{self.logit_scale_init!r} and {self.logit_scale_max!r}")
+        if self.sparc_threshold is not None and (isinstance(self.sparc_threshold, bool) or not isinstance(
+                self.sparc_threshold, (int, float)) or not 0.0 < self.sparc_threshold <= 1.0):
+            raise ValueError(f"LoupeConfig.sparc_threshold must be None (1/P) or a number in (0, 1], "
+                             f"got {self.sparc_threshold!r}")
+        if self.sparc_scale is not None and (isinstance(self.sparc_scale, bool) or not isinstance(
+                self.sparc_scale, (int, float)) or not 0.0 < self.sparc_scale < float("inf")):
+            raise ValueError(f"LoupeConfig.sparc_scale must be None (learned) or a finite number > 0, "
+                             f"got {self.sparc_scale!r}")
         if not self.mlp_ratio > 0:
             raise ValueError(f"LoupeConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
 

@@ -14,6 +14,8 @@ Objectives are weighted sums of registered :class:`LossTerm` s:
 - ``filip`` = L_CMC + L_FILIP
 - ``loupe`` = L_CMC + f L_FILIP + a L_TSA + b L_FSA + c L_UA (the Shapley terms live in
   ``loupe.objectives``; the table at the end of this module lists them explicitly).
+- ``sparc`` = L_CMC + 2 L_SPARC (SPARC's fine-grained loss, ``loupe.sparc``: the paper's
+  lambda_g = 0.5, lambda_f = 1, times 2).
 
 Further terms can be added with :func:`register_loss_term`.
 
@@ -33,6 +35,7 @@ from torch import nn
 from loupe_kernels import token_region_similarity, token_region_similarity_dual
 
 from . import objectives as _objectives
+from . import sparc as _sparc
 from .config import OBJECTIVES
 
 __all__ = ["dist_info", "gather_with_grad", "gather_padded", "cmc_loss", "filip_loss", "filip_scores",
@@ -289,8 +292,10 @@ def _filip_term(out: dict, batch: Mapping[str, Any], model: nn.Module, module: n
 
 
 # the table: every term of every built-in objective
-register_loss_term(LossTerm("cmc", _cmc_term, 1.0, objectives=("clip", "filip", "loupe")))
+register_loss_term(LossTerm("cmc", _cmc_term, 1.0, objectives=("clip", "filip", "loupe", "sparc")))
 register_loss_term(LossTerm("filip", _filip_term, 1.0, objectives=("filip", "loupe"), needs=("filip_scale",)))
 for _name, _weight in _objectives.SHAPLEY_TERMS.items():
     register_loss_term(LossTerm(_name, _objectives.term_fn(_name), _weight, objectives=("loupe",),
                                 needs=("regions",), build=_objectives.build_module(_name)))
+register_loss_term(LossTerm("sparc", _sparc.sparc_term, _sparc.SPARC_WEIGHT, objectives=("sparc",),
+                            build=_sparc.build_module))
