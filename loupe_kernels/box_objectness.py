@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backends import extension, resolve_backend
-from ._common import FLOAT_DTYPES, work_dtype
+from ._common import FLOAT_DTYPES, check, work_dtype
 
 __all__ = ["box_objectness", "box_objectness_reference", "interval_matrix", "box_sums", "box_inverse_scales",
            "num_boxes"]
@@ -214,8 +214,8 @@ def _validate(tokens, h, w, w_in, w_out, bias, w2, b2, eps):
         raise TypeError(f"{OP}: b2 must be a number or a one-element tensor, got {type(b2).__name__}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps!r}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(tokens).all()):
-        raise ValueError(f"{OP}: tokens contain NaN or inf")
+    if not torch.compiler.is_compiling():
+        check(OP, torch.isfinite(tokens), "tokens contain NaN or inf")
 
 
 def box_objectness(tokens: torch.Tensor, h: int, w: int, w_in: torch.Tensor, w_out: torch.Tensor,

@@ -8,6 +8,7 @@ import torch
 
 from . import __version__
 from ._backends import BACKENDS, backend_status
+from ._common import debug_enabled
 
 
 def report() -> str:
@@ -17,6 +18,8 @@ def report() -> str:
              f"threads: {torch.get_num_threads()})"]
     if torch.cuda.is_available():
         lines.append(f"device 0: {torch.cuda.get_device_name(0)}")
+    lines.append(f"debug checks: {'on' if debug_enabled() else 'off'} (LOUPE_KERNELS_DEBUG=1: data checks raise at the "
+                 f"call on GPU tensors too, at the cost of a host sync each)")
     lines.append("backends:")
     for name in BACKENDS:
         st = backend_status(name)

@@ -22,7 +22,10 @@ also with a weight; 0 for an empty input), ``"sum"`` or ``"none"`` (the shape of
 - Validation (ValueError naming the argument): ``target`` NaN or inf where ``weight != 0``;
   ``target_var`` negative anywhere, or NaN/inf where ``weight != 0``; ``weight`` negative or not
   finite. An element with weight 0 contributes exactly 0 to the loss and to both gradients whatever
-  its target (selected, never multiplied: 0 * NaN is NaN).
+  its target (selected, never multiplied: 0 * NaN is NaN). On GPU tensors these data checks never
+  synchronise with the host: they are device-side asserts with the same message (a failure surfaces
+  at the next synchronisation), unless debug mode is on (``LOUPE_KERNELS_DEBUG=1`` or
+  ``loupe_kernels.set_debug(True)``), which raises the ValueError at the call.
 - Stability: loss and gradients are finite for ``log_var`` in [-20, 20] and residuals up to
   ``|r| * exp(-log_var / 2) < 1e19`` (the loss itself is then representable in float32). The
   float32 kernels evaluate ``exp`` with a polynomial (about 1 ulp) clamped to [-87.3, 88.3].
@@ -41,7 +44,7 @@ from typing import Callable, Optional
 import torch
 
 from ._backends import extension, resolve_backend
-from ._common import FLOAT_DTYPES, triton_loader, work_dtype
+from ._common import FLOAT_DTYPES, host_checks, triton_loader, work_dtype
 
 __all__ = ["uncertainty_interaction_loss", "uncertainty_interaction_loss_reference", "UncertaintyInteractionLoss"]
 
@@ -107,29 +110,33 @@ def _validate(mu, log_var, target, target_var, weight, reduction):
     return (*out, _REDUCTIONS[reduction])
 
 
-def _raise_status(status: int) -> None:
-    for bit, msg in STATUS_BITS.items():
-        if status & bit:
-            raise ValueError(f"{OP}: {msg}")
+def _raise_status(status: torch.Tensor) -> None:
+    """Raise for the status word (an integer tensor, the OR of STATUS_BITS) of a forward: a ValueError
+    naming the first bad argument where it may be read on the host (CPU, or debug mode), else one
+    device-side assert (no host sync on a GPU; see loupe_kernels._common)."""
+    if host_checks(status):
+        s = int(status)
+        for bit, msg in STATUS_BITS.items():
+            if s & bit:
+                raise ValueError(f"{OP}: {msg}")
+    else:
+        what = "; ".join(f"{bit}: {msg}" for bit, msg in STATUS_BITS.items())
+        torch._assert_async(status == 0, f"{OP}: invalid data (status bits {what}); set LOUPE_KERNELS_DEBUG=1 "
+                                         f"for a ValueError at the call")
 
 
 def _check_data(target, target_var, weight) -> None:
-    """The data checks of the kernels' status word, in PyTorch (reference backend)."""
-    status = 0
-    live = None
-    if weight is not None:
-        if not bool((torch.isfinite(weight) & (weight >= 0)).all()):
-            status |= 8
-        live = weight != 0
-    bad = ~torch.isfinite(target)
-    if bool((bad if live is None else bad & live).any()):
-        status |= 1
+    """The kernels' status word computed in PyTorch (reference backend), raised as theirs is."""
+    live = None if weight is None else weight != 0
+
+    def any_bad(bad: torch.Tensor, bit: int) -> torch.Tensor:
+        return (bad if live is None else bad & live).any().to(torch.int64) * bit
+
+    status = any_bad(~torch.isfinite(target), 1)
     if target_var is not None:
-        if bool((target_var < 0).any()):
-            status |= 2
-        bad = ~torch.isfinite(target_var)
-        if bool((bad if live is None else bad & live).any()):
-            status |= 4
+        status = status + (target_var < 0).any().to(torch.int64) * 2 + any_bad(~torch.isfinite(target_var), 4)
+    if weight is not None:
+        status = status + (~(torch.isfinite(weight) & (weight >= 0))).any().to(torch.int64) * 8
     _raise_status(status)
 
 
@@ -177,7 +184,7 @@ def uncertainty_interaction_loss_reference(mu: torch.Tensor, log_var: torch.Tens
 # --------------------------------------------------------------------------------------------
 # compiled backends. Every input reaching a kernel is contiguous, of one dtype and one numel.
 #   forward(mu, log_var, target, target_var|None, weight|None, reduction, need_grad)
-#       -> (loss, grad_mu, grad_log_var, status int):  gradients of the reduced loss (float32,
+#       -> (loss, grad_mu, grad_log_var, status: an integer tensor on the device, never read there):  gradients of the reduced loss (float32,
 #          float64 for float64) for mean/sum with need_grad, else empty
 #   backward(grad, mu, log_var, target, target_var|None, weight|None) -> (d_mu, d_log_var)  (none)
 # --------------------------------------------------------------------------------------------
@@ -185,7 +192,7 @@ def _compiled(name: str) -> tuple[Callable, Callable]:
     """(forward, backward) of the compiled extension ``name`` ("cpu" or "cuda"): one binding contract."""
     def forward(mu, log_var, target, target_var, weight, red, need_grad):
         loss, gmu, gv, status = extension(name).uil_forward(mu, log_var, target, target_var, weight, red, need_grad)
-        return loss, gmu, gv, int(status)
+        return loss, gmu, gv, status
 
     def backward(grad, mu, log_var, target, target_var, weight):
         return extension(name).uil_backward(grad, mu, log_var, target, target_var, weight)

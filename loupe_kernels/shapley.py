@@ -40,6 +40,10 @@ The pool is the valid players outside S in ascending order, ``n' = |pool| + 1``;
 first word of sample 0); pool player t is taken iff ``u(1+t) * rem < (r - c) * 2^32`` (c taken so far,
 rem pool players left including this one).
 
+Data checks (NaN/inf inputs, empty subsets, subsets holding invalid players) raise a ValueError on
+CPU tensors; on GPU tensors they are device-side asserts with the same message and never synchronise
+with the host (debug mode, ``loupe_kernels.set_debug(True)``, raises at the call instead).
+
 Outputs are float32 (float64 for float64 input; float16/bfloat16 are evaluated in float32). No
 gradient flows (the inputs are detached). Backends: ``cpu`` (C++), ``triton``, ``cuda`` where
 available, and ``reference`` (vectorised PyTorch over the coalitions of :func:`sample_coalitions`).
@@ -52,7 +56,7 @@ from typing import Callable
 import torch
 
 from ._backends import extension, resolve_backend
-from ._common import FLOAT_DTYPES, check_int, sample_stats, to_work, triton_loader, work_dtype
+from ._common import FLOAT_DTYPES, check, check_int, sample_stats, to_work, triton_loader, work_dtype
 from .testing import (SIZE_SCHEDULES, maxsim_values, pooled_values, sample_coalitions_reference,
                       shapley_from_coalitions)
 
@@ -103,10 +107,9 @@ def _validate_subsets(subsets, player_mask, device=None) -> tuple[torch.Tensor, 
     else:
         pm = _check_bool_tensor(player_mask, "player_mask", (G, P), device)
     subsets = subsets.contiguous()
-    if subsets.numel() and bool((subsets.sum(-1) == 0).any()):
-        raise ValueError(f"{OP}: subsets holds an empty subset S (every S needs at least one player)")
-    if subsets.numel() and bool((subsets & ~pm[:, None, :]).any()):
-        raise ValueError(f"{OP}: subsets holds players that player_mask marks invalid")
+    if subsets.numel():  # data checks: no host sync on a GPU (see loupe_kernels._common.check)
+        check(OP, subsets.any(-1), "subsets holds an empty subset S (every S needs at least one player)")
+        check(OP, ~(subsets & ~pm[:, None, :]), "subsets holds players that player_mask marks invalid")
     return subsets, pm
 
 
@@ -117,8 +120,7 @@ def _check_float(t, name: str, ndim: int, layout: str) -> None:
         raise ValueError(f"{OP}: {name} must have shape {layout} ({ndim}-D), got {list(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{OP}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{OP}: {name} contains NaN or inf")
+    check(OP, torch.isfinite(t), f"{name} contains NaN or inf")
 
 
 def _validate_maxsim(sim, subsets, query_mask, player_mask, query_players, num_samples, seed, size_schedule):

@@ -14,6 +14,9 @@ Contract
   query token, ties going to the lowest index (as ``max(dim).indices``).
 - fp32, fp16 and bf16 accumulate in fp32; fp64 on the reference and cpu backends. The output has
   the dtype of the inputs. The cpu backward is deterministic.
+- NaN or inf in ``query`` / ``key`` (kernel backends): ValueError on CPU tensors; on GPU tensors a
+  device-side assert with the same message, no host sync (debug mode: ValueError, see
+  ``loupe_kernels.set_debug``).
 - Under ``torch.autocast`` (cpu or cuda) fp16/fp32 inputs are cast to the autocast dtype first.
 - Backends: ``cpu`` (C++), ``triton`` (tiled ``tl.dot`` with a running max over key tiles),
   ``cuda`` (torch-free kernels in ``csrc/cuda/token_region_similarity.cu``; its backward is
@@ -27,7 +30,7 @@ from typing import Callable
 import torch
 
 from ._backends import extension, resolve_backend
-from ._common import FLOAT_DTYPES, to_work, triton_loader, work_dtype
+from ._common import FLOAT_DTYPES, check, to_work, triton_loader, work_dtype
 
 __all__ = ["token_region_similarity", "token_region_similarity_dual", "TokenRegionSimilarity",
            "token_region_similarity_reference"]
@@ -77,8 +80,7 @@ def _validate(query, key, query_mask, key_mask, pairwise):
 
 def _check_finite(query: torch.Tensor, key: torch.Tensor) -> None:
     for name, t in (("query", query), ("key", key)):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{OP}: {name} contains NaN or inf")
+        check(OP, torch.isfinite(t), f"{name} contains NaN or inf")  # no host sync on a GPU
 
 
 # --------------------------------------------------------------------------------------------

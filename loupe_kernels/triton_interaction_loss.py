@@ -136,7 +136,7 @@ def forward(mu, log_var, target, target_var, weight, red: int, need_grad: bool):
     gv = torch.empty(gshape, dtype=work, device=mu.device)
     if n == 0:
         loss = torch.empty_like(mu) if red == 0 else torch.zeros((), dtype=mu.dtype, device=mu.device)
-        return loss, gmu, gv, 0
+        return loss, gmu, gv, torch.zeros((), dtype=torch.int64, device=mu.device)
     if red == 0:
         loss = torch.empty_like(mu)
         _launch(0, mu, log_var, target, target_var, weight, None, loss, None, None, None, status)
@@ -149,12 +149,10 @@ def forward(mu, log_var, target, target_var, weight, red: int, need_grad: bool):
     return loss, gmu, gv, _or_reduce(status)
 
 
-def _or_reduce(status: torch.Tensor) -> int:
-    out = 0
-    for bit in (1, 2, 4, 8):
-        if bool(((status & bit) != 0).any()):
-            out |= bit
-    return out
+def _or_reduce(status: torch.Tensor) -> torch.Tensor:
+    """OR of the per-program status words, as a 0-d int64 tensor on their device (no host sync)."""
+    bits = 1 << torch.arange(4, dtype=status.dtype, device=status.device)   # 1, 2, 4, 8 (no host-to-device copy)
+    return (((status[:, None] & bits) != 0).any(0).to(torch.int64) * bits.to(torch.int64)).sum()
 
 
 def backward(grad, mu, log_var, target, target_var, weight):
