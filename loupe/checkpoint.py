@@ -7,13 +7,22 @@ A training output directory holds::
     tokenizer.json    the tokenizer fitted on the training captions
     model.pt          {"config", "state_dict", "step"}: consolidated fp32 weights (written at the end)
     checkpoints/      DeepSpeed checkpoints ("step<N>" tags) and ``latest`` (the newest complete tag)
+      step<N>/loupe_manifest.json   written last, after every rank's files are on disk: the name and
+                                    size of each file of the tag (a tag without it is incomplete)
     log.jsonl         one JSON record per logged step
     eval.json (+ .md, _figures/)   the evaluation written after training
+    .lock             held (``flock``) by rank 0 of the run writing the directory; holds its pid, host
+                      and start time while it runs, empty once it has ended cleanly
 """
 from __future__ import annotations
 
+import datetime
+import errno
 import json
 import os
+import re
+import socket
+import zipfile
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -23,7 +32,8 @@ from .config import LoupeConfig
 if TYPE_CHECKING:
     from .model import LoupeModel
 
-__all__ = ["CheckpointError", "RunPaths", "load", "load_checkpoint", "save_model", "write_config", "read_config",
+__all__ = ["CheckpointError", "RunLocked", "RunLock", "RunPaths", "list_tags", "check_tag", "finish_tag",
+           "resolve_resume", "previous_run", "clear_run", "load", "load_checkpoint", "save_model", "write_config", "read_config",
            "write_atomic", "truncate_log", "resolve_resume_tag", "latest_tag", "saved_step"]
 
 MODEL_FILE = "model.pt"
@@ -32,6 +42,10 @@ TOKENIZER_FILE = "tokenizer.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
 EVAL_FILE = "eval.json"
+LOCK_FILE = ".lock"
+LATEST = "latest"
+MANIFEST = "loupe_manifest.json"
+_TAG_RE = re.compile(r"^step(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -50,6 +64,8 @@ class RunPaths:
         self.log = os.path.join(d, LOG_FILE)
         self.checkpoints = os.path.join(d, CHECKPOINTS)
         self.eval = os.path.join(d, EVAL_FILE)
+        self.lock = os.path.join(d, LOCK_FILE)
+        self.latest = os.path.join(self.checkpoints, LATEST)
 
 
 def _dir_of(path: str) -> str:
@@ -67,6 +83,20 @@ def write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # not every file system can sync a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_config(directory: str, config: LoupeConfig, train: Mapping[str, Any], **extra: Any) -> None:
@@ -122,23 +152,341 @@ def truncate_log(path: str, last_step: int) -> int:
 
 
 def latest_tag(ckpt_dir: str) -> str | None:
-    """The tag named by ``checkpoints/latest`` (None when absent)."""
-    path = os.path.join(ckpt_dir, "latest")
+    """The tag named by ``checkpoints/latest`` (None when absent; ``""`` when empty)."""
+    path = os.path.join(ckpt_dir, LATEST)
     if not os.path.exists(path):
         return None
     with open(path) as f:
         return f.read().strip()
 
 
-def resolve_resume_tag(ckpt_dir: str, resume: str | None) -> str | None:
-    """The DeepSpeed tag ``--resume`` names: None (fresh start), ``latest``, or a tag that must exist."""
+def _tag_step(tag: str) -> int:
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else -1
+
+
+def list_tags(ckpt_dir: str) -> list[str]:
+    """The checkpoint tag directories (``step<N>``) under ``ckpt_dir``, oldest first."""
+    try:
+        names = os.listdir(ckpt_dir)
+    except OSError:
+        return []
+    return sorted((n for n in names if _TAG_RE.match(n) and os.path.isdir(os.path.join(ckpt_dir, n))),
+                  key=_tag_step)
+
+
+def finish_tag(ckpt_dir: str, tag: str, step: int) -> None:
+    """Mark a tag complete and make it ``latest``: called once (rank 0) after every rank's
+    ``save_checkpoint`` has returned (a barrier). Syncs the tag's files to disk, writes
+    ``loupe_manifest.json`` (each file's size) and then ``latest``, both atomically."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    files = {}
+    for name in sorted(os.listdir(tag_dir)):
+        path = os.path.join(tag_dir, name)
+        if name == MANIFEST or ".tmp" in name or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files[name] = os.path.getsize(path)
+    _fsync_dir(tag_dir)
+    write_atomic(os.path.join(tag_dir, MANIFEST), json.dumps({"tag": tag, "step": int(step), "files": files},
+                                                             indent=1))
+    write_atomic(os.path.join(ckpt_dir, LATEST), tag)
+
+
+def _torch_file_ok(path: str) -> bool:
+    """A file written by ``torch.save`` is a zip archive: a truncated one lacks the archive's end record."""
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def check_tag(ckpt_dir: str, tag: str) -> tuple[str, str | None] | None:
+    """None when the tag is complete, else ``(reason, path of the bad file or None)``.
+
+    Cheap (no tensor is read): the manifest lists every file and its size; each file must be there,
+    of that size, and each ``.pt`` a whole zip archive (what ``torch.save`` writes). A tag without a
+    manifest is incomplete, unless no tag of the directory has one (written before manifests
+    existed): then it passes when it has model states and every ``.pt`` file is whole.
+    """
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if not os.path.isdir(tag_dir):
+        return f"{tag_dir} does not exist", None
+    manifest = os.path.join(tag_dir, MANIFEST)
+    names = sorted(n for n in os.listdir(tag_dir) if n.endswith(".pt"))
+    if os.path.exists(manifest):
+        try:
+            with open(manifest) as f:
+                files = json.load(f)["files"]
+            sizes = {str(k): int(v) for k, v in files.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"its manifest {manifest} is unreadable ({e})", manifest
+        for name, size in sizes.items():
+            path = os.path.join(tag_dir, name)
+            if not os.path.exists(path):
+                return f"{path} is missing", path
+            have = os.path.getsize(path)
+            if have != size:
+                return f"{path} is truncated or changed ({have} bytes, {size} when saved)", path
+        names = [n for n in names if n in sizes]
+    elif any(os.path.exists(os.path.join(ckpt_dir, t, MANIFEST)) for t in list_tags(ckpt_dir)):
+        return f"{tag_dir} is incomplete (no {MANIFEST}: the run stopped while saving it)", None
+    elif not any(n.endswith("model_states.pt") for n in names):
+        return f"{tag_dir} is incomplete (no model states: the run stopped while saving it)", None
+    for name in names:
+        path = os.path.join(tag_dir, name)
+        if os.path.getsize(path) == 0 or not _torch_file_ok(path):
+            return f"{path} is truncated or corrupt (not a whole torch file)", path
+    return None
+
+
+def _tags_text(tags: list[str]) -> str:
+    return ", ".join(tags) if tags else "none"
+
+
+def resolve_resume(ckpt_dir: str, resume: str | None, strict: bool = False,
+                   overwrite: bool = False) -> tuple[str | None, list[str], list[str]]:
+    """Which checkpoint ``--resume`` means, checked before DeepSpeed reads anything.
+
+    Returns ``(tag or None for a fresh start, warnings, tags to remove first)``; raises
+    :class:`CheckpointError` with a message naming the bad file and the tags available.
+
+    ``latest``: the tag named by ``checkpoints/latest`` when it is complete and no complete tag is
+    newer. When ``latest`` is missing, empty, names a tag that does not exist, or is older than a
+    complete tag (a run killed between writing a tag and ``latest``), the newest complete tag is
+    used, with a warning (``strict``: an error instead). A corrupt tag named by ``latest`` is an
+    error, never skipped silently. An explicit tag must be complete; resuming from it when newer
+    tags exist would overwrite them, so that needs ``overwrite`` (they are then removed).
+    """
     if resume is None:
-        return None
-    if resume == "latest":
-        return latest_tag(ckpt_dir)
-    if not os.path.isdir(os.path.join(ckpt_dir, resume)):
-        raise SystemExit(f"--resume {resume!r}: no checkpoint {os.path.join(ckpt_dir, resume)}")
-    return resume
+        return None, [], []
+    tags = list_tags(ckpt_dir)
+    warnings: list[str] = []
+    if resume not in ("latest",):
+        bad = check_tag(ckpt_dir, resume) if os.path.isdir(os.path.join(ckpt_dir, resume)) else \
+            (f"no checkpoint {os.path.join(ckpt_dir, resume)}", None)
+        if bad is not None:
+            raise CheckpointError(f"--resume {resume}: {bad[0]}; tags under {ckpt_dir}: {_tags_text(tags)}")
+        newer = [t for t in tags if _tag_step(t) > _tag_step(resume)]
+        if newer and not overwrite:
+            raise CheckpointError(f"--resume {resume}: the newer checkpoints {_tags_text(newer)} would be "
+                                  f"overwritten; pass --overwrite to remove them, or --resume latest")
+        return resume, warnings, newer
+    named = latest_tag(ckpt_dir)
+    if named is None and not tags:
+        return None, [f"--resume latest: no checkpoint under {ckpt_dir}, starting from step 0"], []
+    complete = None
+    for t in reversed(tags):  # the newest complete tag (cheap checks, newest first)
+        if check_tag(ckpt_dir, t) is None:
+            complete = t
+            break
+    incomplete_newer = [t for t in tags if complete is None or _tag_step(t) > _tag_step(complete)]
+    latest_path = os.path.join(ckpt_dir, LATEST)
+    if named and os.path.isdir(os.path.join(ckpt_dir, named)):
+        bad = check_tag(ckpt_dir, named)
+        if bad is not None:
+            older = [t for t in tags if _tag_step(t) < _tag_step(named)]
+            raise CheckpointError(
+                f"--resume latest: checkpoint {named} is corrupt: {bad[0]}; older tags: {_tags_text(older)} "
+                f"(resume one with --resume <tag>; the newer tags are then removed with --overwrite)")
+        if complete is None or _tag_step(complete) <= _tag_step(named):
+            if incomplete_newer:
+                warnings.append(f"--resume latest: the incomplete checkpoints {_tags_text(incomplete_newer)} "
+                                f"(a run stopped while saving) will be replaced")
+            return named, warnings, incomplete_newer
+        problem = (f"{latest_path} names {named}, but {complete} is newer and complete (the run was stopped "
+                   f"between saving {complete} and updating latest)")
+    elif named is None:
+        problem = f"{latest_path} is missing"
+    elif not named:
+        problem = f"{latest_path} is empty"
+    else:
+        problem = f"{latest_path} names {named!r}, which does not exist"
+    if strict:
+        raise CheckpointError(f"--resume latest (strict): {problem}; tags under {ckpt_dir}: {_tags_text(tags)} "
+                              f"(resume one with --resume <tag>)")
+    if complete is None:
+        raise CheckpointError(f"--resume latest: {problem}, and no checkpoint under {ckpt_dir} is complete "
+                              f"(tags: {_tags_text(tags)}); pass --overwrite without --resume to start again")
+    warnings.append(f"--resume latest: {problem}; resuming from {complete}, the newest complete checkpoint")
+    if incomplete_newer:
+        warnings.append(f"--resume latest: the incomplete checkpoints {_tags_text(incomplete_newer)} will be replaced")
+    return complete, warnings, incomplete_newer
+
+
+def resolve_resume_tag(ckpt_dir: str, resume: str | None) -> str | None:
+    """The tag :func:`resolve_resume` picks (warnings dropped); ``SystemExit`` on an error."""
+    try:
+        return resolve_resume(ckpt_dir, resume)[0]
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from e
+
+
+def previous_run(directory: str) -> list[str]:
+    """What a fresh run would overwrite in ``directory``: checkpoint tags, ``latest``, ``model.pt``."""
+    run = RunPaths(directory)
+    found = list_tags(run.checkpoints)
+    if os.path.exists(run.latest):
+        found.append(LATEST)
+    if os.path.exists(run.model):
+        found.append(MODEL_FILE)
+    return found
+
+
+def clear_run(directory: str, tags: list[str] | None = None) -> list[str]:
+    """Remove ``tags`` (default: every checkpoint tag, ``latest`` and ``model.pt``) of a run
+    directory; returns the paths removed."""
+    import shutil
+    run = RunPaths(directory)
+    removed = []
+    if tags is None:
+        targets = [os.path.join(run.checkpoints, t) for t in list_tags(run.checkpoints)] + [run.latest, run.model]
+    else:
+        targets = [os.path.join(run.checkpoints, t) for t in tags]
+    for path in targets:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
+def find_unreadable(ckpt_dir: str, tag: str) -> str | None:
+    """The first file of a tag that ``torch.load`` cannot read (None when all load); slow, for
+    naming the culprit after a load failed."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    for name in sorted(os.listdir(tag_dir)):
+        if not name.endswith(".pt"):
+            continue
+        path = os.path.join(tag_dir, name)
+        try:
+            torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001
+            return path
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the run lock
+# ------------------------------------------------------------------------------------------------
+class RunLocked(RuntimeError):
+    """Another run holds the output directory."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of a training run.
+
+    ``<dir>/.lock`` is locked with ``flock`` (released by the kernel however the process ends, also
+    on kill -9) and holds ``{"pid", "host", "started", "argv"}`` of the holder while it runs. One
+    process per run takes it (rank 0): the other ranks follow rank 0's verdict. On file systems
+    without ``flock`` (some NFS mounts) the file's content is the lock: a holder on this host whose
+    pid is gone is stale and taken over; a holder on another host must be removed by hand.
+    A clean release empties the file (it is not deleted: deleting a locked file lets two runs lock
+    two different files).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.path = RunPaths(directory).lock
+        self.fd: int | None = None
+        self.note: str | None = None  # set by acquire() when a stale holder was taken over
+
+    @staticmethod
+    def describe(holder: Mapping[str, Any] | None) -> str:
+        if not holder:
+            return "an unknown process"
+        return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
+                f"started {holder.get('started', '?')}")
+
+    def _read(self, fd: int) -> dict | None:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = os.read(fd, 65536).decode("utf-8", "replace").strip()
+        except OSError:
+            return None
+        if not text:
+            return None
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            return {"pid": "?", "host": "?", "started": "?", "raw": text[:200]}
+        return holder if isinstance(holder, dict) else {"raw": text[:200]}
+
+    def acquire(self, argv: list[str] | None = None) -> "RunLock":
+        """Take the lock or raise :class:`RunLocked` naming the holder. Creates the directory (and
+        nothing else in it) when needed."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        host = socket.gethostname()
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            have_flock = True
+        except (BlockingIOError, PermissionError) as e:  # held by a live run
+            holder = self._read(fd)
+            os.close(fd)
+            raise RunLocked(f"{os.path.dirname(self.path)} is in use by another training run "
+                            f"({self.describe(holder)}); wait for it to end or choose another --output") from e
+        except (ImportError, OSError) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL,
+                                                          errno.ENOSYS):
+                os.close(fd)
+                raise
+            have_flock = False
+        previous = self._read(fd)
+        if previous:
+            alive = previous.get("host") == host and isinstance(previous.get("pid"), int) \
+                and previous["pid"] != os.getpid() and _pid_alive(previous["pid"])
+            if not have_flock and (alive or previous.get("host") != host):
+                os.close(fd)
+                why = "still runs" if alive else "runs on another host, which this one cannot check"
+                raise RunLocked(f"{os.path.dirname(self.path)} is in use by another training run "
+                                f"({self.describe(previous)}; it {why}; this file system has no flock: "
+                                f"if that run has ended, delete {self.path})")
+            self.note = (f"took over the stale lock {self.path} of {self.describe(previous)}: that run "
+                         f"ended without releasing it (killed or crashed)")
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        holder = {"pid": os.getpid(), "host": host, "started": started}
+        if argv is not None:
+            holder["argv"] = list(argv)
+        data = json.dumps(holder).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Empty the lock file and unlock it (idempotent)."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        os.close(fd)  # drops the flock
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire() if self.fd is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 # ------------------------------------------------------------------------------------------------

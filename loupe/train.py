@@ -28,6 +28,7 @@ if __name__ == "__main__":  # run as a script: loupe/ itself must not shadow top
 import argparse
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 
@@ -85,7 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("output")
     r.add_argument("--output", default="runs/loupe", help="directory for checkpoints, model.pt and logs")
     r.add_argument("--resume", default=None,
-                   help="'latest' (the newest checkpoint under --output) or a checkpoint tag")
+                   help="'latest' (the newest complete checkpoint under --output: when checkpoints/latest "
+                        "is missing, empty, dangling or stale, the newest complete tag, with a warning) "
+                        "or a checkpoint tag (step<N>)")
+    r.add_argument("--resume-strict", action="store_true",
+                   help="with --resume latest: stop instead of falling back when checkpoints/latest is "
+                        "missing, empty, names a missing tag or is older than a complete tag")
+    r.add_argument("--overwrite", action="store_true",
+                   help="allow replacing a previous run in --output (its checkpoints and model.pt are "
+                        "removed); without it a fresh run refuses a directory that holds checkpoints")
     r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     r.add_argument("--eval-every", type=int, default=0,
                    help="every N steps, log the losses on fixed validation batches as val_* "
@@ -113,8 +122,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:
         p.error("--batch-size must be >= 1")
-    if args.lr <= 0:
-        p.error("--lr must be > 0")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        p.error(f"--lr must be a finite number > 0, not {args.lr}")
+    if not math.isfinite(args.wd) or args.wd < 0:
+        p.error(f"--wd must be a finite number >= 0, not {args.wd}")
+    if args.resume_strict and args.resume != "latest":
+        p.error("--resume-strict goes with --resume latest")
+    problem = output_problem(args.output)
+    if problem:
+        p.error(f"--output {args.output!r}: {problem}")
     if args.warmup < 0 or args.save_every < 1 or args.eval_every < 0:
         p.error("--warmup and --eval-every must be >= 0, --save-every >= 1")
     if args.model_config:
@@ -139,6 +155,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not os.path.exists(args.deepspeed_config):
         p.error(f"--deepspeed_config {args.deepspeed_config!r} does not exist")
     return args
+
+
+def output_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a run directory (None when it can): a file, under a file, unwritable."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a directory"
+    parent = path
+    while not os.path.exists(parent):
+        nxt = os.path.dirname(parent)
+        if nxt == parent:
+            break
+        parent = nxt
+    if not os.path.isdir(parent):
+        return f"{parent!r} is a file, so no directory can be made under it"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent!r} is not writable"
+    return None
 
 
 def build_ds_config(args, world_size: int) -> dict:
@@ -275,8 +309,11 @@ def release_shm_buffer(rank: int) -> str | None:
 
     ``deepspeed_shm_comm`` creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
     (about 67 MB of RAM) for every rank and never unlinks it, so each CPU training run would leave
-    one behind per process until the machine runs out of memory. Called after the last barrier;
-    the mapping stays valid until the process exits. Returns the path removed, or None.
+    one behind per process until the machine runs out of memory. Every rank maps every local rank's
+    buffer inside ``init_distributed`` and never opens them by name again, so this is called right
+    after the barrier that follows it (and again on the way out, in case that failed): the mappings
+    stay valid until the processes exit, and no exit, not even kill -9, leaves the file behind.
+    Returns the path removed, or None.
     """
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port or not hasattr(os, "getuid"):
@@ -292,8 +329,148 @@ def release_shm_buffer(rank: int) -> str | None:
     return path
 
 
+SHM_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+def _paths_in_use(directory: str) -> set[str] | None:
+    """Paths under ``directory`` that a live process of this machine maps or holds open (from
+    ``/proc/<pid>/maps`` and ``/proc/<pid>/fd``); None when ``/proc`` cannot be read."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    used: set[str] = set()
+    prefix = directory.rstrip("/") + "/"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find(prefix)
+                    if i >= 0:
+                        used.add(line[i:].rstrip("\n").removesuffix(" (deleted)"))
+        except OSError:
+            pass
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith(prefix):
+                    used.add(target.removesuffix(" (deleted)"))
+        except OSError:
+            pass
+    return used
+
+
+def remove_stale_shm_buffers(min_age_s: float = 60.0, shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink DeepSpeed CPU allreduce buffers of this user that no live process maps or holds open
+    and that are older than ``min_age_s`` (a run that is starting creates and maps its buffer in
+    well under a second). These are left by runs killed before they could unlink their own
+    (loupe runs unlink theirs right after start-up, see :func:`release_shm_buffer`). Returns the
+    paths removed."""
+    if not hasattr(os, "getuid") or not os.path.isdir(shm_dir):
+        return []
+    mine = f"{SHM_PREFIX}{os.getuid()}_"
+    try:
+        candidates = [os.path.join(shm_dir, n) for n in os.listdir(shm_dir) if n.startswith(mine)]
+    except OSError:
+        return []
+    now = time.time()
+    candidates = [c for c in candidates if os.path.exists(c) and now - os.path.getmtime(c) >= min_age_s]
+    if not candidates:
+        return []
+    used = _paths_in_use(shm_dir)
+    if used is None:  # cannot tell which are in use: leave them
+        return []
+    removed = []
+    for path in candidates:
+        if path in used:
+            continue
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _on_signal(signum, frame):  # noqa: ARG001
+    """SIGTERM / SIGINT: unwind through the ``finally`` blocks (lock, log, shared memory)."""
+    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+    raise SystemExit(128 + signum)
+
+
+def _nonfinite_error(exc: BaseException) -> bool:
+    """Whether an error raised by the forward pass reports non-finite values (NaN / inf)."""
+    import re
+    return isinstance(exc, FloatingPointError) or bool(
+        re.search(r"\b(nan|inf|infinity|non-?finite)\b", str(exc), re.IGNORECASE))
+
+
+def _from_rank0(value, rank: int):
+    """``value`` as rank 0 has it, on every rank."""
+    import torch.distributed as dist
+    box = [value if rank == 0 else None]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _stop(message: str, rank: int):
+    """End every rank of the run with ``message`` (printed once, by rank 0) and exit status 1."""
+    if rank == 0:
+        raise SystemExit(f"loupe: {message}")
+    raise SystemExit(1)
+
+
 def main(argv=None) -> int:
+    """Parse the flags, start the process group, take the run directory's lock, train; the lock and
+    DeepSpeed's shared-memory buffer are released on every way out (exceptions, SIGTERM, SIGINT;
+    after kill -9 the kernel drops the lock and the buffer is already unlinked)."""
     args = parse_args(argv)
+    import deepspeed
+    import torch.distributed as dist
+
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _on_signal)
+
+    on_gpu = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank = dist.get_rank()
+    lock = None
+    try:
+        # init_distributed has mapped every local rank's shared-memory buffer on every rank once all
+        # have returned from it: unlink this rank's now, so that no exit (not even kill -9) leaks it
+        dist.barrier()
+        release_shm_buffer(rank)
+        if int(os.environ.get("LOCAL_RANK", args.local_rank)) == 0:
+            stale = remove_stale_shm_buffers()
+            if stale:
+                print(f"loupe: removed {len(stale)} shared-memory buffer(s) of ended DeepSpeed runs: "
+                      f"{', '.join(stale)}", file=sys.stderr)
+        # the run directory's lock, before anything in the directory is read or written
+        refusal = None
+        if rank == 0:
+            try:
+                lock = ckpt.RunLock(args.output).acquire(argv=sys.argv)
+                if lock.note:
+                    print(f"loupe: {lock.note}", file=sys.stderr)
+            except (ckpt.RunLocked, OSError) as e:
+                refusal = str(e)
+        refusal = _from_rank0(refusal, rank)
+        if refusal:
+            _stop(refusal, rank)
+        return _train(args)
+    finally:
+        if lock is not None:
+            lock.release()
+        release_shm_buffer(rank)
+
+
+def _train(args) -> int:
     import deepspeed
     import torch.distributed as dist
 
@@ -301,7 +478,6 @@ def main(argv=None) -> int:
     from loupe.model import LoupeModel
 
     on_gpu = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if on_gpu:
         torch.cuda.set_device(args.local_rank)
@@ -315,12 +491,36 @@ def main(argv=None) -> int:
 
     run = ckpt.RunPaths(args.output)
     out_dir, ckpt_dir, log_path = run.root, run.checkpoints, run.log
+    # which checkpoint to resume (decided by rank 0, before DeepSpeed reads anything)
+    decision = None
+    if is_main:
+        try:
+            if args.resume is None:
+                found = ckpt.previous_run(out_dir)
+                if found and not args.overwrite:
+                    raise ckpt.CheckpointError(
+                        f"--output {out_dir} already holds a run ({', '.join(found)}); pass --resume latest "
+                        f"to continue it, or --overwrite to replace it")
+                for path in (ckpt.clear_run(out_dir) if found else []):
+                    print(f"loupe: --overwrite: removed {path}", file=sys.stderr)
+                decision = {"tag": None}
+            else:
+                tag, warnings, remove = ckpt.resolve_resume(ckpt_dir, args.resume, strict=args.resume_strict,
+                                                            overwrite=args.overwrite)
+                for w in warnings:
+                    print(f"loupe: warning: {w}", file=sys.stderr)
+                for path in ckpt.clear_run(out_dir, remove):
+                    print(f"loupe: removed {path}", file=sys.stderr)
+                decision = {"tag": tag}
+        except ckpt.CheckpointError as e:
+            decision = {"error": str(e)}
+    decision = _from_rank0(decision, rank)
+    if "error" in decision:
+        _stop(decision["error"], rank)
+    resume_tag = decision["tag"]
     if is_main:
         os.makedirs(ckpt_dir, exist_ok=True)
     dist.barrier()
-    resume_tag = ckpt.resolve_resume_tag(ckpt_dir, args.resume)
-    if args.resume == "latest" and resume_tag is None and is_main:
-        print(f"loupe: --resume latest: no checkpoint under {ckpt_dir}, starting from step 0")
 
     # data and tokenizer (fit once on rank 0, saved with the model, loaded by the other ranks)
     tok_path = run.tokenizer
@@ -359,9 +559,16 @@ def main(argv=None) -> int:
 
     start = 0
     if resume_tag:
-        path, client = engine.load_checkpoint(ckpt_dir, tag=resume_tag)
+        try:
+            path, client = engine.load_checkpoint(ckpt_dir, tag=resume_tag)
+        except Exception as e:  # noqa: BLE001 - name the file, and the tags one could resume instead
+            bad = ckpt.find_unreadable(ckpt_dir, resume_tag)
+            older = [t for t in ckpt.list_tags(ckpt_dir) if t != resume_tag]
+            raise SystemExit(f"loupe: --resume: cannot load checkpoint {resume_tag} from {ckpt_dir}"
+                             f"{f' ({bad} is unreadable)' if bad else ''}: {e.__class__.__name__}: {e}; "
+                             f"other tags: {', '.join(older) or 'none'}") from e
         if path is None:
-            raise SystemExit(f"--resume: could not load checkpoint {resume_tag!r} from {ckpt_dir}")
+            raise SystemExit(f"loupe: --resume: could not load checkpoint {resume_tag!r} from {ckpt_dir}")
         start = int(client["step"])
         if is_main:
             dropped = ckpt.truncate_log(log_path, start)
@@ -414,12 +621,26 @@ def main(argv=None) -> int:
         bar = tqdm(total=args.steps, initial=start, desc=f"train {args.objective}", unit="step",
                    dynamic_ncols=True)
 
+    def params_finite() -> bool:
+        ok = torch.tensor([1.0 if all(bool(torch.isfinite(p.detach()).all()) for p in engine.module.parameters()
+                                      if p.numel()) else 0.0], device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return ok.item() >= 1
+
+    def last_good() -> str:
+        tag = ckpt.latest_tag(ckpt_dir)
+        if last_saved > 0 and tag:
+            return f"the last good checkpoint is {tag} (step {last_saved}) in {ckpt_dir}: resume it with a lower --lr"
+        return "no checkpoint was saved before it"
+
     def save(step: int) -> None:
+        if not params_finite():  # never save (or point latest at) weights that are already lost
+            _stop(f"training diverged: non-finite weights after step {step}; {last_good()}", rank)
         tag = f"step{step:07d}"
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step}, save_latest=False)
-        dist.barrier()
+        dist.barrier()  # every rank's files are written
         if is_main:
-            ckpt.write_atomic(os.path.join(ckpt_dir, "latest"), tag)
+            ckpt.finish_tag(ckpt_dir, tag, step)  # sync, manifest, then latest
         dist.barrier()
 
     step, last_saved, skipped_total = start, start, 0
@@ -433,16 +654,27 @@ def main(argv=None) -> int:
             batch = to_device(batch, device, float_dtype)
             batch["step"] = step
             batch["seed"] = step_seed(args.seed, step, rank)
-            out = engine(batch)
-            loss = out["loss"]
-            finite = torch.tensor([float(torch.isfinite(loss.detach().float()).item())], device=device)
+            try:
+                out, failure = engine(batch), None
+            except Exception as e:  # noqa: BLE001 - NaN/inf caught by a kernel's input check
+                if not _nonfinite_error(e):
+                    raise
+                out, failure = None, e
+            # 1: finite loss, 0: non-finite loss or non-finite values in the forward pass (all ranks agree)
+            finite = torch.tensor([0.0 if failure is not None
+                                   else float(torch.isfinite(out["loss"].detach().float()).item())], device=device)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if finite.item() < 1:
-                bad = [k for k, v in out.items() if k.startswith("loss") and isinstance(v, torch.Tensor)
-                       and v.numel() == 1 and not torch.isfinite(v.detach().float()).item()]
-                raise FloatingPointError(
-                    f"non-finite loss at step {step + 1} (terms: {', '.join(bad) or 'loss'}); "
-                    f"the last good checkpoint is step {last_saved} in {ckpt_dir}")
+                if failure is not None:
+                    what = f"non-finite values in the forward pass ({failure})"
+                elif out is not None and torch.isfinite(out["loss"].detach().float()).item():
+                    what = "a non-finite loss on another rank"
+                else:
+                    bad = [k for k, v in out.items() if k.startswith("loss") and isinstance(v, torch.Tensor)
+                           and v.numel() == 1 and not torch.isfinite(v.detach().float()).item()]
+                    what = f"a non-finite loss (terms: {', '.join(bad) or 'loss'})"
+                _stop(f"training diverged at step {step + 1}: {what}; {last_good()}", rank)
+            loss = out["loss"]
             engine.backward(loss)
             engine.step()
             step += 1
@@ -504,7 +736,6 @@ def main(argv=None) -> int:
         if skipped_total:
             print(f"  skipped {skipped_total} unreadable samples")
     dist.barrier()
-    release_shm_buffer(rank)
     dist.destroy_process_group()
     return 0
 

@@ -168,3 +168,308 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, zero):
     for ra, rb in zip(a, b):
         for key in ("loss", "loss_cmc", "loss_filip", "lr"):
             assert abs(ra[key] - rb[key]) <= 1e-6 * max(1.0, abs(ra[key])), (key, ra, rb)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 21: runs that cannot overwrite each other, resume that never restarts silently, no leaked
+# shared memory, non-finite training stopped by the trainer
+# ------------------------------------------------------------------------------------------------
+def start(cmd):
+    """A launch in the background, in its own process group; stdout/stderr to text files."""
+    return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_step(p, out, step, timeout=600):
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(log):
+            with open(log) as f:
+                if any(json.loads(x)["step"] >= step for x in f.read().splitlines() if x.strip()):
+                    return
+        if p.poll() is not None:
+            pytest.fail(f"the run ended before step {step}:\n{p.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"no step {step} in {timeout} s")
+
+
+def port_of(cmd) -> str:
+    return cmd[cmd.index("--master_port") + 1]
+
+
+def shm_buffers(port) -> list[str]:
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+
+
+def test_bad_numbers_and_outputs_are_argparse_errors(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for args, words in [(["--lr", "nan"], "--lr must be a finite number"),
+                        (["--lr", "inf"], "--lr must be a finite number"),
+                        (["--wd", "nan"], "--wd must be a finite number"),
+                        (["--output", str(a_file)], "is a file, not a directory"),
+                        (["--output", str(a_file / "run")], "is a file, so no directory")]:
+        p = subprocess.run([sys.executable, TRAIN] + args, env=env(), capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, (args, p.stderr[-2000:])
+        assert words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-2000:])
+
+
+def _hold_lock_in_subprocess(directory):
+    code = ("import sys, time; from loupe.checkpoint import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_run_lock_excludes_a_second_holder_and_takes_over_a_dead_ones(tmp_path):
+    from loupe.checkpoint import RunLock, RunLocked
+    holder = _hold_lock_in_subprocess(tmp_path / "run")
+    try:
+        with pytest.raises(RunLocked) as e:
+            RunLock(tmp_path / "run").acquire()
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in str(e.value)
+        assert "started" in str(e.value)
+    finally:
+        holder.kill()  # like kill -9: the kernel drops the flock, the file still names the dead holder
+        holder.wait()
+    lock = RunLock(tmp_path / "run").acquire()
+    assert lock.note and f"pid {holder.pid}" in lock.note and "stale" in lock.note
+    assert json.loads((tmp_path / "run" / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert (tmp_path / "run" / ".lock").read_text() == ""  # a clean release leaves no holder
+    again = RunLock(tmp_path / "run").acquire()
+    assert again.note is None  # nothing stale after a clean release
+    again.release()
+
+
+def _fake_tag(ckpt_dir, step, finish=True):
+    from loupe.checkpoint import finish_tag
+    tag = f"step{step:07d}"
+    os.makedirs(ckpt_dir / tag)
+    torch.save({"step": step}, ckpt_dir / tag / "mp_rank_00_model_states.pt")
+    torch.save({"opt": torch.zeros(100)}, ckpt_dir / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    if finish:
+        finish_tag(str(ckpt_dir), tag, step)
+    return tag
+
+
+def test_resolve_resume_validates_latest(tmp_path):
+    from loupe.checkpoint import CheckpointError, resolve_resume
+    d = tmp_path / "checkpoints"
+    t2, t4 = _fake_tag(d, 2), _fake_tag(d, 4)
+    assert (d / "latest").read_text() == t4
+    assert resolve_resume(str(d), "latest") == (t4, [], [])
+    # empty, dangling, missing latest: the newest complete tag, with a warning naming it
+    for content, words in (("", "is empty"), ("step0000099", "does not exist"), (None, "is missing")):
+        if content is None:
+            (d / "latest").unlink()
+        else:
+            (d / "latest").write_text(content)
+        tag, warnings, remove = resolve_resume(str(d), "latest")
+        assert tag == t4 and remove == [] and words in warnings[0] and f"resuming from {t4}" in warnings[0]
+        with pytest.raises(CheckpointError, match="strict"):
+            resolve_resume(str(d), "latest", strict=True)
+    # killed between saving a tag and updating latest: the newer complete tag wins
+    (d / "latest").write_text(t2)
+    tag, warnings, _ = resolve_resume(str(d), "latest")
+    assert tag == t4 and "newer and complete" in warnings[0]
+    # a tag being written when the run was killed (no manifest) is not complete and gets replaced
+    t6 = _fake_tag(d, 6, finish=False)
+    (d / "latest").write_text(t4)
+    tag, warnings, remove = resolve_resume(str(d), "latest")
+    assert tag == t4 and remove == [t6] and t6 in warnings[0]
+    # a truncated file of the tag latest names: an error naming the file and the older tags
+    import shutil
+    shutil.rmtree(d / t6)
+    f = d / t4 / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    f.write_bytes(f.read_bytes()[:200])
+    with pytest.raises(CheckpointError) as e:
+        resolve_resume(str(d), "latest")
+    assert str(f) in str(e.value) and f"older tags: {t2}" in str(e.value)
+    # an explicit older tag would overwrite the newer ones: only with overwrite, which removes them
+    with pytest.raises(CheckpointError, match="would be overwritten"):
+        resolve_resume(str(d), t2)
+    assert resolve_resume(str(d), t2, overwrite=True) == (t2, [], [t4])
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        resolve_resume(str(d), "step0000003")
+
+
+def test_stale_shm_buffers_are_removed_only_when_no_process_holds_them(tmp_path):
+    from loupe.train import SHM_PREFIX, remove_stale_shm_buffers
+    uid = os.getuid()
+    dead, held, young, other = (tmp_path / f"{SHM_PREFIX}{uid}_127.0.0.1_{port}_0" for port in (1, 2, 3, 4))
+    other = tmp_path / f"{SHM_PREFIX}{uid + 1}_127.0.0.1_4_0"  # another user's
+    for path in (dead, held, young, other):
+        path.write_bytes(b"x" * 4096)
+    old = time.time() - 3600
+    for path in (dead, held, other):
+        os.utime(path, (old, old))
+    keeper = subprocess.Popen([sys.executable, "-c", "import mmap, sys, time; f = open(sys.argv[1], 'r+b'); "
+                               "m = mmap.mmap(f.fileno(), 0); f.close(); print('mapped', flush=True); time.sleep(600)",
+                               str(held)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert keeper.stdout.readline().strip() == "mapped"
+        assert remove_stale_shm_buffers(shm_dir=str(tmp_path)) == [str(dead)]
+        assert held.exists() and young.exists() and other.exists() and not dead.exists()
+    finally:
+        keeper.kill()
+        keeper.wait()
+    assert remove_stale_shm_buffers(shm_dir=str(tmp_path)) == [str(held)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_second_run_on_the_same_output_refuses(tmp_path):
+    out = tmp_path / "run"
+    first = start(launch_cmd(out, steps=1500, extra=["--save-every", "500"]))
+    try:
+        wait_for_step(first, out, 1)
+        holder = json.loads((out / ".lock").read_text())
+        assert holder["pid"] != first.pid and holder["host"] == socket.gethostname()
+        second = subprocess.run(launch_cmd(out, steps=4), env=env(), capture_output=True, text=True, timeout=300)
+        assert first.poll() is None, "the first run ended before the second one started: make it longer"
+        assert second.returncode != 0
+        assert f"in use by another training run (pid {holder['pid']} on host {holder['host']}, started " \
+               f"{holder['started']})" in second.stderr, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr
+        stdout, stderr = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 0, stderr[-3000:]
+    assert [r["step"] for r in read_log(out)] == list(range(1, 1501))  # nothing of the second run in it
+    assert not (out / "log.jsonl.old").exists()
+    assert loupe.load(str(out)) is not None
+    assert (out / "checkpoints" / "latest").read_text() == "step0001500"
+    assert (out / ".lock").read_text() == ""  # released
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 4-step run with checkpoints step0000002 and step0000004 (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run(launch_cmd(out, steps=4))
+    return out
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("case", ["empty", "dangling", "killed_before_latest"])
+def test_resume_latest_falls_back_to_the_newest_complete_tag(tmp_path, finished_run, case):
+    out = _copy(finished_run, tmp_path / case)
+    latest = out / "checkpoints" / "latest"
+    latest.write_text({"empty": "", "dangling": "step0000099", "killed_before_latest": "step0000002"}[case])
+    mtime = (out / "checkpoints" / "step0000002" / "mp_rank_00_model_states.pt").stat().st_mtime_ns
+    p = run(launch_cmd(out, steps=6, extra=["--resume", "latest"]))
+    assert "resuming from step0000004, the newest complete checkpoint" in p.stderr, p.stderr[-3000:]
+    assert "resumed from step0000004 at step 4" in p.stdout
+    assert [r["step"] for r in read_log(out)] == list(range(1, 7))
+    assert latest.read_text() == "step0000006"
+    # the older tag was not rewritten
+    assert (out / "checkpoints" / "step0000002" / "mp_rank_00_model_states.pt").stat().st_mtime_ns == mtime
+    strict = subprocess.run(launch_cmd(_copy(finished_run, tmp_path / "strict"), steps=6,
+                                       extra=["--resume", "latest", "--resume-strict"]),
+                            env=env(), capture_output=True, text=True, timeout=300) if case == "empty" else None
+    if strict is not None:
+        assert strict.returncode != 0 and "--resume latest (strict)" in strict.stderr, strict.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_resume_of_a_truncated_checkpoint_names_the_file(tmp_path, finished_run):
+    out = _copy(finished_run, tmp_path / "trunc")
+    f = out / "checkpoints" / "step0000004" / "mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[:1000])
+    p = subprocess.run(launch_cmd(out, steps=6, extra=["--resume", "latest"]), env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode != 0
+    assert str(f) in p.stderr and "older tags: step0000002" in p.stderr, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_fresh_run_refuses_a_directory_with_checkpoints_unless_overwrite(tmp_path, finished_run):
+    out = _copy(finished_run, tmp_path / "again")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    p = subprocess.run(launch_cmd(out, steps=2), env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "already holds a run" in p.stderr and "--overwrite" in p.stderr, p.stderr[-3000:]
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.name != ".lock"} == \
+        {k: v for k, v in before.items() if k.name != ".lock"}  # nothing touched
+    run(launch_cmd(out, steps=2, extra=["--overwrite"]))
+    assert sorted(os.listdir(out / "checkpoints" )) == ["latest", "step0000002", "zero_to_fp32.py", "zero_to_torch.py"]
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_run_leaves_no_shm_buffer_and_its_stale_lock_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    cmd = launch_cmd(out, steps=400, extra=["--save-every", "2"])
+    p = start(cmd)
+    try:
+        wait_for_step(p, out, 3)
+        assert not shm_buffers(port_of(cmd))  # unlinked right after start-up, while the run goes on
+        pid = json.loads((out / ".lock").read_text())["pid"]
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert not shm_buffers(port_of(cmd))
+    # a buffer left by a run killed before it could unlink it (e.g. an older loupe) goes at the next start
+    stale = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{free_port()}_0"
+    with open(stale, "wb") as f:
+        f.write(b"x" * 4096)
+    os.utime(stale, (time.time() - 3600,) * 2)
+    try:
+        again = run(launch_cmd(out, steps=4, extra=["--resume", "latest"]))
+    finally:
+        leaked = os.path.exists(stale)
+        if leaked:
+            os.unlink(stale)
+    assert not leaked
+    assert f"took over the stale lock {out / '.lock'} of pid {pid}" in again.stderr, again.stderr[-3000:]
+    assert (out / ".lock").read_text() == ""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigterm_releases_the_lock_and_the_shm_buffer(tmp_path):
+    out = tmp_path / "run"
+    cmd = launch_cmd(out, steps=2000, extra=["--save-every", "1000"])
+    p = start(cmd)
+    try:
+        wait_for_step(p, out, 1)
+        assert json.loads((out / ".lock").read_text())["pid"]
+        os.killpg(p.pid, signal.SIGTERM)
+        p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode != 0
+    assert (out / ".lock").read_text() == ""  # released by the SIGTERM handler's unwinding
+    assert not shm_buffers(port_of(cmd))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_divergence_is_stopped_by_the_trainer_naming_the_step_and_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = launch_cmd(out, steps=6, objective="loupe")
+    cmd[cmd.index("--lr") + 1] = "1e4"
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "loupe: training diverged at step" in p.stderr, p.stderr[-3000:]
+    assert "the last good checkpoint is step0000002" in p.stderr or "no checkpoint was saved" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not shm_buffers(port_of(cmd))
