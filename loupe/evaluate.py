@@ -45,8 +45,9 @@ from . import data as ldata
 from . import regions as R
 from .checkpoint import CheckpointError, RunPaths, load_checkpoint, saved_step
 from .data import Collator
-from .metrics import (points_inside, box_iou_pairs, chance_acc, coco_map, detection_confidence, grounding_predictions,
-                      map_diagnostics, oracle_hits, patch_centres, patch_pair_cos, pointing_hits, recall_at_k)
+from .metrics import (box_iou_pairs, chance_acc, coco_map, detection_confidence, discrimination, grounding_predictions,
+                      map_diagnostics, matching_objects, object_hits, oracle_hits, patch_centres, patch_pair_cos,
+                      pointing_hits, points_in_any, points_inside, recall_at_k, shared_attributes)
 from .report import markdown_table, write_figures
 from .transformer import center_words
 
@@ -69,8 +70,13 @@ class EvalOptions:
 
     dataset_type: str | None = None   # None: the training run's (config.json), else "synthetic"
     seed: int | None = None           # None: the training run's seed (fixes the held-out pairs)
+    # the seed of the evaluation scenes (None: ``seed``): a seed no development run read gives fresh
+    # scenes while the held-out pairs stay the training run's
+    eval_seed: int | None = None
     num_test: int = 500               # test-split images (retrieval, grounding, detection)
     num_compositional: int = 500
+    num_hard: int = 500               # "hard" scenes (and as many "hard_compositional"; 0: skip)
+    num_relation: int = 500           # "relation" scenes (and as many "relation_compositional"; 0: skip)
     num_single: int = 500             # single-object images (classification)
     batch_size: int = 100
     max_dets: int = 10                # detections kept per image and class after NMS
@@ -129,7 +135,11 @@ def _encode_split(model, ds, n: int, opts: EvalOptions, desc: str, *, regions: b
     collate = Collator(model.tokenizer, max_length=min(32, model.config.context_length))
     rec: dict[str, list] = {k: [] for k in ("hit", "point", "oracle", "chance", "chance_point", "size", "iou",
                                             "hit_regions", "score", "in_out", "best_patch", "pair_corr",
-                                            "point_wc", "area_ratio", "patch_cos")}
+                                            "point_wc", "area_ratio", "patch_cos", "any_hit", "point_any", "k",
+                                            "n_attr", "n_shape", "shared", "tf_cap_own", "tf_cap_any",
+                                            "tf_obj_own", "tf_obj_any")}
+    colored = bool(getattr(ds, "color_names", ()))
+    centres = patch_centres(g, p)
     glob = {"img": [], "txt": [], "patches": [], "words": [], "wmask": []}
     examples = []
     bar = _Bar(n, opts.progress, desc)
@@ -151,11 +161,16 @@ def _encode_split(model, ds, n: int, opts: EvalOptions, desc: str, *, regions: b
         valid = (pmask.cpu() & batch["box_mask"])
         idx, score = grounding_predictions(pf, patches, g)  # every box, in model.candidate_boxes order
         idx_r = None
+        # text-free boxes: the best box of the caption's pooled embedding (the same for every phrase
+        # of the caption), and for models with a region head the top objectness box
+        idx_cap, _ = grounding_predictions(txt_emb[:, None, :], patches, g)
+        idx_obj = None
         if regions:
             reg = model.regions(patches)
             allowed = torch.zeros(idx.shape[0], cand_px.shape[0], dtype=torch.bool, device=dev)
             allowed.scatter_(1, reg["region_index"], reg["region_mask"])
             idx_r, _ = grounding_predictions(pf, patches, g, allowed=allowed)
+            idx_obj = reg["box_logits"].argmax(-1)
         rec["patch_cos"].append(patch_pair_cos(patches.float().cpu()))
         bi, pi = valid.nonzero(as_tuple=True)
         if bi.numel():
@@ -178,6 +193,37 @@ def _encode_split(model, ds, n: int, opts: EvalOptions, desc: str, *, regions: b
             if idx_r is not None:
                 pred_r = cand_px.cpu()[idx_r.cpu()[bi, pi]]
                 rec["hit_regions"].append(box_iou_pairs(pred_r, true) >= 0.5)
+            # finding vs naming: every object of the scene (named or not)
+            objects = [items[b_].get("all_boxes", items[b_]["boxes"]).reshape(-1, 4) for b_ in bi.tolist()]
+            rec["any_hit"].append(object_hits(pred, objects))
+            top = torch.einsum("nd,nkd->nk", pf.cpu()[bi, pi].float(), patches.cpu()[bi].float()).argmax(-1)
+            rec["point_any"].append(points_in_any(centres[top], objects))
+            rec["k"].append(torch.tensor([len(o) for o in objects], dtype=torch.long))
+            pred_cap = cand_px.cpu()[idx_cap.cpu()[bi, 0]]
+            rec["tf_cap_own"].append(box_iou_pairs(pred_cap, true) >= 0.5)
+            rec["tf_cap_any"].append(object_hits(pred_cap, objects))
+            if idx_obj is not None:
+                pred_obj = cand_px.cpu()[idx_obj.cpu()[bi]]
+                rec["tf_obj_own"].append(box_iou_pairs(pred_obj, true) >= 0.5)
+                rec["tf_obj_any"].append(object_hits(pred_obj, objects))
+            own_a, all_a, own_s, all_s = [], [], [], []
+            for b_, p_ in zip(bi.tolist(), pi.tolist()):
+                it = items[b_]
+                shapes = it.get("all_shape_ids", it.get("shape_ids", torch.zeros(0))).tolist()
+                attrs = (it.get("all_color_ids", it.get("color_ids", torch.zeros(0))) if colored
+                         else it.get("all_size_ids", torch.full((len(shapes),), -1))).tolist()
+                if p_ < len(shapes) and p_ < len(attrs):
+                    own_a.append(attrs[p_])
+                    own_s.append(shapes[p_])
+                    rec["shared"].append(shared_attributes(attrs[p_], shapes[p_], attrs, shapes, p_))
+                else:  # no attributes known (csv, shards)
+                    own_a.append(None)
+                    own_s.append(None)
+                    rec["shared"].append("unknown")
+                all_a.append(attrs)
+                all_s.append(shapes)
+            rec["n_attr"].append(matching_objects(own_a, all_a))
+            rec["n_shape"].append(matching_objects(own_s, all_s))
             sizes = {}
             for b_, p_ in zip(bi.tolist(), pi.tolist()):
                 if b_ not in sizes:
@@ -230,6 +276,7 @@ def _summarise_grounding(rec: dict) -> dict:
         }
     if isinstance(rec.get("point_wc"), torch.Tensor):
         out["pointing_word_centred"] = mean(rec["point_wc"])
+    out.update(_finding_vs_naming(rec))
     sizes = np.array(rec["size"])
     for s in sorted(set(rec["size"])):
         m = torch.from_numpy(sizes == s)
@@ -239,6 +286,39 @@ def _summarise_grounding(rec: dict) -> dict:
         if "regions_acc50" in out:
             row["regions_acc50"] = mean(rec["hit_regions"][m])
         out["by_size"][s] = row
+    return out
+
+
+def _finding_vs_naming(rec: dict) -> dict:
+    """own / any / discrimination for Acc@0.5 and pointing, the text-free bar (mean 1/k), the
+    attribute-only bars and the model's own text-free boxes, overall, by k and by which attributes
+    other objects share (:func:`loupe.metrics.shared_attributes`)."""
+    if not isinstance(rec.get("any_hit"), torch.Tensor) or not len(rec["any_hit"]):
+        return {}
+    mean = lambda t: float(t.double().mean()) if len(t) else None  # noqa: E731
+    shared = np.array(rec["shared"])
+
+    def block(m: torch.Tensor) -> dict:
+        known = m & torch.from_numpy(shared != "unknown")
+        row = {"phrases": int(m.sum()),
+               "own_acc50": mean(rec["hit"][m]), "any_acc50": mean(rec["any_hit"][m]),
+               "discrimination": discrimination(rec["hit"][m], rec["any_hit"][m]),
+               "pointing_own": mean(rec["point"][m]), "pointing_any": mean(rec["point_any"][m]),
+               "pointing_discrimination": discrimination(rec["point"][m], rec["point_any"][m]),
+               "text_free": mean(1.0 / rec["k"][m].double()),
+               "attribute_color": mean(1.0 / rec["n_attr"][known].double()),
+               "attribute_shape": mean(1.0 / rec["n_shape"][known].double()),
+               "text_free_caption": {"own_acc50": mean(rec["tf_cap_own"][m]),
+                                     "any_acc50": mean(rec["tf_cap_any"][m])}}
+        if isinstance(rec.get("tf_obj_own"), torch.Tensor) and len(rec["tf_obj_own"]):
+            row["text_free_objectness"] = {"own_acc50": mean(rec["tf_obj_own"][m]),
+                                           "any_acc50": mean(rec["tf_obj_any"][m])}
+        return row
+
+    every = torch.ones(len(rec["any_hit"]), dtype=torch.bool)
+    out = {"finding": block(every)}
+    out["finding"]["by_k"] = {str(k): block(rec["k"] == k) for k in sorted(set(rec["k"].tolist()))}
+    out["finding"]["by_shared"] = {c: block(torch.from_numpy(shared == c)) for c in sorted(set(rec["shared"]))}
     return out
 
 
@@ -366,15 +446,18 @@ def evaluate_model(model, opts: EvalOptions | None = None, *, log_path: str | No
     if dtype not in ("synthetic", "fashion", "emoji"):
         raise ValueError(f"evaluation runs on the built-in grounded sets (synthetic, fashion, emoji), not {dtype!r}")
     seed = 0 if opts.seed is None else int(opts.seed)
+    sample_seed = seed if opts.eval_seed is None else int(opts.eval_seed)
     S = model.config.image_size
+    build = lambda split, n: ldata.build_dataset(dtype, split, seed=seed, size=n, image_size=S,  # noqa: E731
+                                                 sample_seed=sample_seed)
     t0 = time.perf_counter()
     model.eval()
     regions = bool(getattr(model, "needs_regions", False))
-    test = ldata.build_dataset(dtype, "test", seed=seed, size=opts.num_test, image_size=S)
+    test = build("test", opts.num_test)
     rec, enc, examples = _encode_split(model, test, opts.num_test, opts, "encode (test)", regions=regions,
                                        keep_examples=opts.num_examples)
     result: dict[str, Any] = {"objective": model.config.objective,
-                              "data": {"type": dtype, "seed": seed, "test": opts.num_test,
+                              "data": {"type": dtype, "seed": seed, "eval_seed": sample_seed, "test": opts.num_test,
                                        "compositional": 0, "single": opts.num_single}}
     result["retrieval"] = _retrieval(enc)
     gt = _summarise_grounding(rec)
@@ -385,7 +468,7 @@ def evaluate_model(model, opts: EvalOptions | None = None, *, log_path: str | No
                  "test": gt}
     comp_ok = bool(getattr(test, "color_names", ()))
     if comp_ok and opts.num_compositional > 0:
-        comp = ldata.build_dataset(dtype, "compositional", seed=seed, size=opts.num_compositional, image_size=S)
+        comp = build("compositional", opts.num_compositional)
         crec, _, _ = _encode_split(model, comp, opts.num_compositional, opts, "encode (compositional)",
                                    regions=regions)
         gc = _summarise_grounding(crec)
@@ -400,8 +483,16 @@ def evaluate_model(model, opts: EvalOptions | None = None, *, log_path: str | No
         grounding["regions"] = {"acc50": gt.get("regions_acc50"), "acc50_compositional": gc.get("regions_acc50"),
                                 "rule": f"the same rule over the top-{model.config.num_regions} objectness "
                                         f"regions after NMS"}
+    # scenes that need the phrase: controlled distractors [ours]
+    for family, n in (("hard", opts.num_hard), ("relation", opts.num_relation)):
+        for split in (family, f"{family}_compositional") if comp_ok else (family,):
+            if n <= 0:
+                continue
+            crec, _, _ = _encode_split(model, build(split, n), n, opts, f"encode ({split})", regions=regions)
+            grounding[split] = _summarise_grounding(crec)
+            result["data"][split] = n
     result["grounding"] = grounding
-    single = ldata.build_dataset(dtype, "single", seed=seed, size=opts.num_single, image_size=S)
+    single = build("single", opts.num_single)
     result["classification"] = _classification(model, single, opts.num_single, opts)
     result["detection"] = _detection(model, test, opts.num_test, opts)
     result["seconds"] = time.perf_counter() - t0
@@ -452,11 +543,18 @@ def main(argv=None) -> int:
     ap.add_argument("--num-test", type=int, default=500, help="test-split images")
     ap.add_argument("--num-compositional", type=int, default=500, help="compositional-split images (0: skip)")
     ap.add_argument("--num-single", type=int, default=500, help="single-object images for classification")
+    ap.add_argument("--num-hard", type=int, default=500,
+                    help="scenes with colour and shape distractors (and as many compositional ones; 0: skip)")
+    ap.add_argument("--num-relation", type=int, default=500,
+                    help="scenes with an identical twin told apart by a relation (and compositional; 0: skip)")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--max-dets", type=int, default=10, help="detections per image and class after NMS")
     ap.add_argument("--dataset-type", default=None, choices=("synthetic", "fashion", "emoji"),
                     help="default: the training run's")
-    ap.add_argument("--seed", type=int, default=None, help="dataset seed (default: the training run's)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="dataset seed: the held-out colour-noun pairs (default: the training run's)")
+    ap.add_argument("--eval-seed", type=int, default=None,
+                    help="seed of the evaluation scenes (default: --seed); use one no development run read")
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--device", default=None)
@@ -464,12 +562,14 @@ def main(argv=None) -> int:
     for name in ("num_test", "num_single", "batch_size", "max_dets"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if a.num_compositional < 0:
-        ap.error("--num-compositional must be >= 0")
-    out = a.out or os.path.join(a.checkpoint, "eval.json")
+    for name in ("num_compositional", "num_hard", "num_relation"):
+        if getattr(a, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0")
+    out = a.out or RunPaths(a.checkpoint).eval
     try:
         res = evaluate_checkpoint(a.checkpoint, out, dataset_type=a.dataset_type, seed=a.seed, num_test=a.num_test,
                                   num_compositional=a.num_compositional, num_single=a.num_single,
+                                  num_hard=a.num_hard, num_relation=a.num_relation, eval_seed=a.eval_seed,
                                   batch_size=a.batch_size, max_dets=a.max_dets, figures=not a.no_figures,
                                   progress=not a.no_progress, device=a.device)
     except CheckpointError as e:

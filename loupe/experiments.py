@@ -33,6 +33,18 @@ __all__ = ["compare", "summarise", "comparison_table", "METRICS", "train_command
 
 #: (dotted path in the evaluation JSON, label) of the rows of the comparison table
 METRICS: tuple[tuple[str, str], ...] = (
+    ("grounding.hard.finding.discrimination", "discrimination own/any, Acc@0.5 (hard)"),
+    ("grounding.relation.finding.discrimination", "discrimination own/any, Acc@0.5 (relation)"),
+    ("grounding.hard.finding.own_acc50", "own Acc@0.5 (hard)"),
+    ("grounding.hard.finding.any_acc50", "any-object Acc@0.5 (hard)"),
+    ("grounding.relation.finding.own_acc50", "own Acc@0.5 (relation)"),
+    ("grounding.relation.finding.any_acc50", "any-object Acc@0.5 (relation)"),
+    ("grounding.hard_compositional.finding.discrimination", "discrimination own/any (hard, compositional)"),
+    ("grounding.relation_compositional.finding.discrimination", "discrimination own/any (relation, compositional)"),
+    ("grounding.test.finding.discrimination", "discrimination own/any (test)"),
+    ("grounding.hard.finding.text_free", "text-free bar 1/k (hard)"),
+    ("grounding.relation.finding.text_free", "text-free bar 1/k (relation)"),
+    ("grounding.test.finding.text_free", "text-free bar 1/k (test)"),
     ("grounding.acc50", "grounding Acc@0.5 (test)"),
     ("grounding.acc50_compositional", "grounding Acc@0.5 (compositional)"),
     ("grounding.pointing", "pointing (test)"),

@@ -16,7 +16,8 @@ from . import regions as R
 
 __all__ = ["recall_at_k", "box_iou_pairs", "patch_centres", "points_inside", "pointing_hits", "map_diagnostics", "patch_pair_cos",
            "chance_acc", "oracle_hits", "grounding_predictions", "coco_map", "detection_confidence",
-           "COCO_IOU_THRESHOLDS", "COCO_RECALL_POINTS"]
+           "COCO_IOU_THRESHOLDS", "COCO_RECALL_POINTS", "object_hits", "points_in_any", "matching_objects",
+           "shared_attributes", "discrimination"]
 
 #: IoU thresholds of COCO's mAP@[.5:.95] (the same floats pycocotools uses)
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
@@ -288,3 +289,53 @@ def detection_confidence(box_scores: torch.Tensor, presence: torch.Tensor) -> to
     top = box_scores.max(-1, keepdim=True).values
     rel = torch.where(top > 0, (box_scores / top.clamp(min=1e-12)).clamp(0, 1), torch.ones_like(box_scores))
     return presence[..., None].to(rel.dtype) * rel
+
+
+# ------------------------------------------------------------------------------------------------
+# finding objects vs. naming them [ours]: what a phrase adds over a text-free object finder
+# ------------------------------------------------------------------------------------------------
+def object_hits(pred: torch.Tensor, objects: Sequence[torch.Tensor], threshold: float = 0.5) -> torch.Tensor:
+    """Does the predicted box ``pred[i]`` ``[N, 4]`` reach IoU >= ``threshold`` with *any* object box
+    of its scene ``objects[i]`` ``[k_i, 4]``? -> bool ``[N]`` (the "any" hit: an object was found)."""
+    out = torch.zeros(len(objects), dtype=torch.bool)
+    for i, boxes in enumerate(objects):
+        if len(boxes):
+            out[i] = bool((R.box_iou(pred[i:i + 1].double(), boxes.double()) >= threshold).any())
+    return out
+
+
+def points_in_any(points: torch.Tensor, objects: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Is ``points[i]`` ``[N, 2]`` (x, y pixels) inside any object box of ``objects[i]``? -> bool ``[N]``."""
+    out = torch.zeros(len(objects), dtype=torch.bool)
+    for i, boxes in enumerate(objects):
+        if len(boxes):
+            out[i] = bool(points_inside(points[i].double()[None, None].expand(len(boxes), 1, 2), boxes.double()).any())
+    return out
+
+
+def matching_objects(own: Sequence[int], scene: Sequence[Sequence[int]]) -> torch.Tensor:
+    """How many objects of each phrase's scene share the phrase object's attribute value (itself
+    included): ``own[i]`` is the value of phrase i's object, ``scene[i]`` the values of every object
+    of its scene -> long ``[N]``. An attribute-only finder (it knows every object's true value of this
+    attribute and nothing else) picks among them at random: its expected accuracy is ``1 / count``."""
+    return torch.tensor([max(1, sum(1 for v in vals if v == o)) for o, vals in zip(own, scene)], dtype=torch.long)
+
+
+def shared_attributes(color: int, shape: int, colors: Sequence[int], shapes: Sequence[int], me: int) -> str:
+    """Which attributes of object ``me`` other objects of its scene share: ``identical`` (another
+    object has both), ``both`` (one shares the colour, another the shape), ``color``, ``shape`` or
+    ``unique``. With no colours (-1) the size plays the colour's part (the caller passes sizes)."""
+    others = [(c, s) for j, (c, s) in enumerate(zip(colors, shapes)) if j != me]
+    if (color, shape) in others:
+        return "identical"
+    sc = any(c == color for c, _ in others)
+    ss = any(s == shape for _, s in others)
+    return "both" if sc and ss else "color" if sc else "shape" if ss else "unique"
+
+
+def discrimination(own: torch.Tensor, any_: torch.Tensor) -> float | None:
+    """``own / any``: of the phrases for which some object was found, the share where it was the
+    phrase's own object (1/k in expectation for a finder that ignores the text; None when nothing
+    was found)."""
+    n_any = float(any_.double().sum())
+    return float(own.double().sum()) / n_any if n_any > 0 else None

@@ -204,6 +204,28 @@ def markdown_table(result: dict) -> str:
     if g.get("regions"):
         lines.append(f"| objectness regions (test / compositional) | {_fmt(g['regions'].get('acc50'))} / "
                      f"{_fmt(g['regions'].get('acc50_compositional'))} | | | | | |")
+    finding = [(split, (g.get(split) or {}).get("finding")) for split in
+               ("test", "compositional", "hard", "hard_compositional", "relation", "relation_compositional")]
+    if any(f for _, f in finding):
+        lines += ["", "| finding vs naming (Acc@0.5) | own | any | discrimination (own/any) | pointing own / any "
+                  "| text-free bar (1/k) | colour-only bar | shape-only bar | caption box own / any "
+                  "| objectness box own / any |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for split, f in finding:
+            if not f:
+                continue
+            tc, to = f.get("text_free_caption") or {}, f.get("text_free_objectness") or {}
+            lines.append(f"| {split} ({f.get('phrases')}) | {_fmt(f.get('own_acc50'))} | {_fmt(f.get('any_acc50'))} | "
+                         f"{_fmt(f.get('discrimination'))} | {_fmt(f.get('pointing_own'))} / "
+                         f"{_fmt(f.get('pointing_any'))} | {_fmt(f.get('text_free'))} | "
+                         f"{_fmt(f.get('attribute_color'))} | {_fmt(f.get('attribute_shape'))} | "
+                         f"{_fmt(tc.get('own_acc50'))} / {_fmt(tc.get('any_acc50'))} | "
+                         f"{_fmt(to.get('own_acc50'))} / {_fmt(to.get('any_acc50'))} |")
+        lines += ["", "Own: IoU >= 0.5 with the phrase's box; any: with any object's box; the text-free bar is "
+                  "what a perfect object finder that ignores the text gets; the colour-only (size-only for "
+                  "catalogs without colours) and shape-only bars pick at random among the objects that match "
+                  "the phrase in that attribute; the caption box is the best box of the caption's pooled "
+                  "embedding, the objectness box the region head's top box (both ignore the phrase)."]
     diag = (g.get("test") or {}).get("map_diagnostics")
     if diag:
         lines += ["", "| phrase-patch maps (test) | inside > outside | top-patch share | phrase-map correlation "

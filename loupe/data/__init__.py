@@ -22,13 +22,16 @@ list of character ``(start, end)``, ``boxes [K, 4]`` float xyxy pixels (NaN when
 """
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 
 from ..config import DATASET_TYPES
 from .formats import CsvDataset, ShardDataset, expand_paths, write_csv, write_shards
 from .pipeline import CLIP_MEAN, CLIP_STD, Collator, Preprocess, open_image
-from .scenes import (COLOR_NAMES, DEFAULT_SIZES, SHAPES, SPLITS, Catalog, Scene, SceneGenerator,
+from .scenes import (COLOR_NAMES, CONTROLLED, DEFAULT_SIZES, HELD_OUT_SPLITS, SHAPES, SPLITS, Catalog, Scene,
+                     SceneGenerator,
                      ShapeCatalog, oracle_iou)
 from .text import (SubwordTokenizer, WordTokenizer, chunk_noun_phrases, load_tokenizer,
                    train_tokenizer)
@@ -36,7 +39,7 @@ from .text import (SubwordTokenizer, WordTokenizer, chunk_noun_phrases, load_tok
 __all__ = ["build_dataset", "fit_tokenizer", "load_tokenizer", "Collator", "Preprocess", "SceneDataset",
            "CsvDataset", "ShardDataset", "RankShard", "write_shards", "write_csv", "chunk_noun_phrases",
            "WordTokenizer", "SubwordTokenizer", "train_tokenizer", "oracle_iou", "oracle_grounding",
-           "SceneGenerator", "ShapeCatalog", "Scene", "SHAPES", "COLOR_NAMES", "SPLITS",
+           "SceneGenerator", "ShapeCatalog", "Scene", "SHAPES", "COLOR_NAMES", "SPLITS", "CONTROLLED",
            "DATASET_TYPES", "CLIP_MEAN", "CLIP_STD", "open_image"]
 
 
@@ -47,13 +50,20 @@ class SceneDataset(torch.utils.data.Dataset):
     tokenizer_kind = "word"
 
     def __init__(self, catalog: Catalog, split: str = "train", size: int | None = None, seed: int = 0,
-                 image_size: int = 64, max_objects: int = 3) -> None:
+                 image_size: int = 64, max_objects: int = 3, hard_mix: float = 0.0,
+                 sample_seed: int | None = None) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
-        if split == "compositional" and not catalog.colored:
-            raise ValueError(f"{catalog.name} objects have no colours, so no compositional split")
-        self.generator = SceneGenerator(catalog, seed=seed, image_size=image_size, max_objects=max_objects)
+        if split in HELD_OUT_SPLITS and not catalog.colored:
+            raise ValueError(f"{catalog.name} objects have no colours, so no {split} split")
+        if not 0.0 <= float(hard_mix) <= 1.0:
+            raise ValueError(f"hard_mix must be in [0, 1], got {hard_mix!r}")
+        if hard_mix and split != "train":
+            raise ValueError(f"hard_mix mixes controlled scenes into the train split only, not {split!r}")
+        self.generator = SceneGenerator(catalog, seed=seed, image_size=image_size, max_objects=max_objects,
+                                        sample_seed=sample_seed)
         self.split, self.size = split, int(DEFAULT_SIZES[split] if size is None else size)
+        self.hard_mix = float(hard_mix)
         self.skipped = 0
         self.class_names: tuple[str, ...] = catalog.nouns
         self.color_names: tuple[str, ...] = COLOR_NAMES if catalog.colored else ()
@@ -62,16 +72,29 @@ class SceneDataset(torch.utils.data.Dataset):
         return self.size
 
     def scene(self, i: int, render: bool = True) -> Scene:
-        """The raw :class:`Scene` ``i`` (image ``[3, S, S]`` uint8 numpy)."""
+        """The raw :class:`Scene` ``i`` (image ``[3, S, S]`` uint8 numpy). With ``hard_mix`` a share of
+        the training scenes comes from the controlled streams (``train_hard`` and ``train_relation``,
+        half each), chosen by a pure function of (seed, i)."""
         if not 0 <= i < self.size:
             raise IndexError(f"index {i} out of range for {self.size} scenes")
-        return self.generator.scene(self.split, i, render=render)
+        split = self.split
+        if self.hard_mix > 0:
+            u = random.Random((self.generator.sample_seed << 32) ^ (i * 2654435761) ^ 0x5EED).random()
+            if u < self.hard_mix:
+                split = "train_hard" if u < self.hard_mix / 2 else "train_relation"
+        return self.generator.scene(split, i, render=render)
 
     def __getitem__(self, i: int) -> dict:
         sc = self.scene(int(i))
+        long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         return {"image": torch.from_numpy(sc.image), "caption": sc.caption, "phrase_spans": sc.spans,
-                "boxes": torch.from_numpy(sc.boxes), "shape_ids": torch.tensor(sc.shape_ids, dtype=torch.long),
-                "color_ids": torch.tensor(sc.color_ids, dtype=torch.long), "index": int(i)}
+                "boxes": torch.from_numpy(sc.boxes), "shape_ids": long(sc.shape_ids),
+                "color_ids": long(sc.color_ids), "index": int(i),
+                # every object of the scene, the named ones first (the distractors after them)
+                "all_boxes": torch.from_numpy(np.concatenate([sc.boxes, sc.other_boxes]).reshape(-1, 4)),
+                "all_shape_ids": long(sc.shape_ids + sc.other_shape_ids),
+                "all_color_ids": long(sc.color_ids + sc.other_color_ids),
+                "all_size_ids": long(sc.size_ids + sc.other_size_ids)}
 
     def captions(self):
         """Captions of every scene, without drawing."""
@@ -115,6 +138,7 @@ def _catalog(dataset_type: str) -> Catalog:
 
 def build_dataset(dataset_type: str, split: str = "train", *, seed: int = 0, size: int | None = None,
                   path: str | list[str] | None = None, image_size: int = 64, max_objects: int = 3,
+                  hard_mix: float = 0.0, sample_seed: int | None = None,
                   img_key: str = "filepath", caption_key: str = "title", separator: str = "\t",
                   crop: str = "center", rank: int = 0, world_size: int = 1, **_ignored):
     """A map-style dataset of samples (see the module docstring).
@@ -133,7 +157,7 @@ def build_dataset(dataset_type: str, split: str = "train", *, seed: int = 0, siz
         ds = (CsvDataset(path, img_key, caption_key, separator, pre) if dataset_type == "csv"
               else ShardDataset(path, pre))
     else:
-        ds = SceneDataset(_catalog(dataset_type), split, size, seed, image_size, max_objects)
+        ds = SceneDataset(_catalog(dataset_type), split, size, seed, image_size, max_objects, hard_mix, sample_seed)
     if world_size > 1:
         ds = RankShard(ds, rank, world_size)
     return ds

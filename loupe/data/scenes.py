@@ -20,8 +20,8 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["SHAPES", "COLORS", "SPLITS", "Catalog", "ShapeCatalog", "Scene", "SceneGenerator",
-           "oracle_iou", "oracle_iou_bruteforce", "PATCH"]
+__all__ = ["SHAPES", "COLORS", "SPLITS", "CONTROLLED", "HELD_OUT_SPLITS", "Catalog", "ShapeCatalog", "Scene",
+           "SceneGenerator", "oracle_iou", "oracle_iou_bruteforce", "PATCH"]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -32,9 +32,23 @@ COLORS: dict[str, tuple[int, int, int]] = {
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 #: split name -> stream id. "compositional" holds only held-out colour-noun pairs (never in
 #: train/val/test); "single" is one object per image (classification), seen pairs only.
-SPLITS: dict[str, int] = {"train": 1, "val": 2, "test": 3, "compositional": 4, "single": 5}
+#: Scenes with controlled distractors [ours] (see :meth:`SceneGenerator.controlled_scene`):
+#: "hard" (every named object has an unnamed twin in colour and one in shape, so neither attribute
+#: alone identifies it) and "relation" (two identical objects told apart only by their relation to
+#: a third), each with a validation stream (``val_*``: for choosing defaults), a test stream, a
+#: compositional stream (held-out pairs) and a training stream (``train_*``: for ``hard_mix``).
+SPLITS: dict[str, int] = {"train": 1, "val": 2, "test": 3, "compositional": 4, "single": 5,
+                          "hard": 6, "relation": 7, "hard_compositional": 8, "relation_compositional": 9,
+                          "val_hard": 10, "val_relation": 11, "train_hard": 12, "train_relation": 13}
 DEFAULT_SIZES: dict[str, int] = {"train": 50000, "val": 1000, "test": 1000, "compositional": 1000,
-                                 "single": 1000}
+                                 "single": 1000, "hard": 1000, "relation": 1000, "hard_compositional": 1000,
+                                 "relation_compositional": 1000, "val_hard": 1000, "val_relation": 1000,
+                                 "train_hard": 50000, "train_relation": 50000}
+#: the controlled family of a split ("hard" or "relation"), None for the plain scenes
+CONTROLLED: dict[str, str] = {k: ("hard" if "hard" in k else "relation") for k in SPLITS
+                              if "hard" in k or "relation" in k}
+#: splits that draw held-out colour-noun pairs
+HELD_OUT_SPLITS = ("compositional", "hard_compositional", "relation_compositional")
 PATCH = 8
 SIZE_WORDS = {0: ("small", "small", "small", "little", "tiny"), 1: ("large", "large", "large", "big")}
 SIZE_NAMES = ("small", "large")
@@ -195,6 +209,7 @@ class Scene:
     ``boxes[k]`` (xyxy pixels), ``shape_ids[k]`` (index into the catalog's nouns), ``color_ids[k]``
     (index into :data:`COLOR_NAMES`, -1 when the catalog has no colours) and ``size_ids[k]``
     (0 small, 1 large). ``image`` is ``[3, H, W]`` uint8 (channels first) once rendered.
+    ``other_*`` describe the objects the caption does not name (empty outside the controlled splits).
     """
 
     index: int
@@ -207,6 +222,12 @@ class Scene:
     size_ids: list[int]
     labels: list[str]
     image: np.ndarray | None = None
+    # objects the caption does not name (the distractors of the controlled splits): boxes [m, 4]
+    # and attributes, in the same conventions
+    other_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    other_shape_ids: list[int] = field(default_factory=list)
+    other_color_ids: list[int] = field(default_factory=list)
+    other_size_ids: list[int] = field(default_factory=list)
     # rendering parameters (private)
     _bg: tuple = field(default=(), repr=False)
     _objs: list = field(default_factory=list, repr=False)
@@ -246,21 +267,65 @@ def _article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 
 
+def _fill_template(tmpl: str, order: list[int], phrases: list[str], rel: dict[str, str]):
+    """Fill a caption template piece by piece (``{i}`` = the phrase of object ``order[i]``, ``{rij}``
+    = a relation phrase), recording where each phrase lands: ``(caption, spans)``."""
+    caption, spans = "", [None] * len(phrases)
+    pos = 0
+    while pos < len(tmpl):
+        o = tmpl.find("{", pos)
+        if o < 0:
+            caption += tmpl[pos:]
+            break
+        caption += tmpl[pos:o]
+        c = tmpl.index("}", o)
+        key = tmpl[o + 1:c]
+        if key.isdigit():
+            obj = order[int(key)]
+            if spans[obj] is None:  # (templates mention each object once)
+                spans[obj] = (len(caption), len(caption) + len(phrases[obj]))
+            caption += phrases[obj]
+        else:
+            caption += rel[key]
+        pos = c + 1
+    return caption, spans
+
+
+def _rel_key(a, b) -> tuple[str, int]:
+    """The left/right/above/below relation of box ``a`` to box ``b`` and the sign along its axis."""
+    dx = (a[0] + a[2]) - (b[0] + b[2])
+    dy = (a[1] + a[3]) - (b[1] + b[3])
+    if abs(dx) >= abs(dy):
+        return ("left" if dx < 0 else "right"), (1 if dx > 0 else -1)
+    return ("above" if dy < 0 else "below"), (1 if dy > 0 else -1)
+
+
+#: caption templates of the relation split: {0} the target, {1} the anchor, {r} the relation
+RELATION_TEMPLATES = ("{0} {r} {1}", "{0} is {r} {1}", "{0} sits {r} {1}", "there is {0} {r} {1}",
+                      "we see {0} {r} {1}", "{0} lies {r} {1}")
+
+
 class SceneGenerator:
     """Deterministic grounded scenes from a catalog.
 
-    ``seed`` fixes every sample and the held-out colour-noun pairs; ``image_size`` is the canvas
+    ``seed`` fixes every sample and the held-out colour-noun pairs (``sample_seed``, when given,
+    fixes the samples instead); ``image_size`` is the canvas
     side; ``max_objects`` in 1..3; whole-patch boxes (``patch`` pixels) reach IoU >= ``min_oracle_iou``
     with every object's box by construction (placements that miss it are redrawn).
     """
 
     def __init__(self, catalog: Catalog, seed: int = 0, image_size: int = 64, max_objects: int = 3,
-                 patch: int = PATCH, min_oracle_iou: float = 0.5, holdout_per_noun: int = 1) -> None:
+                 patch: int = PATCH, min_oracle_iou: float = 0.5, holdout_per_noun: int = 1,
+                 sample_seed: int | None = None) -> None:
         if not 1 <= max_objects <= 3:
             raise ValueError(f"max_objects must be 1..3, got {max_objects}")
         if image_size < 32:
             raise ValueError(f"image_size must be >= 32, got {image_size}")
         self.catalog, self.seed, self.image_size = catalog, int(seed), int(image_size)
+        # the held-out colour-noun pairs follow ``seed`` (the training run's); the samples follow
+        # ``sample_seed`` (default: ``seed``), so an evaluation can draw scenes no run has read while
+        # keeping the run's compositional split compositional
+        self.sample_seed = int(seed if sample_seed is None else sample_seed)
         self.max_objects, self.patch, self.min_oracle_iou = max_objects, patch, min_oracle_iou
         scale = image_size / 64.0
         self._sides = {0: tuple(max(4, round(s * scale)) for s in catalog.small_sides),
@@ -284,8 +349,8 @@ class SceneGenerator:
     def _rng(self, split: str, index: int) -> random.Random:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
-        return random.Random((abs(self.seed) << 40) + (SPLITS[split] << 36) + int(index)
-                             + (1 << 62 if self.seed < 0 else 0))
+        return random.Random((abs(self.sample_seed) << 40) + (SPLITS[split] << 36) + int(index)
+                             + (1 << 62 if self.sample_seed < 0 else 0))
 
     def _place(self, r: random.Random, w: int, h: int, placed: list) -> tuple[int, int] | None:
         S, gap = self.image_size, 2
@@ -302,6 +367,8 @@ class SceneGenerator:
 
     def scene(self, split: str, index: int, render: bool = True) -> Scene:
         """Scene ``index`` of ``split``; ``render=False`` skips drawing (caption and boxes only)."""
+        if split in CONTROLLED:
+            return self.controlled_scene(split, index, render)
         r = self._rng(split, index)
         cat = self.catalog
         n_obj = 1 if split == "single" else _ri(r, 1, self.max_objects)
@@ -343,6 +410,143 @@ class SceneGenerator:
             self.render(sc)
         return sc
 
+    # -- controlled distractors [ours] --------------------------------------------------------------
+    def controlled_scene(self, split: str, index: int, render: bool = True) -> Scene:
+        """A scene of the controlled family of ``split`` (:data:`CONTROLLED`), all objects placed like
+        :meth:`scene` (no overlap, whole-patch oracle IoU >= ``min_oracle_iou``).
+
+        - ``hard``: two named objects T1 = (a1, n1) and T2 = (a2, n2) with a1 != a2 and n1 != n2,
+          and two unnamed distractors (a1, n2) and (a2, n1), where ``a`` is the colour (or, for
+          catalogs without colours, the size) and ``n`` the noun: each named object shares its
+          attribute with one distractor and its noun with another, so only both together identify
+          it. Every object has the same size when ``a`` is the colour. Up to one more unnamed object
+          (``max_objects`` permitting) that repeats neither named object.
+        - ``relation``: a named target A, an unnamed twin of A (same noun, colour and size) and a
+          named anchor B of another noun and colour; the caption says where A is relative to B
+          ("a red circle left of a blue square"), and the twin lies on the other side of B along
+          that axis, so only the relation tells A from its twin.
+
+        Phrases always name the identifying attributes (colour and noun, or size and noun).
+        """
+        kind = CONTROLLED.get(split)
+        if kind is None:
+            raise ValueError(f"split {split!r} has no controlled distractors; expected one of {sorted(CONTROLLED)}")
+        r = self._rng(split, index)
+        cat = self.catalog
+        pairs = self._held if split in HELD_OUT_SPLITS else self._seen
+        if not pairs:
+            raise ValueError(f"{cat.name}: split {split!r} has no colour-noun pairs")
+        if len(cat.nouns) < 2:
+            raise ValueError(f"{cat.name}: controlled scenes need at least 2 nouns")
+        bg = (_rr(r, 256 - 64), _rr(r, 256 - 64), _rr(r, 2),
+              _ri(r, 95, 150), _ri(r, -8, 8), _ri(r, -8, 8), _ri(r, -8, 8))
+        colored = cat.colored
+        for _ in range(200):
+            specs = self._controlled_specs(r, kind, pairs, colored)
+            placed = self._place_all(r, specs, split)
+            if placed is None:
+                continue
+            objs, boxes = placed
+            if kind == "relation":
+                key, sign = _rel_key(boxes[0], boxes[2])
+                axis = key in ("left", "right")
+                tdx = (boxes[1][0] + boxes[1][2]) - (boxes[2][0] + boxes[2][2])
+                tdy = (boxes[1][1] + boxes[1][3]) - (boxes[2][1] + boxes[2][3])
+                twin_side = (1 if tdx > 0 else -1) if axis else (1 if tdy > 0 else -1)
+                if twin_side == sign or (tdx == 0 if axis else tdy == 0):
+                    continue  # the twin would fit the relation too
+            break
+        else:
+            raise RuntimeError(f"{cat.name}: could not lay out controlled scene {split}/{index}")
+        named = [0, 1] if kind == "hard" else [0, 2]
+        others = [i for i in range(len(objs)) if i not in named]
+        phrases = [self._controlled_phrase(r, objs[i][0], objs[i][1], objs[i][2], colored) for i in named]
+        if kind == "hard":
+            order = [0, 1]
+            r.shuffle(order)
+            tmpl = _choice(r, TEMPLATES[2])
+            rel = {"r01": self._relation(r, boxes[named[order[0]]], boxes[named[order[1]]]),
+                   "r10": self._relation(r, boxes[named[order[1]]], boxes[named[order[0]]])}
+        else:
+            order = [0, 1]
+            tmpl = _choice(r, RELATION_TEMPLATES)
+            rel = {"r": _choice(r, REL_WORDS[key])}
+        caption, spans = _fill_template(tmpl, order, phrases, rel)
+        if r.random() < 0.3:
+            caption += "."
+        nouns = cat.nouns
+        pick = lambda idx, j: [objs[i][j] for i in idx]  # noqa: E731
+        sc = Scene(index=index, caption=caption, phrases=phrases, spans=spans,
+                   boxes=np.array([boxes[i] for i in named], np.float32).reshape(-1, 4),
+                   shape_ids=pick(named, 0), color_ids=pick(named, 1), size_ids=pick(named, 2),
+                   labels=[(f"{COLOR_NAMES[objs[i][1]]} " if objs[i][1] >= 0 else "") + nouns[objs[i][0]]
+                           for i in named],
+                   other_boxes=np.array([boxes[i] for i in others], np.float32).reshape(-1, 4),
+                   other_shape_ids=pick(others, 0), other_color_ids=pick(others, 1),
+                   other_size_ids=pick(others, 2))
+        sc._bg, sc._objs = bg, [objs[i] for i in named] + [objs[i] for i in others]
+        if render:
+            self.render(sc)
+        return sc
+
+    def _controlled_specs(self, r: random.Random, kind: str, pairs: list, colored: bool) -> list:
+        """``(noun, color, size)`` of every object, named ones first (see :meth:`controlled_scene`)."""
+        nouns = len(self.catalog.nouns)
+        seen = set(self._seen)
+        for _ in range(100):
+            n1, c1 = pairs[_rr(r, len(pairs))]
+            n2, c2 = pairs[_rr(r, len(pairs))]
+            if n1 == n2 or (colored and c1 == c2):
+                continue
+            if kind == "relation":
+                return [(n1, c1, 0), (n1, c1, 0), (n2, c2, 0)]
+            if colored:
+                d1, d2 = (n2, c1), (n1, c2)
+                # outside the held-out splits, distractors are seen pairs too
+                if pairs is self._seen and not (d1 in seen and d2 in seen):
+                    continue
+                specs = [(n1, c1, 0), (n2, c2, 0), (d1[0], d1[1], 0), (d2[0], d2[1], 0)]
+            else:
+                s1 = _rr(r, 2)
+                specs = [(n1, -1, s1), (n2, -1, 1 - s1), (n2, -1, s1), (n1, -1, 1 - s1)]
+            if self.max_objects >= 3 and r.random() < 0.5:  # one more object that repeats no named one
+                for _ in range(20):
+                    if colored:
+                        n, c = self._seen[_rr(r, len(self._seen))] if pairs is self._seen else pairs[_rr(r, len(pairs))]
+                        extra = (n, c, 0)
+                    else:
+                        extra = (_rr(r, nouns), -1, _rr(r, 2))
+                    if extra[:2] not in [sp[:2] for sp in specs[:2]] and (colored or extra not in specs[:2]):
+                        specs.append(extra)
+                        break
+            return specs
+        raise RuntimeError(f"{self.catalog.name}: too few colour-noun pairs for controlled scenes")
+
+    def _place_all(self, r: random.Random, specs: list, split: str):
+        """Sprites and positions of every spec, or None when one finds no room."""
+        objs, placed = [], []
+        for noun, color, size in specs:
+            inst = _rr(r, self.catalog.num_instances(noun, split))
+            rgb = None
+            if color >= 0:
+                jit = (_ri(r, -10, 10), _ri(r, -10, 10), _ri(r, -10, 10))
+                rgb = tuple(int(min(255, max(0, c + j))) for c, j in zip(COLORS[COLOR_NAMES[color]], jit))
+            side = _ri(r, *self._sides[size])
+            spr, mask = self.catalog.sprite(noun, color, side, inst, rgb, split)
+            h, w = mask.shape
+            pos = self._place(r, w, h, placed)
+            if pos is None:
+                return None
+            placed.append((pos[0], pos[1], pos[0] + w, pos[1] + h))
+            objs.append((noun, color, size, pos, spr, mask, rgb))
+        return objs, placed
+
+    def _controlled_phrase(self, r: random.Random, noun: int, color: int, size: int, colored: bool) -> str:
+        words = [COLOR_NAMES[color]] if colored else [_choice(r, SIZE_WORDS[size])]
+        words.append(self.catalog.nouns[noun])
+        det = "one" if r.random() < 0.1 else _article(words[0])
+        return " ".join([det] + words)
+
     def _phrase(self, r: random.Random, noun: int, color: int, size: int) -> str:
         words = []
         if r.random() < 0.85:
@@ -374,25 +578,7 @@ class SceneGenerator:
             for j in range(k):
                 if i != j:
                     rel[f"r{i}{j}"] = self._relation(r, boxes[order[i]], boxes[order[j]])
-        # build the caption piece by piece, recording where each phrase lands
-        caption, spans = "", [None] * k
-        pos = 0
-        while pos < len(tmpl):
-            o = tmpl.find("{", pos)
-            if o < 0:
-                caption += tmpl[pos:]
-                break
-            caption += tmpl[pos:o]
-            c = tmpl.index("}", o)
-            key = tmpl[o + 1:c]
-            if key.isdigit():
-                obj = order[int(key)]
-                if spans[obj] is None:  # (templates mention each object once)
-                    spans[obj] = (len(caption), len(caption) + len(phrases[obj]))
-                caption += phrases[obj]
-            else:
-                caption += rel[key]
-            pos = c + 1
+        caption, spans = _fill_template(tmpl, order, phrases, rel)
         if r.random() < 0.3:
             caption += "."
         nouns = self.catalog.nouns

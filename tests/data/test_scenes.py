@@ -1,12 +1,13 @@
 """Built-in synthetic scenes: determinism, splits, boxes vs drawn pixels, spans, oracle, speed."""
 import hashlib
+import itertools
 
 import numpy as np
 import pytest
 import torch
 
 import loupe.data as ld
-from loupe.data.scenes import TEMPLATES, oracle_iou_bruteforce
+from loupe.data.scenes import TEMPLATES, oracle_iou, oracle_iou_bruteforce
 from loupe.regions import box_iou
 
 
@@ -87,7 +88,7 @@ def test_boxes_match_drawn_pixels_and_spans():
         # boxes do not overlap
         for a in range(k):
             for b in range(a + 1, k):
-                assert float(box_iou(torch.tensor([sc.boxes[a]]), torch.tensor([sc.boxes[b]]))[0, 0]) == 0
+                assert float(box_iou(torch.from_numpy(sc.boxes[a:a + 1]), torch.from_numpy(sc.boxes[b:b + 1]))[0, 0]) == 0
         # spans do not overlap
         sp = sorted(sc.spans)
         assert all(sp[t][1] <= sp[t + 1][0] for t in range(k - 1))
@@ -178,3 +179,103 @@ def test_collator_batch():
     short = ld.Collator(tok, max_length=4)([ds[i] for i in range(16)])
     assert short["input_ids"].shape[1] == 4
     assert (short["phrase_spans"][..., 1] <= 3).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# controlled distractors: the hard and relation splits
+# ------------------------------------------------------------------------------------------------
+def _objects(sc):
+    return ([tuple(b) for b in sc.boxes] + [tuple(b) for b in sc.other_boxes],
+            sc.color_ids + sc.other_color_ids, sc.shape_ids + sc.other_shape_ids, sc.size_ids + sc.other_size_ids)
+
+
+@pytest.mark.parametrize("split", ["hard", "hard_compositional", "val_hard", "train_hard"])
+def test_hard_scenes_give_every_named_object_a_colour_and_a_shape_twin(split):
+    gen = ld.SceneGenerator(ld.ShapeCatalog(), seed=4)
+    for i in range(60):
+        sc = gen.scene(split, i)
+        boxes, colors, shapes, sizes = _objects(sc)
+        assert len(sc.phrases) == 2 and 4 <= len(boxes) <= 5
+        for k in range(2):
+            others = [j for j in range(len(boxes)) if j != k]
+            assert any(colors[j] == colors[k] and shapes[j] != shapes[k] for j in others)
+            assert any(shapes[j] == shapes[k] and colors[j] != colors[k] for j in others)
+            assert not any(shapes[j] == shapes[k] and colors[j] == colors[k] for j in others)  # unique referent
+            assert ld.COLOR_NAMES[colors[k]] in sc.phrases[k] and ld.SHAPES[shapes[k]] in sc.phrases[k]
+            assert sc.caption[sc.spans[k][0]:sc.spans[k][1]] == sc.phrases[k]
+        assert len(set(sizes)) == 1  # size never tells them apart
+        if split == "hard_compositional":
+            assert all((shapes[k], colors[k]) in gen.heldout for k in range(2))
+        else:
+            assert all((s, c) not in gen.heldout for s, c in zip(shapes, colors))
+        for b in boxes:
+            assert oracle_iou(tuple(float(v) for v in b), 64)[0] >= 0.5
+        for a, b in itertools.combinations(boxes, 2):
+            assert float(box_iou(torch.tensor([a]), torch.tensor([b]))[0, 0]) == 0
+
+
+@pytest.mark.parametrize("split", ["relation", "relation_compositional", "val_relation"])
+def test_relation_scenes_tell_identical_twins_apart_only_by_the_relation(split):
+    gen = ld.SceneGenerator(ld.ShapeCatalog(), seed=4)
+    for i in range(60):
+        sc = gen.scene(split, i)
+        boxes, colors, shapes, _ = _objects(sc)
+        assert len(sc.phrases) == 2 and len(boxes) == 3
+        target, anchor, twin = 0, 1, 2  # named first: the target, the anchor; then the twin
+        assert (colors[twin], shapes[twin]) == (colors[target], shapes[target])
+        assert colors[anchor] != colors[target] and shapes[anchor] != shapes[target]
+        rel = sc.caption[sc.spans[0][1]:sc.spans[1][0]]
+        cx = lambda b: b[0] + b[2]  # noqa: E731
+        cy = lambda b: b[1] + b[3]  # noqa: E731
+        A, B, T = boxes[target], boxes[anchor], boxes[twin]
+        if any(w in rel for w in ("left",)):
+            assert cx(A) < cx(B) and cx(T) > cx(B)
+        elif "right" in rel:
+            assert cx(A) > cx(B) and cx(T) < cx(B)
+        elif any(w in rel for w in ("above", "over", "top")):
+            assert cy(A) < cy(B) and cy(T) > cy(B)
+        else:
+            assert any(w in rel for w in ("below", "under", "beneath")), rel
+            assert cy(A) > cy(B) and cy(T) < cy(B)
+        for b in boxes:
+            assert oracle_iou(tuple(float(v) for v in b), 64)[0] >= 0.5
+
+
+def test_controlled_scenes_are_deterministic_and_eval_seeds_keep_the_held_out_pairs():
+    a = ld.SceneGenerator(ld.ShapeCatalog(), seed=4)
+    b = ld.SceneGenerator(ld.ShapeCatalog(), seed=4, sample_seed=99)
+    assert a.scene("hard", 3).caption == ld.SceneGenerator(ld.ShapeCatalog(), seed=4).scene("hard", 3).caption
+    assert a.heldout == b.heldout
+    assert [a.scene("test", i).caption for i in range(5)] != [b.scene("test", i).caption for i in range(5)]
+    sc = b.scene("hard_compositional", 0)
+    assert all((s, c) in a.heldout for s, c in zip(sc.shape_ids, sc.color_ids))
+
+
+def test_hard_mix_draws_a_share_of_training_scenes_from_the_controlled_streams():
+    plain = ld.build_dataset("synthetic", "train", seed=2, size=400)
+    mixed = ld.build_dataset("synthetic", "train", seed=2, size=400, hard_mix=0.5)
+    n_ctrl = sum(len(mixed[i]["all_boxes"]) > len(mixed[i]["boxes"]) or len(mixed[i]["all_boxes"]) >= 4
+                 for i in range(400))
+    assert 140 < n_ctrl < 260
+    assert all(len(plain[i]["all_boxes"]) == len(plain[i]["boxes"]) for i in range(100))
+    with pytest.raises(ValueError, match="hard_mix"):
+        ld.build_dataset("synthetic", "test", size=4, hard_mix=0.5)
+    with pytest.raises(ValueError, match="hard_mix"):
+        ld.build_dataset("synthetic", "train", size=4, hard_mix=1.5)
+
+
+@pytest.mark.parametrize("dataset_type", ["fashion", "emoji"])
+def test_controlled_scenes_on_the_real_image_catalogs(dataset_type):
+    try:
+        ds = ld.build_dataset(dataset_type, "hard", seed=1, size=20)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    colored = bool(ds.color_names)
+    for i in range(20):
+        sc = ds.scene(i, render=False)
+        boxes, colors, shapes, sizes = _objects(sc)
+        attr = colors if colored else sizes
+        for k in range(2):
+            others = [j for j in range(len(boxes)) if j != k]
+            assert any(attr[j] == attr[k] and shapes[j] != shapes[k] for j in others)
+            assert any(shapes[j] == shapes[k] and attr[j] != attr[k] for j in others)

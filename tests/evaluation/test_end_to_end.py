@@ -49,7 +49,7 @@ def ckpt(tmp_path_factory):
 def test_evaluate_checkpoint_paths_ranges_and_files(ckpt, tmp_path):
     out = str(tmp_path / "ev" / "eval.json")
     res = E.evaluate_checkpoint(ckpt, out, num_test=40, num_compositional=30, num_single=30, batch_size=20,
-                                progress=False)
+                                num_hard=16, num_relation=16, eval_seed=11, progress=False)
     with open(out) as f:
         saved = json.load(f)
     for path in report.REQUIRED_PATHS:
@@ -63,6 +63,23 @@ def test_evaluate_checkpoint_paths_ranges_and_files(ckpt, tmp_path):
     assert sum(r["phrases"] for r in g["test"]["by_size"].values()) == g["test"]["phrases"] > 40
     assert g["regions"]["acc50"] is not None  # objective loupe: the objectness row exists
     assert saved["data"]["seed"] == 3 and saved["step"] == 7  # the training run's seed and step
+    assert saved["data"]["eval_seed"] == 11
+    # finding vs naming on every split: own <= any, the text-free and attribute bars from the scenes
+    for split, ks in (("test", {1, 2, 3}), ("compositional", {1, 2, 3}), ("hard", {4, 5}),
+                      ("hard_compositional", {4, 5}), ("relation", {3}), ("relation_compositional", {3})):
+        f = g[split]["finding"]
+        assert 0.0 <= f["own_acc50"] <= f["any_acc50"] <= 1.0 and 0.0 <= f["pointing_own"] <= f["pointing_any"] <= 1.0
+        assert set(int(k) for k in f["by_k"]) <= ks
+        assert min(1 / k for k in ks) <= f["text_free"] <= max(1 / k for k in ks)
+        assert sum(r["phrases"] for r in f["by_k"].values()) == f["phrases"] == sum(
+            r["phrases"] for r in f["by_shared"].values())
+        assert 0.0 <= f["text_free_caption"]["own_acc50"] <= f["text_free_caption"]["any_acc50"] <= 1.0
+        assert "text_free_objectness" in f  # objective loupe: a region head
+    for split in ("hard", "hard_compositional"):  # every named object has a colour and a shape twin
+        f = g[split]["finding"]
+        assert set(f["by_shared"]) == {"both"} and f["attribute_color"] <= 0.5 and f["attribute_shape"] <= 0.5
+    for split in ("relation", "relation_compositional"):  # the target has an identical twin, the anchor none
+        assert set(g[split]["finding"]["by_shared"]) == {"identical", "unique"}
     assert "filip" in saved["retrieval"] and 0.0 <= saved["retrieval"]["filip"]["t2i_r5"] <= 1.0
     assert saved["classification"]["classes"] == 6 and saved["classification"]["color_shape_classes"] == 60
     assert set(saved["detection"]["per_class_ap50"]) == set(ldata.SHAPES)
@@ -75,9 +92,9 @@ def test_evaluate_checkpoint_paths_ranges_and_files(ckpt, tmp_path):
 
 def test_same_numbers_twice_and_an_untrained_model_is_near_chance(ckpt):
     a = E.evaluate_checkpoint(ckpt, None, num_test=30, num_compositional=0, num_single=20, figures=False,
-                              progress=False)
+                              num_hard=0, num_relation=0, progress=False)
     b = E.evaluate_checkpoint(ckpt, None, num_test=30, num_compositional=0, num_single=20, figures=False,
-                              progress=False)
+                              num_hard=0, num_relation=0, progress=False)
     assert a["grounding"]["test"] == b["grounding"]["test"] and a["retrieval"] == b["retrieval"]
     assert a["grounding"]["acc50_compositional"] is None  # skipped split: null, not a made-up number
     # a random model: retrieval R@10 of 30 pairs far from perfect
@@ -215,7 +232,7 @@ def test_cli_errors_for_missing_and_incompatible_checkpoints(tmp_path):
 def test_cli_evaluate_and_ground(ckpt, tmp_path):
     out = str(tmp_path / "e.json")
     p = _cli(["loupe.evaluate", "--checkpoint", ckpt, "--out", out, "--num-test", "20", "--num-compositional", "10",
-              "--num-single", "10", "--no-figures"])
+              "--num-single", "10", "--num-hard", "8", "--num-relation", "0", "--no-figures"])
     assert p.returncode == 0, p.stderr
     assert "| grounding |" in p.stdout and os.path.exists(out)
     assert "encode (test)" in p.stderr  # the progress bar

@@ -62,7 +62,8 @@ def test_compare_end_to_end_tiny(tmp_path):
     out = str(tmp_path / "cmp")
     res = X.compare(out, seeds=[0], steps=2, batch_size=8, train_size=128, model_config=TINY,
                     objectives=["clip", "loupe"], eval_opts={"num_test": 20, "num_compositional": 10,
-                                                             "num_single": 10, "figures": False, "progress": False},
+                                                             "num_single": 10, "num_hard": 8, "num_relation": 8,
+                                                             "figures": False, "progress": False},
                     log=logs.append)
     assert os.path.exists(os.path.join(out, "compare.md")) and os.path.exists(os.path.join(out, "compare.json"))
     for o in ("clip", "loupe"):
@@ -77,6 +78,6 @@ def test_compare_end_to_end_tiny(tmp_path):
     # a second call reuses the trained runs
     logs.clear()
     X.compare(out, seeds=[0], steps=2, batch_size=8, train_size=128, model_config=TINY, objectives=["clip"],
-              reuse=True, eval_opts={"num_test": 10, "num_compositional": 0, "num_single": 10, "figures": False,
+              reuse=True, eval_opts={"num_test": 10, "num_compositional": 0, "num_single": 10, "num_hard": 0, "num_relation": 0, "figures": False,
                                      "progress": False}, log=logs.append)
     assert any("reuse" in m for m in logs) and not any("train clip" in m for m in logs)
