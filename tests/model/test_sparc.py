@@ -261,9 +261,9 @@ def test_bad_sparc_options_raise(field, value):
 # ------------------------------------------------------------------------------------------------
 # a short training run through the real launcher
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_deepspeed_trains_sparc(tmp_path):
+    """Four steps of the tiny model through `deepspeed` (about 15 s on the 2-core CPU)."""
     import socket
 
     import loupe
