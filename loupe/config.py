@@ -22,6 +22,8 @@ DATASET_TYPES: tuple[str, ...] = ("synthetic", "fashion", "emoji", "csv", "webda
 #: Shapley games of L_TSA and the rules that turn interactions into region targets (METHOD 5, 6)
 GAMES: tuple[str, ...] = ("maxsim", "pooled")
 TARGET_RULES: tuple[str, ...] = ("redundancy", "redundancy_minus_outside")
+#: sources of the SSIM labels (``ObjectiveOptions.fsa_labels``; the last two for the ablation)
+FSA_LABELS: tuple[str, ...] = ("shapley", "similarity", "uniform")
 #: ``LoupeConfig.kernel_backend``: None = automatic, else one ``loupe_kernels`` backend for every op
 KERNEL_BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
 
@@ -221,6 +223,10 @@ class ObjectiveOptions:
     # contrast with, so its best region is the patch that holds the whole image. 2 by default
     # [ours, measured: docs/METHOD-notes.md]
     fsa_min_phrases: int = 2
+    # where the SSIM labels come from: "shapley" (the region-phrase Shapley interaction, METHOD 7), or,
+    # for the ablation only, "similarity" (the raw cosine <p, r>) or "uniform" (no label information:
+    # only the cross-image term teaches) [ours]
+    fsa_labels: str = "shapley"
     min_spread: float = 1e-6        # floor of the spread when standardising
     # the UANSIL skip policy (needs the ``ua`` term). Off by default [ours, measured]: once it starts
     # filling skipped games with the predictor's mean, the phrase maps collapse (docs/METHOD-notes.md),
@@ -249,6 +255,8 @@ class ObjectiveOptions:
             raise ValueError(f"loupe_options.tsa_game must be one of {GAMES}, got {self.tsa_game!r}")
         if self.tsa_rule not in TARGET_RULES:
             raise ValueError(f"loupe_options.tsa_rule must be one of {TARGET_RULES}, got {self.tsa_rule!r}")
+        if self.fsa_labels not in FSA_LABELS:
+            raise ValueError(f"loupe_options.fsa_labels must be one of {FSA_LABELS}, got {self.fsa_labels!r}")
         if not 0.0 <= self.uansil_calibration <= 1.0:
             raise ValueError(f"loupe_options.uansil_calibration must be in [0, 1], got {self.uansil_calibration!r}")
 

@@ -29,7 +29,8 @@ from .config import OBJECTIVES
 from .evaluate import evaluate_checkpoint
 from .report import get_path
 
-__all__ = ["compare", "summarise", "comparison_table", "METRICS", "train_command"]
+__all__ = ["compare", "ablate", "run_arms", "ABLATIONS", "merge_config", "summarise", "comparison_table", "METRICS",
+           "train_command"]
 
 #: (dotted path in the evaluation JSON, label) of the rows of the comparison table
 METRICS: tuple[tuple[str, str], ...] = (
@@ -139,6 +140,27 @@ def comparison_table(results: dict[str, list[dict]], metrics: Sequence[tuple[str
     return "\n".join(lines), summary
 
 
+#: the ablation of LOUPE at its defaults (issue 18): name -> LoupeConfig overrides [ours]
+ABLATIONS: dict[str, dict] = {
+    "loupe": {},
+    "similarity_labels": {"loupe_options": {"fsa_labels": "similarity"}},   # (a) SSIM labels from <p, r>
+    "uniform_labels": {"loupe_options": {"fsa_labels": "uniform"}},         # (b) only the cross-image term left
+    "no_tsa": {"loss_weights": {"tsa": 0.0}},                               # (c) a = 0
+    "no_filip": {"loss_weights": {"filip": 0.0}},                           # (d) f = 0
+    # (e) FILIP + phrase contrast + cross-image negatives, no Shapley term at all
+    "no_shapley": {"loss_weights": {"tsa": 0.0, "ua": 0.0}, "loupe_options": {"fsa_labels": "similarity"}},
+}
+
+
+def merge_config(base: dict | None, extra: dict | None) -> dict:
+    """``base`` updated by ``extra``, one level deep for the dict-valued fields (``loupe_options``,
+    ``loss_weights``)."""
+    out = dict(base or {})
+    for k, v in (extra or {}).items():
+        out[k] = {**(out.get(k) or {}), **v} if isinstance(v, dict) else v
+    return out
+
+
 def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, batch_size: int = 64,
             dataset_type: str = "synthetic", train_size: int | None = None, model_config: str | None = None,
             objectives: Sequence[str] = OBJECTIVES, procs: int = 1, reuse: bool = False,
@@ -147,95 +169,142 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
     for o in objectives:
         if o not in OBJECTIVES:
             raise ValueError(f"compare: unknown objective {o!r}; expected some of {OBJECTIVES}")
+    base = json.loads(model_config) if model_config else None
+    arms = {o: (o, base) for o in objectives}
+    title = (f"{' / '.join(objectives)} on {dataset_type}: {steps} steps, batch {batch_size}, seeds "
+             f"{list(seeds)}" + (f", model {model_config}" if model_config else ""))
+    return run_arms(out, arms, "compare", title, seeds=seeds, steps=steps, batch_size=batch_size,
+                    dataset_type=dataset_type, train_size=train_size, procs=procs, reuse=reuse,
+                    eval_opts=eval_opts, train_extra=train_extra, log=log)
+
+
+def ablate(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batch_size: int = 64,
+           dataset_type: str = "synthetic", train_size: int | None = None, model_config: str | None = None,
+           variants: Sequence[str] = tuple(ABLATIONS), procs: int = 1, reuse: bool = False,
+           eval_opts: dict | None = None, train_extra: Sequence[str] = (), log=print) -> dict:
+    """LOUPE at its defaults against the same run with one part taken out (:data:`ABLATIONS`), same
+    seeds and budget; writes ``ablate.md`` and ``ablate.json``."""
+    for v in variants:
+        if v not in ABLATIONS:
+            raise ValueError(f"ablate: unknown variant {v!r}; expected some of {list(ABLATIONS)}")
+    base = json.loads(model_config) if model_config else None
+    arms = {v: ("loupe", merge_config(base, ABLATIONS[v])) for v in variants}
+    title = (f"LOUPE ablation on {dataset_type}: {steps} steps, batch {batch_size}, seeds {list(seeds)}"
+             + (f", model {model_config}" if model_config else ""))
+    return run_arms(out, arms, "ablate", title, seeds=seeds, steps=steps, batch_size=batch_size,
+                    dataset_type=dataset_type, train_size=train_size, procs=procs, reuse=reuse,
+                    eval_opts=eval_opts, train_extra=train_extra, log=log)
+
+
+def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, title: str, *,
+             seeds: Sequence[int], steps: int, batch_size: int, dataset_type: str, train_size: int | None,
+             procs: int, reuse: bool, eval_opts: dict | None, train_extra: Sequence[str], log=print) -> dict:
+    """Train and evaluate every (arm, seed): ``arms[label] = (objective, LoupeConfig overrides)``.
+    Writes ``<name>.md`` and ``<name>.json`` to ``out``; runs live in ``out/<dataset>/<label>-seed<s>``."""
     if not seeds:
-        raise ValueError("compare: at least one seed")
+        raise ValueError(f"{name}: at least one seed")
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    results: dict[str, list[dict]] = {o: [] for o in objectives}
+    results: dict[str, list[dict]] = {label: [] for label in arms}
     runs = []
     for seed in seeds:
-        for o in objectives:
-            run_dir = os.path.abspath(os.path.join(out, dataset_type, f"{o}-seed{seed}"))
-            rec = {"objective": o, "seed": seed, "dir": run_dir}
+        for label, (objective, cfg) in arms.items():
+            run_dir = os.path.abspath(os.path.join(out, dataset_type, f"{label}-seed{seed}"))
+            rec = {"objective": label, "seed": seed, "dir": run_dir}
             if reuse and saved_step(run_dir) == steps:
-                log(f"[compare] reuse {run_dir} (step {steps})")
+                log(f"[{name}] reuse {run_dir} (step {steps})")
                 rec["train_seconds"] = None
             else:
-                cmd = train_command(run_dir, o, seed, steps, batch_size, dataset_type, train_size, model_config,
-                                    procs, train_extra)
-                log(f"[compare] train {o} seed {seed}: {' '.join(cmd)}")
+                cmd = train_command(run_dir, objective, seed, steps, batch_size, dataset_type, train_size,
+                                    json.dumps(cfg) if cfg else None, procs, train_extra)
+                log(f"[{name}] train {label} seed {seed}: {' '.join(cmd)}")
                 os.makedirs(run_dir, exist_ok=True)
                 t0 = time.perf_counter()
                 with open(os.path.join(run_dir, "train.out"), "w") as f:
                     p = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
                 rec["train_seconds"] = time.perf_counter() - t0
                 if p.returncode != 0 or saved_step(run_dir) != steps:
-                    raise RuntimeError(f"compare: training {o} seed {seed} failed (exit {p.returncode}); "
+                    raise RuntimeError(f"{name}: training {label} seed {seed} failed (exit {p.returncode}); "
                                        f"see {os.path.join(run_dir, 'train.out')}")
             t0 = time.perf_counter()
             res = evaluate_checkpoint(run_dir, RunPaths(run_dir).eval, **(eval_opts or {}))
             rec["eval_seconds"] = time.perf_counter() - t0
-            results[o].append(res)
+            results[label].append(res)
             runs.append(rec)
-            log(f"[compare] {o} seed {seed}: Acc@0.5 {res['grounding']['acc50']:.3f}, pointing "
+            log(f"[{name}] {label} seed {seed}: Acc@0.5 {res['grounding']['acc50']:.3f}, pointing "
                 f"{res['grounding']['pointing']:.3f}, mAP@0.5 {res['detection']['map50']:.3f}, "
                 f"i2t R@1 {res['retrieval']['i2t_r1']:.3f}")
-    title = (f"CLIP / FILIP / LOUPE on {dataset_type}: {steps} steps, batch {batch_size}, seeds "
-             f"{list(seeds)}" + (f", model {model_config}" if model_config else ""))
     table, summary = comparison_table(results, title=title)
     train_s = [r["train_seconds"] for r in runs if r.get("train_seconds")]
     table += ("\n\nTraining wall time per run: "
               + (", ".join(f"{r['objective']}/s{r['seed']} {r['train_seconds']:.0f} s" for r in runs
                            if r.get("train_seconds")) if train_s else "reused runs") + ".")
-    with open(os.path.join(out, "compare.md"), "w") as f:
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(table + "\n")
     payload = {"settings": {"seeds": list(seeds), "steps": steps, "batch_size": batch_size,
-                            "dataset_type": dataset_type, "train_size": train_size, "model_config": model_config,
-                            "objectives": list(objectives), "eval": eval_opts or {}},
+                            "dataset_type": dataset_type, "train_size": train_size,
+                            "arms": {k: {"objective": o, "model_config": c} for k, (o, c) in arms.items()},
+                            "objectives": list(arms), "eval": eval_opts or {}},
                "runs": runs, "summary": summary,
-               "per_seed": {o: [{p: _get(r, p) for p, _ in METRICS} for r in results[o]] for o in objectives}}
-    with open(os.path.join(out, "compare.json"), "w") as f:
+               "per_seed": {k: [{p: _get(r, p) for p, _ in METRICS} for r in results[k]] for k in arms}}
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=2)
     payload["table"] = table
     return payload
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loupe.experiments",
-                                 description="Experiments: the CLIP / FILIP / LOUPE comparison.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compare", help="train clip, filip and loupe alike, evaluate all, write one table",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("--steps", type=int, default=400)
+def _common_args(c: argparse.ArgumentParser, steps: int, out: str) -> None:
+    c.add_argument("--steps", type=int, default=steps)
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     c.add_argument("--batch-size", type=int, default=64, help="global batch size")
     c.add_argument("--dataset-type", default="synthetic", choices=("synthetic", "fashion", "emoji"))
     c.add_argument("--train-size", type=int, default=None, help="training scenes (default: train.py's)")
     c.add_argument("--model-config", default=None, help="JSON of LoupeConfig overrides, passed to train.py")
-    c.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     c.add_argument("--procs", type=int, default=1, help="processes per training run (--num_accelerators)")
-    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--out", default=out)
     c.add_argument("--reuse", action="store_true", help="reuse runs whose model.pt already has --steps steps")
     c.add_argument("--num-test", type=int, default=500)
     c.add_argument("--num-compositional", type=int, default=500)
     c.add_argument("--num-single", type=int, default=500)
+    c.add_argument("--num-hard", type=int, default=500)
+    c.add_argument("--num-relation", type=int, default=500)
+    c.add_argument("--eval-seed", type=int, default=None,
+                   help="seed of the evaluation scenes (default: each run's training seed)")
     c.add_argument("--no-figures", action="store_true")
     c.add_argument("--train-arg", action="append", default=[],
                    help="extra argument passed to train.py (repeatable), e.g. --train-arg=--lr=2e-3")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loupe.experiments",
+                                 description="Experiments: the comparison of objectives and the ablation of LOUPE.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compare", help="train the objectives alike, evaluate all, write one table",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common_args(c, 400, "runs/compare")
+    c.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    b = sub.add_parser("ablate", help="LOUPE at its defaults against the same run with one part taken out",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common_args(b, 600, "runs/ablate")
+    b.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
     a = ap.parse_args(argv)
     if a.steps < 1 or a.batch_size < 1 or a.procs < 1:
         ap.error("--steps, --batch-size and --procs must be >= 1")
-    res = compare(a.out, seeds=a.seeds, steps=a.steps, batch_size=a.batch_size, dataset_type=a.dataset_type,
-                  train_size=a.train_size, model_config=a.model_config, objectives=a.objectives, procs=a.procs,
-                  reuse=a.reuse, train_extra=a.train_arg,
+    common = dict(seeds=a.seeds, steps=a.steps, batch_size=a.batch_size, dataset_type=a.dataset_type,
+                  train_size=a.train_size, model_config=a.model_config, procs=a.procs, reuse=a.reuse,
+                  train_extra=a.train_arg,
                   eval_opts={"num_test": a.num_test, "num_compositional": a.num_compositional,
-                             "num_single": a.num_single, "figures": not a.no_figures, "progress": False})
+                             "num_single": a.num_single, "num_hard": a.num_hard, "num_relation": a.num_relation,
+                             "eval_seed": a.eval_seed, "figures": not a.no_figures, "progress": False})
+    if a.cmd == "compare":
+        res = compare(a.out, objectives=a.objectives, **common)
+    else:
+        res = ablate(a.out, variants=a.variants, **common)
     print(res["table"])
-    print(f"\nwrote {os.path.join(a.out, 'compare.md')} and compare.json")
+    print(f"\nwrote {os.path.join(a.out, a.cmd + '.md')} and {a.cmd}.json")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -552,7 +552,8 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         rfeat, _ = model.box_features_at(patches, ridx)
         pair_ok = pmask[:, :, None] & rvalid[:, None, :]
         pol = None
-        if use_ua and P and R:
+        shapley_labels = opts.fsa_labels == "shapley"
+        if use_ua and P and R and shapley_labels:
             geo = model.box_geometry[ridx][:, None].expand(B, P, R, -1)
             nplayers = (pmask.sum(-1) + rvalid.sum(-1)).clamp(min=1).float()[:, None, None, None].expand(B, P, R, 1)
             feats = torch.cat([rfeat.detach().float()[:, None].expand(B, P, R, D),
@@ -561,9 +562,15 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
             pol = policy(feats.reshape(B * P * R, -1))
         sample = pair_ok if pol is None else (pair_ok & pol["sample"].reshape(B, P, R))
         fill = None if pol is None else pol["mu"].detach().reshape(B, P, R)
-        inter, se = phrase_region_interactions(pf, pmask, rfeat, rvalid, num_samples=opts.num_samples,
-                                               seed=_seed_of(batch, 2), sample=sample, fill=fill,
-                                               backend=model.config.kernel_backend)
+        if shapley_labels:
+            inter, se = phrase_region_interactions(pf, pmask, rfeat, rvalid, num_samples=opts.num_samples,
+                                                   seed=_seed_of(batch, 2), sample=sample, fill=fill,
+                                                   backend=model.config.kernel_backend)
+        else:  # the ablation: labels without the Shapley interaction, nothing sampled
+            sample = torch.zeros_like(pair_ok)
+            se = torch.zeros(B, P, R, dtype=torch.float32, device=dev)
+            inter = (torch.einsum("bpd,brd->bpr", pf.detach().float(), rfeat.detach().float())
+                     if opts.fsa_labels == "similarity" else torch.zeros_like(se)).masked_fill(~pair_ok, 0.0)
         z = _standardise(phrase_contrast(inter, pair_ok) if opts.fsa_phrase_contrast else inter, pair_ok,
                          opts.min_spread)
         pred = torch.einsum("bpd,brd->bpr", pf.float(), rfeat.float()) / opts.tau

@@ -81,3 +81,23 @@ def test_compare_end_to_end_tiny(tmp_path):
               reuse=True, eval_opts={"num_test": 10, "num_compositional": 0, "num_single": 10, "num_hard": 0, "num_relation": 0, "figures": False,
                                      "progress": False}, log=logs.append)
     assert any("reuse" in m for m in logs) and not any("train clip" in m for m in logs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ablate_end_to_end_tiny(tmp_path):
+    out = str(tmp_path / "abl")
+    res = X.ablate(out, seeds=[0], steps=2, batch_size=8, train_size=128, model_config=TINY,
+                   variants=["loupe", "no_shapley"],
+                   eval_opts={"num_test": 10, "num_compositional": 0, "num_single": 10, "num_hard": 6,
+                              "num_relation": 6, "figures": False, "progress": False}, log=lambda m: None)
+    assert os.path.exists(os.path.join(out, "ablate.md")) and os.path.exists(os.path.join(out, "ablate.json"))
+    with open(os.path.join(out, "synthetic", "no_shapley-seed0", "config.json")) as f:
+        cfg = json.load(f)["model"]
+    assert cfg["loupe_options"]["fsa_labels"] == "similarity" and cfg["loss_weights"]["tsa"] == 0.0
+    with open(os.path.join(out, "synthetic", "loupe-seed0", "config.json")) as f:
+        assert not (json.load(f)["model"].get("loupe_options") or {}).get("fsa_labels")
+    assert res["summary"]["grounding.hard.finding.text_free"]["loupe"]["n"] == 1
+    assert "discrimination" in res["table"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        X.ablate(out, variants=["no_such"])

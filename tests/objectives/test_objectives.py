@@ -144,10 +144,10 @@ def test_cross_image_negatives_push_a_positional_constant_region_away():
     assert float((grad * const).sum()) > 0  # descent lowers the phrase's similarity to the constant
 
 
-def _tiny(objective="loupe", weights=None):
+def _tiny(objective="loupe", weights=None, **overrides):
     cfg = LoupeConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
                       text_layers=1, text_heads=2, embed_dim=32, vocab_size=50, context_length=16, region_hidden=16,
-                      objective=objective, loss_weights=weights)
+                      objective=objective, **({"loss_weights": weights} if weights is not None else {}), **overrides)
     torch.manual_seed(0)
     return LoupeModel(cfg)
 
@@ -305,3 +305,32 @@ def test_options_validation():
         class C:
             loupe_options = {"bogus": 1}
         options_from_config(C())
+
+
+@pytest.mark.parametrize("labels", ["similarity", "uniform"])
+def test_ablation_labels_sample_nothing_and_still_train(labels):
+    """SSIM labels without the Shapley interaction (the ablation): no game is sampled, L_TSA is
+    unchanged, L_FSA differs from the Shapley labels' and trains the encoders."""
+    base = _tiny()
+    ref = base(_batch(seed=5))
+    m = _tiny()
+    m.loss_modules["tsa"].options = ObjectiveOptions(fsa_labels=labels)
+    out = m(_batch(seed=5))
+    assert float(out["loss_tsa"]) == float(ref["loss_tsa"])
+    assert torch.isfinite(out["loss_fsa"]) and float(out["loss_fsa"]) != float(ref["loss_fsa"])
+    out["loss"].backward()
+    assert any(q.grad is not None and float(q.grad.abs().sum()) > 0 for q in m.visual.parameters())
+    with pytest.raises(ValueError, match="fsa_labels"):
+        ObjectiveOptions(fsa_labels="random")
+
+
+def test_every_ablation_variant_is_a_valid_config_and_runs():
+    from loupe.experiments import ABLATIONS, merge_config
+    assert merge_config({"loupe_options": {"num_samples": 8}, "embed_dim": 16},
+                        {"loupe_options": {"fsa_labels": "uniform"}}) == {
+        "loupe_options": {"num_samples": 8, "fsa_labels": "uniform"}, "embed_dim": 16}
+    for name, over in ABLATIONS.items():
+        m = _tiny(**merge_config(None, over))  # loss_weights / loupe_options
+        out = m(_batch(seed=1))
+        assert torch.isfinite(out["loss"]), name
+        assert ("loss_tsa" in out) == (over.get("loss_weights", {}).get("tsa", 1.0) != 0), name
