@@ -77,6 +77,9 @@ class EvalOptions:
     num_compositional: int = 500
     num_hard: int = 500               # "hard" scenes (and as many "hard_compositional"; 0: skip)
     num_relation: int = 500           # "relation" scenes (and as many "relation_compositional"; 0: skip)
+    # measure on the validation streams (val, val_hard, val_relation; no compositional splits) for
+    # choosing defaults (docs/PROTOCOL.md); the JSON keeps the test split names, ``data.validation`` says which
+    validation: bool = False
     num_single: int = 500             # single-object images (classification)
     batch_size: int = 100
     max_dets: int = 10                # detections kept per image and class after NMS
@@ -448,8 +451,12 @@ def evaluate_model(model, opts: EvalOptions | None = None, *, log_path: str | No
     seed = 0 if opts.seed is None else int(opts.seed)
     sample_seed = seed if opts.eval_seed is None else int(opts.eval_seed)
     S = model.config.image_size
-    build = lambda split, n: ldata.build_dataset(dtype, split, seed=seed, size=n, image_size=S,  # noqa: E731
-                                                 sample_seed=sample_seed)
+    val_name = {"test": "val", "hard": "val_hard", "relation": "val_relation"}
+
+    def build(split: str, n: int):
+        if opts.validation:
+            split = val_name.get(split, split)
+        return ldata.build_dataset(dtype, split, seed=seed, size=n, image_size=S, sample_seed=sample_seed)
     t0 = time.perf_counter()
     model.eval()
     regions = bool(getattr(model, "needs_regions", False))
@@ -457,7 +464,8 @@ def evaluate_model(model, opts: EvalOptions | None = None, *, log_path: str | No
     rec, enc, examples = _encode_split(model, test, opts.num_test, opts, "encode (test)", regions=regions,
                                        keep_examples=opts.num_examples)
     result: dict[str, Any] = {"objective": model.config.objective,
-                              "data": {"type": dtype, "seed": seed, "eval_seed": sample_seed, "test": opts.num_test,
+                              "data": {"type": dtype, "seed": seed, "eval_seed": sample_seed,
+                                       "validation": bool(opts.validation), "test": opts.num_test,
                                        "compositional": 0, "single": opts.num_single}}
     result["retrieval"] = _retrieval(enc)
     gt = _summarise_grounding(rec)
@@ -466,7 +474,7 @@ def evaluate_model(model, opts: EvalOptions | None = None, *, log_path: str | No
                  "pointing_word_centred": gt.get("pointing_word_centred"),
                  "rule": RULE,
                  "test": gt}
-    comp_ok = bool(getattr(test, "color_names", ()))
+    comp_ok = bool(getattr(test, "color_names", ())) and not opts.validation
     if comp_ok and opts.num_compositional > 0:
         comp = build("compositional", opts.num_compositional)
         crec, _, _ = _encode_split(model, comp, opts.num_compositional, opts, "encode (compositional)",
@@ -555,6 +563,8 @@ def main(argv=None) -> int:
                     help="dataset seed: the held-out colour-noun pairs (default: the training run's)")
     ap.add_argument("--eval-seed", type=int, default=None,
                     help="seed of the evaluation scenes (default: --seed); use one no development run read")
+    ap.add_argument("--validation", action="store_true",
+                    help="measure on the validation streams (for choosing defaults; docs/PROTOCOL.md)")
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--device", default=None)
@@ -570,6 +580,7 @@ def main(argv=None) -> int:
         res = evaluate_checkpoint(a.checkpoint, out, dataset_type=a.dataset_type, seed=a.seed, num_test=a.num_test,
                                   num_compositional=a.num_compositional, num_single=a.num_single,
                                   num_hard=a.num_hard, num_relation=a.num_relation, eval_seed=a.eval_seed,
+                                  validation=a.validation,
                                   batch_size=a.batch_size, max_dets=a.max_dets, figures=not a.no_figures,
                                   progress=not a.no_progress, device=a.device)
     except CheckpointError as e:

@@ -90,6 +90,17 @@ def test_evaluate_checkpoint_paths_ranges_and_files(ckpt, tmp_path):
         assert os.path.getsize(p) > 1000 and open(p, "rb").read(4) == b"\x89PNG"
 
 
+def test_validation_streams_are_measured_apart_from_the_test_splits(ckpt):
+    kw = dict(num_test=12, num_compositional=12, num_single=8, num_hard=8, num_relation=8, figures=False,
+              progress=False)
+    val = E.evaluate_checkpoint(ckpt, None, validation=True, **kw)
+    test = E.evaluate_checkpoint(ckpt, None, **kw)
+    assert val["data"]["validation"] is True and test["data"]["validation"] is False
+    assert "hard" in val["grounding"] and "hard_compositional" not in val["grounding"]
+    assert val["grounding"]["compositional"]["acc50"] is None  # no compositional stream for validation
+    assert val["grounding"]["hard"]["finding"] != test["grounding"]["hard"]["finding"]
+
+
 def test_same_numbers_twice_and_an_untrained_model_is_near_chance(ckpt):
     a = E.evaluate_checkpoint(ckpt, None, num_test=30, num_compositional=0, num_single=20, figures=False,
                               num_hard=0, num_relation=0, progress=False)
