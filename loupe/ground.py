@@ -102,7 +102,10 @@ def ground(model, image: Any, text: str, *, phrases: Sequence[tuple[int, int]] |
     ``regions=True`` restricts the candidates to the top-M objectness regions.
 
     Returns one dict per phrase: ``phrase``, ``span`` (characters of ``text``), ``box`` (xyxy in the
-    input image's pixels) and ``score`` of the best box, and ``boxes``/``scores`` of the ``top_k``.
+    input image's pixels) and ``score`` of the best box, ``boxes``/``scores`` of the ``top_k``, and
+    ``unknown_words`` / ``known_words``: how many of the phrase's tokens the tokenizer does / does
+    not map to ``[UNK]``. A phrase with no known token still gets a box, but it says nothing about
+    the phrase (every such phrase gets the same feature): check ``known_words``.
     Scores are ``sum_{i in b} (<p, x_i> - t_p)`` (:func:`loupe.regions.grounding_scores`); they rank
     boxes for one phrase and are not probabilities.
     """
@@ -137,9 +140,14 @@ def ground(model, image: Any, text: str, *, phrases: Sequence[tuple[int, int]] |
     idx, ok = R.nms_topk(scores, model.nms_suppress, top_k)
     boxes_px = R.boxes_to_pixels(model.candidate_boxes, p).double().cpu()
     out = []
+    unk = getattr(model.tokenizer, "unk_id", None)
     for j, (s, e) in enumerate(spans):
+        ids, _ = model.tokenizer.encode(text[s:e])
+        n_unk = sum(1 for i in ids if unk is not None and i == unk)
+        words = {"unknown_words": n_unk, "known_words": len(ids) - n_unk}
         if not bool(pmask[0, j]):
-            out.append({"phrase": text[s:e], "span": (s, e), "box": None, "score": None, "boxes": [], "scores": []})
+            out.append({"phrase": text[s:e], "span": (s, e), "box": None, "score": None, "boxes": [], "scores": [],
+                        **words})
             continue
         keep = idx[j][ok[j]].cpu()
         b = boxes_px[keep].clone()
@@ -148,7 +156,7 @@ def ground(model, image: Any, text: str, *, phrases: Sequence[tuple[int, int]] |
         sc = scores[j, keep.to(scores.device)].cpu().tolist()
         bl = [[round(float(v), 2) for v in row] for row in b.tolist()]
         out.append({"phrase": text[s:e], "span": (s, e), "box": bl[0] if bl else None,
-                    "score": sc[0] if sc else None, "boxes": bl, "scores": sc})
+                    "score": sc[0] if sc else None, "boxes": bl, "scores": sc, **words})
     return out
 
 
@@ -198,6 +206,9 @@ def main(argv=None) -> int:
     out = a.out or os.path.splitext(os.path.basename(a.image))[0] + "_grounded.png"
     draw(a.image, res, out)
     for r in res:
+        if r["known_words"] == 0:
+            print(f"loupe.ground: warning: the phrase {r['phrase']!r} holds no word the model knows "
+                  f"({r['unknown_words']} unknown token(s)); its box says nothing about it", file=sys.stderr)
         print(json.dumps(r))
     print(f"wrote {out}", file=sys.stderr)
     return 0

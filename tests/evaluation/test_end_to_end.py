@@ -255,4 +255,13 @@ def test_cli_evaluate_and_ground(ckpt, tmp_path):
     assert p.returncode == 0, p.stderr
     lines = [json.loads(x) for x in p.stdout.strip().splitlines()]
     assert [x["phrase"] for x in lines] == ["a red circle", "a blue square"]
+    assert all(x["unknown_words"] == 0 and x["known_words"] == 3 for x in lines)
+    assert "warning" not in p.stderr
     assert open(tmp_path / "g.png", "rb").read(4) == b"\x89PNG"
+    # text the model cannot read: still a box, but flagged and warned about
+    for text in ("!!!???", "一个红色的圆"):
+        p = _cli(["loupe.ground", "--checkpoint", ckpt, str(tmp_path / "im.png"), text, "--out", str(tmp_path / "u.png")])
+        assert p.returncode == 0, p.stderr
+        (r,) = [json.loads(x) for x in p.stdout.strip().splitlines()]
+        assert r["known_words"] == 0 and r["unknown_words"] >= 1 and r["box"] is not None
+        assert "holds no word the model knows" in p.stderr
