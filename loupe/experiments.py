@@ -272,6 +272,8 @@ def _common_args(c: argparse.ArgumentParser, steps: int, out: str) -> None:
     c.add_argument("--num-relation", type=int, default=500)
     c.add_argument("--eval-seed", type=int, default=None,
                    help="seed of the evaluation scenes (default: each run's training seed)")
+    c.add_argument("--validation", action="store_true",
+                   help="evaluate on the validation streams (val, val_hard, val_relation): for choosing settings")
     c.add_argument("--no-figures", action="store_true")
     c.add_argument("--train-arg", action="append", default=[],
                    help="extra argument passed to train.py (repeatable), e.g. --train-arg=--lr=2e-3")
@@ -297,7 +299,8 @@ def main(argv=None) -> int:
                   train_extra=a.train_arg,
                   eval_opts={"num_test": a.num_test, "num_compositional": a.num_compositional,
                              "num_single": a.num_single, "num_hard": a.num_hard, "num_relation": a.num_relation,
-                             "eval_seed": a.eval_seed, "figures": not a.no_figures, "progress": False})
+                             "eval_seed": a.eval_seed, "validation": a.validation, "figures": not a.no_figures,
+                             "progress": False})
     if a.cmd == "compare":
         res = compare(a.out, objectives=a.objectives, **common)
     else:
