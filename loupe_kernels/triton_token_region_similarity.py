@@ -238,7 +238,7 @@ class _Config:
 def _config(Bq: int, Bk: int, Lq: int, Lk: int, D: int, pairwise: bool, itemsize: int = 2) -> _Config:
     """Block sizes (all >= 16 where they enter tl.dot) from a fixed heuristic aimed at the GPU target
     (Lq=32, Lk=196, D=256, bf16): 128 query rows per forward program, the whole D in one chunk while
-    the query tile stays within 64 KiB, key tiles of 64. fp32/fp64 (``itemsize`` 4/8) take narrower D
+    the query tile stays within 64 KiB (else chunks of 128), key tiles of 64. fp32/fp64 (``itemsize`` 4/8) take narrower D
     chunks so that shared memory and registers fit sm_90. Checked by an ahead-of-time compile for
     sm_90 (no spills and shared memory within limits at the target shape, all four dtypes); never
     timed on a GPU. The interpreter prefers few programs, so it takes more key items per program."""
@@ -254,7 +254,11 @@ def _config(Bq: int, Bk: int, Lq: int, Lk: int, D: int, pairwise: bool, itemsize
     else:
         max_block_d = 64 if itemsize == 4 else 32
     one_d = d_pad <= max_block_d  # the query tile is loaded once and kept for every key tile
-    fwd_block_d = min(d_pad, max_block_d)
+    # Walking D in chunks, both the query and the key chunk are pipelined (3 stages on sm_90): a 16-bit
+    # chunk of 256 would ask for 3 * (128 + 64) * 256 * 2 = 294,912 B of shared memory, above the H100's
+    # 232,448 B per block (issue 20), so 16-bit chunks are 128 wide when D > 256 (147,456 B at 128 rows).
+    loop_block_d = min(max_block_d, 128)
+    fwd_block_d = min(d_pad, max_block_d if one_d else loop_block_d)
     if not pairwise:
         items_b = 1
     elif _INTERPRET:

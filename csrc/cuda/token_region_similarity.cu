@@ -263,6 +263,10 @@ __global__ void __launch_bounds__(kThreads) fwd_wmma_kernel(const T* __restrict_
 // order (a strictly larger score replaces: ties keep the lowest key index) and writes (row max,
 // arg-max) of a key item when the scan crosses into the next item. Needs D % 8 == 0, D <= 256,
 // 16-byte aligned q and k, sm_80+ and ~169 KiB of opt-in shared memory (D = 256).
+// D > 256 (issue 20, item 2; not done): Q stays resident for the whole D, so at D = 512 this layout would
+// need ~293 KiB, above the H100's 227 KiB; such D take fwd_wmma_kernel, which reloads Q and K per 64
+// features. A D loop here (Q and K both streamed in D chunks, scores accumulated across chunks) is the
+// planned fix; it needs a GPU to validate and time, so it is not written yet.
 constexpr int kFRows = 128;
 constexpr int kFKeys = 64;
 constexpr int kFThreads = 128;

@@ -460,3 +460,26 @@ def test_kernels_compile_for_sm90_at_the_target_shape():
             assert r["stack"] == 0, r  # no register spills at the target shape
         if r["kernel"] != "_dq_kernel":  # (dq gathers rows; the others stream tiles through shared memory)
             assert r["pipelined"] > 0, r  # the tile loads are software-pipelined (cp.async)
+
+
+# ------------------------------------------------------------------------------------------------
+# embedding sizes above 256 with the real launch configuration (D walked in 128-wide chunks in 16-bit:
+# the chunking that keeps shared memory within the H100's limit, issue 20)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("D,dtype", [(384, torch.bfloat16), (1024, torch.float16), (512, torch.float32)])
+def test_large_embeddings_real_config(D, dtype):
+    Bq, Lq, Bk, Lk = 2, 5, 3, 9
+    cfg = T._config(Bq, Bk, Lq, Lk, D, True, torch.empty((), dtype=dtype).element_size())
+    assert not cfg.one_d and cfg.fwd_block_d == (128 if dtype != torch.float32 else 64)
+    gen = torch.Generator().manual_seed(D)
+    q64, k64 = quantized((Bq, Lq, D), gen), quantized((Bk, Lk, D), gen)
+    qm, km = random_masks(Bq, Lq, Bk, Lk, gen)
+    gout = torch.randn((Bq, Bk), generator=gen, dtype=torch.float64)
+    want, dq_want, dk_want, amax_want = oracle(q64, k64, qm, km, True, gout)
+    qm_d, km_d = qm.to(DEV), km.to(DEV)
+    got, dq, dk = grads(lambda q, k: lk.token_region_similarity(q, k, qm_d, km_d, backend="triton"),
+                        q64, k64, gout, dtype)
+    ref, rq, rk = grads(lambda q, k: token_region_similarity_reference(q, k, qm_d, km_d), q64, k64, gout, dtype)
+    assert_bounded(got, ref, want, dtype, "out")
+    assert_bounded(dq, rq, dq_want, dtype, "d_query")
+    assert_bounded(dk, rk, dk_want, dtype, "d_key")
