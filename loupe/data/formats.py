@@ -34,7 +34,8 @@ import torch
 from .pipeline import Preprocess, open_image
 from .text import chunk_noun_phrases
 
-__all__ = ["CsvDataset", "ShardDataset", "write_shards", "write_csv", "expand_paths"]
+__all__ = ["CsvDataset", "ShardDataset", "write_shards", "write_csv", "expand_paths", "sample_fields",
+           "decode_sample", "SampleProblem", "SKIP_KINDS"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -63,6 +64,42 @@ def expand_paths(spec: str | list[str], exts: tuple[str, ...] = ("tar",)) -> lis
     return [spec]
 
 
+class SampleProblem(ValueError):
+    """Why a sample is left out; ``kind`` is one of :data:`SKIP_KINDS`, ``str()`` the reason."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+#: the kinds of bad samples that are skipped and counted (``read_error``: a shard, or part of one,
+#: that could not be read; the others name one sample)
+SKIP_KINDS = ("read_error", "no_image", "no_caption", "empty_caption", "bad_json", "bad_image", "bad_box")
+
+
+def decode_sample(src, name: str, caption: str, phrases: list[dict], preprocess: Preprocess,
+                  index: int = -1) -> dict:
+    """The sample dict (see :func:`loupe.data.build_dataset`) of an image (path, bytes or binary
+    file) with its caption and validated phrases; :class:`SampleProblem` (``bad_image``: it cannot
+    be decoded; ``bad_box``: a box outside the decoded image) otherwise."""
+    try:
+        im = open_image(src, name)
+    except Exception as e:  # unreadable, truncated, vanished, too large
+        raise SampleProblem("bad_image", f"unreadable image {name}: {type(e).__name__}: {e}") from None
+    for p in phrases:
+        why = p.get("box") is not None and _box_problem(p["box"], im.size)
+        if why:
+            raise SampleProblem("bad_box", f"{name}: {why}")
+    boxes = np.array([p.get("box") or [np.nan] * 4 for p in phrases], np.float32).reshape(-1, 4)
+    img, boxes = preprocess(im, boxes)
+    return {"image": img, "caption": caption,
+            "phrase_spans": [tuple(p["span"]) for p in phrases],
+            "boxes": torch.from_numpy(boxes),
+            "shape_ids": torch.tensor([p.get("shape_id", -1) for p in phrases], dtype=torch.long),
+            "color_ids": torch.tensor([p.get("color_id", -1) for p in phrases], dtype=torch.long),
+            "index": index}
+
+
 class _UserDataset(torch.utils.data.Dataset):
     """Shared decode path of the user formats: items are (caption, phrases, image source)."""
 
@@ -89,25 +126,16 @@ class _UserDataset(torch.utils.data.Dataset):
         (warned, and counted by the collator)."""
         it = self.items[i]
         try:
-            with self._open(it) as f:
-                im = open_image(f, it["name"])
-        except Exception as e:  # unreadable, truncated, vanished, too large
+            f = self._open(it)
+        except Exception as e:  # the image's bytes could not be read (vanished, truncated)
             _warn(f"skipping unreadable image {it['name']}: {type(e).__name__}: {e}")
             return None
-        phrases = it["phrases"]
-        for p in phrases:
-            why = p.get("box") is not None and _box_problem(p["box"], im.size)
-            if why:
-                _warn(f"skipping {it['name']}: {why}")
+        with f:
+            try:
+                return decode_sample(f, it["name"], it["caption"], it["phrases"], self.preprocess, i)
+            except SampleProblem as e:
+                _warn(f"skipping {e}")
                 return None
-        boxes = np.array([p.get("box") or [np.nan] * 4 for p in phrases], np.float32).reshape(-1, 4)
-        img, boxes = self.preprocess(im, boxes)
-        return {"image": img, "caption": it["caption"],
-                "phrase_spans": [tuple(p["span"]) for p in phrases],
-                "boxes": torch.from_numpy(boxes),
-                "shape_ids": torch.tensor([p.get("shape_id", -1) for p in phrases], dtype=torch.long),
-                "color_ids": torch.tensor([p.get("color_id", -1) for p in phrases], dtype=torch.long),
-                "index": i}
 
     @staticmethod
     def _phrases_from_chunker(caption: str) -> list[dict]:
@@ -333,6 +361,28 @@ def _sidecar_phrases(raw: bytes, caption: str) -> list[dict]:
     return out
 
 
+def sample_fields(group: dict) -> tuple[str, str, list[dict]]:
+    """Validate one shard sample, ``group`` = its members by extension (lower case; ``txt`` and
+    ``json`` as bytes, the image as anything): returns ``(image extension, caption, phrases)``, or
+    raises :class:`SampleProblem` (``no_image``, ``no_caption``, ``empty_caption``, ``bad_json``
+    with :func:`_sidecar_phrases`'s reason). Without a ``.json`` sidecar the phrases come from the
+    noun-phrase chunker. Shared by :class:`ShardDataset` (at scan time) and the streaming reader."""
+    img_ext = next((e for e in IMAGE_EXTS if e in group), None)
+    if img_ext is None:
+        raise SampleProblem("no_image", "no image")
+    if "txt" not in group:
+        raise SampleProblem("no_caption", "no caption")
+    cap = bytes(group["txt"]).decode("utf-8", "replace").strip()
+    if not cap:
+        raise SampleProblem("empty_caption", "empty caption")
+    if "json" not in group:
+        return img_ext, cap, _UserDataset._phrases_from_chunker(cap)
+    try:
+        return img_ext, cap, _sidecar_phrases(bytes(group["json"]), cap)
+    except ValueError as e:
+        raise SampleProblem("bad_json", str(e)) from None
+
+
 class ShardDataset(_UserDataset):
     """WebDataset tar shards read locally with random access (uncompressed shards are read by
     offset; compressed ones are loaded into memory)."""
@@ -397,28 +447,17 @@ class ShardDataset(_UserDataset):
         no_img = no_txt = empty = 0
         bad_json: list[str] = []
         for key in order:
-            g = groups[key]
-            img_ext = next((e for e in IMAGE_EXTS if e in g), None)
-            if img_ext is None:
-                no_img += 1
-                continue
-            if "txt" not in g:
-                no_txt += 1
-                continue
-            cap = g["txt"].decode("utf-8", "replace").strip()
-            if not cap:
-                empty += 1
-                continue
-            phrases = None
-            if "json" in g:
-                try:
-                    phrases = _sidecar_phrases(g["json"], cap)
-                except ValueError as e:
+            try:
+                img_ext, cap, phrases = sample_fields(groups[key])
+            except SampleProblem as e:
+                if e.kind == "bad_json":
                     bad_json.append(f"{key}.json: {e}")
-                    continue
-            if phrases is None:
-                phrases = self._phrases_from_chunker(cap)
-            self.items.append({"shard": sh, "src": g[img_ext], "name": f"{sh}:{key}.{img_ext}",
+                else:
+                    no_img += e.kind == "no_image"
+                    no_txt += e.kind == "no_caption"
+                    empty += e.kind == "empty_caption"
+                continue
+            self.items.append({"shard": sh, "src": groups[key][img_ext], "name": f"{sh}:{key}.{img_ext}",
                                "caption": cap, "phrases": phrases})
         if no_img or no_txt or empty:
             _warn(f"{sh}: skipped {no_img} samples without an image, {no_txt} without a caption, "
