@@ -45,6 +45,10 @@ step() {  # step NAME MAX_SECONDS LOGFILE CMD...: run CMD with a timeout, log it
   nvcc --version 2>&1 | tail -n 2 || echo "nvcc not on PATH"
 } | tee "$OUT/gpu.txt"
 
+# setuptools >= 77, build requirements, numpy, pytest, nvcc of torch's CUDA major version: each problem
+# printed with what to install (the later steps still run, and fail with their own logs)
+step "preflight: python benchmarks/gpu_preflight.py" 60 "$OUT/preflight.log" python benchmarks/gpu_preflight.py
+
 export LOUPE_CUDA_ARCHS=${LOUPE_CUDA_ARCHS:-90}
 export MAX_JOBS=${MAX_JOBS:-16}
 step "build: pip install --no-build-isolation --no-deps ." 270 "$OUT/build.log" \
