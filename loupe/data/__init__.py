@@ -8,7 +8,8 @@ Built-in sets (generated on the fly, deterministic in ``(seed, split, index)``):
 
 Splits: ``train``, ``val``, ``test`` (disjoint sample streams), ``compositional`` (only the
 colour-noun pairs held out of the other splits), ``single`` (one object per image, for
-classification). User data: ``csv`` (open_clip-style CSV/TSV) and ``webdataset`` (local tar shards).
+classification). User data: ``csv`` (open_clip-style CSV/TSV) and ``webdataset`` (tar shards: local
+and map-style, or streamed from URLs and ``pipe:`` commands with the ``webdataset`` library).
 
 Typical use (what the trainer does)::
 
@@ -29,6 +30,7 @@ import torch
 
 from ..config import DATASET_TYPES
 from .formats import CsvDataset, ShardDataset, expand_paths, write_csv, write_shards
+from .streaming import StreamingShardDataset, expand_urls, is_url
 from .pipeline import CLIP_MEAN, CLIP_STD, Collator, Preprocess, open_image
 from .scenes import (COLOR_NAMES, CONTROLLED, DEFAULT_SIZES, HELD_OUT_SPLITS, SHAPES, SPLITS, Catalog, Scene,
                      SceneGenerator,
@@ -37,7 +39,7 @@ from .text import (SubwordTokenizer, WordTokenizer, chunk_noun_phrases, load_tok
                    train_tokenizer)
 
 __all__ = ["build_dataset", "fit_tokenizer", "load_tokenizer", "Collator", "Preprocess", "SceneDataset",
-           "CsvDataset", "ShardDataset", "RankShard", "write_shards", "write_csv", "chunk_noun_phrases",
+           "CsvDataset", "ShardDataset", "StreamingShardDataset", "RankShard", "write_shards", "write_csv", "chunk_noun_phrases",
            "WordTokenizer", "SubwordTokenizer", "train_tokenizer", "oracle_iou", "oracle_grounding",
            "SceneGenerator", "ShapeCatalog", "Scene", "SHAPES", "COLOR_NAMES", "SPLITS", "CONTROLLED",
            "DATASET_TYPES", "CLIP_MEAN", "CLIP_STD", "open_image"]
@@ -140,8 +142,11 @@ def build_dataset(dataset_type: str, split: str = "train", *, seed: int = 0, siz
                   path: str | list[str] | None = None, image_size: int = 64, max_objects: int = 3,
                   hard_mix: float = 0.0, sample_seed: int | None = None,
                   img_key: str = "filepath", caption_key: str = "title", separator: str = "\t",
-                  crop: str = "center", rank: int = 0, world_size: int = 1, **_ignored):
-    """A map-style dataset of samples (see the module docstring).
+                  crop: str = "center", rank: int | None = None, world_size: int | None = None,
+                  streaming: bool | None = None, resampled: bool = False, shard_shuffle: bool | None = None,
+                  shuffle_buffer: int | None = None, samples_per_epoch: int | None = None, **_ignored):
+    """A map-style dataset of samples (see the module docstring), or for streamed shards an
+    iterable one.
 
     ``dataset_type``: ``synthetic``, ``fashion``, ``emoji`` (built-in; ``split`` in
     ``train|val|test|compositional|single``, ``size`` scenes, default 50000 for train and 1000
@@ -149,17 +154,39 @@ def build_dataset(dataset_type: str, split: str = "train", *, seed: int = 0, siz
     shards, a directory, glob or ``{000..009}`` range; ``split`` is then only a label).
     ``world_size > 1`` keeps this ``rank``'s disjoint share (:class:`RankShard`).
     Missing Fashion-MNIST / emoji files raise ``FileNotFoundError`` naming the package to install.
+
+    ``webdataset`` with ``streaming=True``, or with a ``path`` holding a URL or ``pipe:`` command
+    (``streaming=None``, the default, decides so; ``streaming=False`` refuses URLs), gives a
+    :class:`StreamingShardDataset` (``webdataset`` library; see :mod:`loupe.data.streaming`):
+    shards split by node (``rank``/``world_size``; None: from ``RANK``/``WORLD_SIZE`` or
+    ``torch.distributed``) and DataLoader worker, ``resampled`` for an endless stream drawn with
+    replacement, ``shard_shuffle`` and ``shuffle_buffer`` (None: on, 1000 samples, for the
+    ``train`` split; off otherwise), ``samples_per_epoch`` per rank, all seeded by ``seed``. It
+    has no ``len`` and no random access: the trainer's exact resume needs the map-style reader.
     """
     if dataset_type in ("csv", "webdataset"):
         if not path:
             raise ValueError(f"dataset type {dataset_type!r} needs path=")
         pre = Preprocess(image_size, crop)
+        urls = [path] if isinstance(path, str) else list(path)
+        has_url = any(is_url(str(u)) for u in urls)
+        if dataset_type == "csv" and streaming:
+            raise ValueError("streaming=True reads webdataset shards, not csv")
+        if dataset_type == "webdataset" and streaming is False and has_url:
+            raise ValueError(f"streaming=False reads local shards only, not {path!r}")
+        if dataset_type == "webdataset" and (streaming or (streaming is None and has_url)):
+            train = split == "train"
+            return StreamingShardDataset(
+                path, pre, rank=(rank or 0) if world_size is not None else None, world_size=world_size,
+                resampled=resampled, shard_shuffle=train if shard_shuffle is None else shard_shuffle,
+                shuffle_buffer=(1000 if train else 0) if shuffle_buffer is None else shuffle_buffer,
+                seed=seed, samples_per_epoch=samples_per_epoch)
         ds = (CsvDataset(path, img_key, caption_key, separator, pre) if dataset_type == "csv"
               else ShardDataset(path, pre))
     else:
         ds = SceneDataset(_catalog(dataset_type), split, size, seed, image_size, max_objects, hard_mix, sample_seed)
-    if world_size > 1:
-        ds = RankShard(ds, rank, world_size)
+    if world_size is not None and world_size > 1:
+        ds = RankShard(ds, 0 if rank is None else rank, world_size)
     return ds
 
 
