@@ -398,6 +398,8 @@ def remove_stale_shm_buffers(min_age_s: float = 60.0, shm_dir: str = "/dev/shm")
 def _on_signal(signum, frame):  # noqa: ARG001
     """SIGTERM / SIGINT: unwind through the ``finally`` blocks (lock, log, shared memory)."""
     signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+    print(f"loupe: {signal.Signals(signum).name} received, stopping (the last checkpoint stays the newest)",
+          file=sys.stderr)
     raise SystemExit(128 + signum)
 
 
@@ -438,6 +440,8 @@ def main(argv=None) -> int:
             signal.signal(sig, _on_signal)
 
     on_gpu = torch.cuda.is_available()
+    if on_gpu:  # before any collective: NCCL object broadcasts use the current device
+        torch.cuda.set_device(args.local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank = dist.get_rank()
     lock = None
@@ -479,8 +483,6 @@ def _train(args) -> int:
 
     on_gpu = torch.cuda.is_available()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if on_gpu:
-        torch.cuda.set_device(args.local_rank)
     device = torch.device("cuda", args.local_rank) if on_gpu else torch.device("cpu")
     if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
         # share the cores among the ranks of this machine: oversubscribed OpenMP threads spin
@@ -533,6 +535,11 @@ def _train(args) -> int:
     dist.barrier()
     tokenizer = ldata.load_tokenizer(tok_path)
 
+    # records the data set left out when it was read (bad rows, images, sidecars: warned about there)
+    scan_skipped = int(getattr(train_set, "skipped", 0) or 0)
+    if is_main and scan_skipped:
+        print(f"loupe: the training data has {scan_skipped} bad record(s), skipped (see the warnings above; "
+              f"also in config.json as data_skipped_at_scan)", file=sys.stderr)
     saved = ckpt.read_config(out_dir) if resume_tag else None
     if saved is not None:
         config = LoupeConfig.from_dict(saved["model"])
@@ -550,7 +557,7 @@ def _train(args) -> int:
     if is_main:
         ckpt.write_config(out_dir, config, {k: v for k, v in vars(args).items()
                                             if isinstance(v, (int, float, str, bool, type(None)))},
-                          deepspeed=ds_config, world_size=world)
+                          deepspeed=ds_config, world_size=world, data_skipped_at_scan=int(scan_skipped))
 
     optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
@@ -644,13 +651,18 @@ def _train(args) -> int:
         dist.barrier()
 
     step, last_saved, skipped_total = start, start, 0
+    if is_main and start and os.path.exists(log_path):  # the count goes on from the resumed step
+        with open(log_path) as f:
+            lines = [line for line in f if line.strip()]
+        if lines:
+            skipped_total = int(json.loads(lines[-1]).get("skipped", 0) or 0)
     t_prev = time.perf_counter()
     log_f = open(log_path, "a") if is_main else None
     try:
         for batch in loader:
             t_data = time.perf_counter() - t_prev
             torch.manual_seed(step_seed(args.seed, step, rank))
-            skipped_total += int(batch.pop("skipped", 0))
+            skipped_step = int(batch.pop("skipped", 0))
             batch = to_device(batch, device, float_dtype)
             batch["step"] = step
             batch["seed"] = step_seed(args.seed, step, rank)
@@ -660,11 +672,14 @@ def _train(args) -> int:
                 if not _nonfinite_error(e):
                     raise
                 out, failure = None, e
-            # 1: finite loss, 0: non-finite loss or non-finite values in the forward pass (all ranks agree)
-            finite = torch.tensor([0.0 if failure is not None
-                                   else float(torch.isfinite(out["loss"].detach().float()).item())], device=device)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1:
+            # [ranks with a non-finite loss or non-finite values in the forward pass, samples skipped
+            # by the collator on all ranks]: every rank agrees on both
+            bad_skip = torch.tensor([1.0 if failure is not None
+                                     else 1.0 - float(torch.isfinite(out["loss"].detach().float()).item()),
+                                     float(skipped_step)], dtype=torch.float64, device=device)
+            dist.all_reduce(bad_skip)
+            skipped_total += int(bad_skip[1].item())
+            if bad_skip[0].item() > 0:
                 if failure is not None:
                     what = f"non-finite values in the forward pass ({failure})"
                 elif out is not None and torch.isfinite(out["loss"].detach().float()).item():
@@ -734,7 +749,10 @@ def _train(args) -> int:
         if eval_done:
             print(f"  evaluation:  {eval_json} (+ .md table and figures beside it)")
         if skipped_total:
-            print(f"  skipped {skipped_total} unreadable samples")
+            print(f"  skipped {skipped_total} samples that failed to decode (all ranks; cumulative "
+                  f"'skipped' in the log)")
+        if scan_skipped:
+            print(f"  skipped {scan_skipped} bad records when reading the data (config.json: data_skipped_at_scan)")
     dist.barrier()
     dist.destroy_process_group()
     return 0
