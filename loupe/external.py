@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -134,9 +135,6 @@ def _clip_box(box: Sequence[float], size: tuple[int, int]) -> list[float]:
             min(max(y1, 0.0), size[1])]
 
 
-_SIZE_CACHE: dict[str, tuple[int, int] | str] = {}
-
-
 def _image_size(path: str) -> tuple[int, int] | str:
     """``(w, h)`` of an image file from its header, or the reason it cannot be read."""
     from PIL import Image
@@ -215,6 +213,27 @@ def _load_images(model, paths: Sequence[str], crop: str, problems: _Problems | N
 
 def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _without_known_words(model, texts: Sequence[str]) -> list[str]:
+    """The texts none of whose tokens the model's tokenizer knows (each maps to ``[UNK]``): their
+    features are all the same, so their boxes and scores say nothing about them."""
+    tok = model.tokenizer
+    unk = getattr(tok, "unk_id", None)
+    if unk is None:
+        return []
+    out = []
+    for t in texts:
+        ids, _ = tok.encode(t)
+        if all(i == unk for i in ids):
+            out.append(t)
+    return out
+
+
+def _warn_unknown(what: str, texts: list[str], total: int) -> None:
+    if texts:
+        warnings.warn(f"loupe.external: {len(texts)} of {total} {what} hold no word the model knows (e.g. "
+                      f"{texts[:5]}); the model's tokenizer was fitted on its training captions", stacklevel=3)
 
 
 def _bar(total: int, enabled: bool, desc: str):
@@ -411,7 +430,7 @@ def evaluate_coco(model, annotations: str, images: str, *, max_dets_per_class: i
         conf = detection_confidence(sc, presence)
         for b, j in enumerate(ok):
             im = chunk[j]
-            evaluated.append(im)
+            evaluated.append({**im, "map": maps[b]})
             lab = torch.arange(C)[:, None].expand_as(idx[b])[valid[b]]
             boxes = to_original(cand_px[idx[b][valid[b]]], maps[b], sizes[b])
             scores = conf[b][valid[b]].double()
@@ -431,23 +450,18 @@ def evaluate_coco(model, annotations: str, images: str, *, max_dets_per_class: i
     ids = {im["id"] for im in evaluated}
     gt_anns = [a for a in ds["annotations"] if a["image_id"] in ids]
     stats, ev, _ = _pycocotools_eval(evaluated, cats, gt_anns, results)
-    crop_cut = 0
-    if crop == "center":
-        by_id = {im["id"]: im for im in evaluated}
-        for a in gt_anns:
-            im = by_id[a["image_id"]]
-            kk = S / min(im["width"], im["height"])
-            nw, nh = max(S, round(im["width"] * kk)), max(S, round(im["height"] * kk))
-            mp = (nw / im["width"], nh / im["height"], float((nw - S) // 2), float((nh - S) // 2))
-            x, y, w, h = a["bbox"]
-            if float(_visible_share(torch.tensor([[x, y, x + w, y + h]]), mp, S)[0]) < 0.5:
-                crop_cut += 1
+    by_id = {im["id"]: im for im in evaluated}
+    crop_cut = sum(1 for a in gt_anns if float(_visible_share(
+        torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]]),
+        by_id[a["image_id"]]["map"], S)[0]) < 0.5)
+    unknown = _without_known_words(model, names)
+    _warn_unknown("category names", unknown, len(names))
     out = {"task": "coco", "annotations": os.path.abspath(annotations), "images_dir": os.path.abspath(images),
            **stats, "per_class": _per_class_ap(ev, cats),
            "evaluator": "pycocotools COCOeval (bbox, maxDets [1, 10, 100])",
            "images": len(evaluated), "categories": len(cats), "ground_truth_boxes": len(gt_anns),
            "detections": len(results), "max_dets_per_class": k, "max_dets": max_dets, "crop": crop,
-           "boxes_mostly_outside_crop": crop_cut,
+           "boxes_mostly_outside_crop": crop_cut, "categories_without_known_words": unknown,
            "prompts": "'a <category>' in every prompt template beside neutral partner phrases (as built-in detection)",
            **pr.report(), "seconds": time.perf_counter() - t0}
     if return_detections:
@@ -698,11 +712,13 @@ def evaluate_grounding(model, annotations: str, images: str | None = None, *, cr
     every = torch.ones(len(r["hit"]), dtype=torch.bool)
     finding = block(every)
     finding["by_k"] = {str(k): block(r["k"] == k) for k in sorted(set(r["k"].tolist()))}
+    unknown = _without_known_words(model, [e["caption"][s_:e_] for e in entries for s_, e_ in e["spans"]])
+    _warn_unknown("phrases", unknown, sum(len(e["spans"]) for e in entries))
     out = {"task": "grounding", "annotations": os.path.abspath(annotations),
            "acc50": mean(r["hit"]), "pointing": mean(r["point"]), "mean_iou": mean(r["iou"]),
            "phrases": len(r["hit"]), "entries": n_done, "images": len(objects),
            "finding": finding, "crop": crop, "phrase_context": phrase_context,
-           "lone_phrases": n_lone, "phrases_truncated": n_trunc,
+           "lone_phrases": n_lone, "phrases_truncated": n_trunc, "phrases_without_known_words": len(unknown),
            "boxes_mostly_outside_crop": int((r["visible"] < 0.5).sum()),
            "rule": "best whole-patch box under loupe.regions.grounding_scores, mapped to the image's pixels"}
     if "hit_regions" in r:
@@ -777,8 +793,11 @@ def evaluate_classification(model, folder: str, *, crop: str = "center", batch_s
     for ci, c in enumerate(classes):
         m = y == ci
         per_class[c] = {"images": int(m.sum()), "top1": float((pred[m] == ci).double().mean()) if m.any() else None}
+    unknown = _without_known_words(model, [" ".join(c.replace("_", " ").split()) for c in classes])
+    _warn_unknown("class names", unknown, len(classes))
     return {"task": "classify", "folder": os.path.abspath(folder), "top1": r[1], "top5": r[5],
             "classes": len(classes), "images": int(len(y)), "per_class": per_class, "crop": crop,
+            "classes_without_known_words": unknown,
             "prompts": "'a <folder name, _ -> space>' averaged over the prompt templates (as built-in classification)",
             **pr.report(), "seconds": time.perf_counter() - t0}
 
@@ -803,8 +822,9 @@ def evaluate_retrieval(model, *, csv: str | None = None, shards: str | list[str]
                        progress: bool = False) -> dict:
     """Image<->text recall@1/5/10 on a CSV/TSV (``csv``) or WebDataset shards (``shards``).
 
-    Rows are read by :class:`loupe.data.CsvDataset` / :class:`loupe.data.ShardDataset` (their own
-    skip-and-count of bad rows and samples); CSV rows naming the same image file are one image
+    Rows are read by :class:`loupe.data.CsvDataset` / :class:`loupe.data.ShardDataset` (or, for
+    ``https://`` and ``pipe:`` shard specs, :class:`loupe.data.StreamingShardDataset`), with their own
+    skip-and-count of bad rows and samples; CSV rows naming the same image file are one image
     with several captions."""
     if (csv is None) == (shards is None):
         raise ValueError("evaluate_retrieval: give exactly one of csv= and shards=")
@@ -818,31 +838,44 @@ def evaluate_retrieval(model, *, csv: str | None = None, shards: str | list[str]
             ds = ldata.build_dataset("csv", path=csv, image_size=S, crop=crop, img_key=img_key,
                                      caption_key=caption_key, separator=separator)
         else:
-            ds = ldata.build_dataset("webdataset", path=shards, image_size=S, crop=crop)
+            # local shards: the map-style reader; URLs and pipe: commands: streamed in file order, whole
+            ds = ldata.build_dataset("webdataset", "test", path=shards, image_size=S, crop=crop, rank=0, world_size=1)
     skipped_read = int(getattr(ds, "skipped", 0))
-    n = len(ds) if limit is None else min(len(ds), int(limit))
+    streamed = isinstance(ds, torch.utils.data.IterableDataset)
+    n = None if streamed else (len(ds) if limit is None else min(len(ds), int(limit)))
     dev = model.logit_scale.device
     mean = (torch.tensor(ldata.CLIP_MEAN).view(1, 3, 1, 1) * 255.0).to(dev)
     std = (torch.tensor(ldata.CLIP_STD).view(1, 3, 1, 1) * 255.0).to(dev)
     items = getattr(ds, "items", None)
+
+    def samples_of():
+        """``(sample or None, image key)`` in file order; warnings collected in ``caught``."""
+        it = iter(ds) if streamed else (ds[i] for i in range(n))
+        for i in range(n) if n is not None else itertools.count():
+            if limit is not None and i >= int(limit):
+                return
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                s = next(it, StopIteration)
+            caught.extend(w)
+            if s is StopIteration:
+                return
+            key = items[i].get("path") if (csv is not None and items is not None and i < len(items)) else None
+            yield s, (key if key is not None else f"#{i}")
+
     keys: dict[str, int] = {}
     img_embs, txt_embs, owner = [], [], []
     skipped_decode = 0
-    bar = _bar(n, progress, "retrieval")
-    for lo in range(0, n, batch_size):
-        samples = []
-        for i in range(lo, min(n, lo + batch_size)):
-            with warnings.catch_warnings(record=True) as w:
-                warnings.simplefilter("always")
-                s = ds[i]
-            caught.extend(w)
-            if s is None:
-                skipped_decode += 1
-                continue
-            key = items[i].get("path") if (csv is not None and items is not None and i < len(items)) else None
-            samples.append((s, key if key is not None else f"#{i}"))
+    bar = _bar(n or 0, progress, "retrieval")
+    stream = samples_of()
+    while True:
+        raw = [x for _, x in zip(range(batch_size), stream)]
+        if not raw:
+            break
         if bar is not None:
-            bar.update(min(n, lo + batch_size) - lo)
+            bar.update(len(raw))
+        samples = [(s, k) for s, k in raw if s is not None]
+        skipped_decode += len(raw) - len(samples)
         if not samples:
             continue
         new = [(s, k) for s, k in samples if k not in keys]
@@ -854,6 +887,8 @@ def evaluate_retrieval(model, *, csv: str | None = None, shards: str | list[str]
                 keys[k] = len(keys)
         txt_embs.append(model.encode_captions([s["caption"] for s, _ in samples]).float().cpu())
         owner += [keys[k] for _, k in samples]
+    if streamed:  # a stream drops bad samples itself and counts them as it goes
+        skipped_read = int(getattr(ds, "skipped", 0))
     if bar is not None:
         bar.close()
     if not owner:
@@ -862,7 +897,8 @@ def evaluate_retrieval(model, *, csv: str | None = None, shards: str | list[str]
     own = torch.tensor(owner, dtype=torch.long)
     sim = img @ txt.T  # [Ni, Nt]
     t2i = recall_at_k(sim.T.contiguous(), own)
-    i2t = recall_at_k(sim, torch.arange(len(img))) if len(img) == len(txt) else _recall_multi(sim, own)
+    one_each = len(img) == len(txt) and torch.equal(own, torch.arange(len(txt)))
+    i2t = recall_at_k(sim, own) if one_each else _recall_multi(sim, own)
     messages = [str(w.message) for w in caught]
     out = {"task": "retrieval", "source": os.path.abspath(csv) if csv is not None else shards,
            **{f"i2t_r{k}": v for k, v in i2t.items()}, **{f"t2i_r{k}": v for k, v in t2i.items()},

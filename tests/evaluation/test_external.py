@@ -267,8 +267,11 @@ def test_retrieval_csv_and_shards_equal_the_builtin_retrieval(model, builtin, tm
     csv = ldata.write_csv(ds, str(tmp_path / "csv"), n=N_TEST)
     shards = ldata.write_shards(ds, str(tmp_path / "shards"), n=N_TEST, per_shard=10)
     ref = builtin["retrieval"]
+    spec = "pipe:cat " + os.path.join(str(tmp_path / "shards"), "shard-{000000..000002}.tar")
+    assert len(shards) == 3
     for res in (X.evaluate_retrieval(model, csv=csv, batch_size=BATCH),
-                X.evaluate_retrieval(model, shards=shards, batch_size=BATCH)):
+                X.evaluate_retrieval(model, shards=shards, batch_size=BATCH),
+                X.evaluate_retrieval(model, shards=spec, batch_size=BATCH)):  # streamed (webdataset library)
         assert res["images"] == res["captions"] == N_TEST and res["skipped"] == 0
         for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
             assert res[k] == ref[k], k
@@ -331,11 +334,13 @@ def test_bad_coco_input_is_named_or_skipped(model, tmp_path):
     d["annotations"].append({"id": 99, "image_id": 100, "category_id": 12345, "bbox": [1, 1, 5, 5]})
     d["annotations"].append({"id": 98, "image_id": 101, "category_id": 3, "bbox": [50, 50, 40, 5]})
     d["images"].append({"id": 500, "file_name": "gone.png"})
+    d["categories"][0]["name"] = "zebra"  # a word the model's tokenizer never saw: said, not hidden
     bad = tmp_path / "bad_coco.json"
     bad.write_text(json.dumps(d))
-    with pytest.warns(UserWarning, match="skipped 3 bad entries"):
+    with pytest.warns(UserWarning, match="skipped 3 bad entries"), \
+            pytest.warns(UserWarning, match=r"1 of 6 category names hold no word the model knows"):
         res = X.evaluate_coco(model, str(bad), img)
-    assert res["images"] == 4 and res["skipped"] == 3
+    assert res["images"] == 4 and res["skipped"] == 3 and res["categories_without_known_words"] == ["zebra"]
     assert res["skipped_reasons"] == {"annotation of an unknown category": 1, "box outside image": 1,
                                       "image not found": 1}
     ex = " | ".join(res["skipped_examples"])
