@@ -35,7 +35,6 @@ draw). Exact resume needs the map-style :class:`ShardDataset` (local shards).
 """
 from __future__ import annotations
 
-import multiprocessing
 import re
 import sys
 import warnings
@@ -49,6 +48,7 @@ from .pipeline import Preprocess
 
 __all__ = ["StreamingShardDataset", "expand_urls", "is_url", "SKIP_KINDS"]
 
+_COUNT_ROWS = 65  # workers beyond 64 share rows (their counts may then race)
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: not a Windows drive
 
 
@@ -140,17 +140,16 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
         self.resampled, self.shard_shuffle = bool(resampled), bool(shard_shuffle)
         self.shuffle_buffer, self.seed, self.epoch = int(shuffle_buffer), int(seed), int(epoch)
         self.samples_per_epoch, self.warn_limit = samples_per_epoch, int(warn_limit)
-        # shared with the DataLoader workers (inherited when they start), so the main process sees
-        # what they skipped
-        self._counts = multiprocessing.Array("q", len(SKIP_KINDS))
+        # skip counts in shared memory, one row per DataLoader worker (the last row: no worker), so
+        # that the main process sees what the workers skipped (fork or spawn) without a lock
+        self._counts = torch.zeros(_COUNT_ROWS, len(SKIP_KINDS), dtype=torch.int64).share_memory_()
         self._warned = 0
 
     # -- counts ----------------------------------------------------------------------------------
     @property
     def skip_counts(self) -> dict[str, int]:
         """Bad input skipped so far, by kind (:data:`SKIP_KINDS`), over all workers."""
-        with self._counts.get_lock():
-            return dict(zip(SKIP_KINDS, self._counts[:]))
+        return dict(zip(SKIP_KINDS, (int(v) for v in self._counts.sum(0).tolist())))
 
     @property
     def skipped(self) -> int:
@@ -158,8 +157,9 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
         return sum(self.skip_counts.values())
 
     def _skip(self, kind: str, msg: str) -> None:
-        with self._counts.get_lock():
-            self._counts[SKIP_KINDS.index(kind)] += 1
+        wi = torch.utils.data.get_worker_info()
+        row = wi.id % (_COUNT_ROWS - 1) if wi is not None else _COUNT_ROWS - 1
+        self._counts[row, SKIP_KINDS.index(kind)] += 1
         self._warned += 1
         if self._warned <= self.warn_limit:
             more = (f" (warning limit {self.warn_limit} reached: further bad input is counted in "

@@ -187,3 +187,11 @@ def test_http_urls(shards):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow  # ~5 s: a spawned worker imports torch
+def test_counts_come_back_from_a_spawned_worker(shards, tmp_path):
+    _, paths = shards
+    ds = StreamingShardDataset([paths[0], str(tmp_path / "missing.tar")], warn_limit=0)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    assert len(list(dl)) == PER and ds.skip_counts["read_error"] == 1
