@@ -201,6 +201,17 @@ def test_grounding_jsonl_equals_the_builtin_evaluation(model, builtin, tmp_path)
     assert big["boxes_mostly_outside_crop"] == 0
 
 
+def test_boxes_the_centre_crop_cuts_off_are_counted(model, tmp_path):
+    """A 64x96 file seen through the centre crop: a box in the top 16 rows is invisible to the model."""
+    write_grounding(tmp_path, "padded", n=2)  # image 1 is 64 wide, 96 tall
+    row = json.loads(open(tmp_path / "grounding_padded.jsonl").read().splitlines()[1])
+    row["phrases"].append({"span": row["phrases"][0]["span"], "box": [0, 0, 64, 12]})
+    path = tmp_path / "cut.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    assert X.evaluate_grounding(model, str(path))["boxes_mostly_outside_crop"] == 1
+    assert X.evaluate_grounding(model, str(path), crop="none")["boxes_mostly_outside_crop"] == 0
+
+
 def test_coco_detection_pycocotools_equals_builtin_and_coco_map(model, builtin, tmp_path):
     for kind in ("same", "padded"):
         ann, img = write_coco(tmp_path, kind)
