@@ -192,6 +192,9 @@ class StreamingShardDataset(torch.utils.data.IterableDataset):
             stages = [wds.ResampledShards(self.urls, seed=_mix(self.seed, self.epoch),
                                           worker_seed=partial(_worker_seed, rank), deterministic=True)]
         else:
+            if len(self.urls) < world * workers and worker == 0:
+                warnings.warn(f"loupe.data: {len(self.urls)} shards for {world} rank(s) x {workers} worker(s): "
+                              f"some readers get no shard (use more shards, or resampled=True)", stacklevel=3)
             order = _mix(self.seed, self.epoch, 1) if self.shard_shuffle else None
             stages = [wds.SimpleShardList(self.urls, seed=order), partial(_split_node, rank=rank, world_size=world),
                       wds.split_by_worker]
