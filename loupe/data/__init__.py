@@ -30,16 +30,17 @@ import torch
 
 from ..config import DATASET_TYPES
 from .formats import CsvDataset, ShardDataset, expand_paths, write_csv, write_shards
-from .streaming import StreamingShardDataset, expand_urls, is_url
 from .pipeline import CLIP_MEAN, CLIP_STD, Collator, Preprocess, open_image
 from .scenes import (COLOR_NAMES, CONTROLLED, DEFAULT_SIZES, HELD_OUT_SPLITS, SHAPES, SPLITS, Catalog, Scene,
                      SceneGenerator,
                      ShapeCatalog, oracle_iou)
+from .streaming import StreamingShardDataset, expand_urls, is_url
 from .text import (SubwordTokenizer, WordTokenizer, chunk_noun_phrases, load_tokenizer,
                    train_tokenizer)
 
 __all__ = ["build_dataset", "fit_tokenizer", "load_tokenizer", "Collator", "Preprocess", "SceneDataset",
-           "CsvDataset", "ShardDataset", "StreamingShardDataset", "RankShard", "write_shards", "write_csv", "chunk_noun_phrases",
+           "CsvDataset", "ShardDataset", "StreamingShardDataset", "expand_urls", "RankShard", "write_shards",
+           "write_csv", "chunk_noun_phrases",
            "WordTokenizer", "SubwordTokenizer", "train_tokenizer", "oracle_iou", "oracle_grounding",
            "SceneGenerator", "ShapeCatalog", "Scene", "SHAPES", "COLOR_NAMES", "SPLITS", "CONTROLLED",
            "DATASET_TYPES", "CLIP_MEAN", "CLIP_STD", "open_image"]

@@ -77,7 +77,7 @@ def test_node_split_on_two_processes(shards):
     procs = [ctx.Process(target=_rank_keys, args=(url, r, q)) for r in range(2)]
     for p in procs:
         p.start()
-    out = dict((r, (node, keys)) for r, node, keys in (q.get(timeout=60) for _ in procs))
+    out = {r: (node, keys) for r, node, keys in (q.get(timeout=60) for _ in procs)}
     for p in procs:
         p.join(30)
     assert out[0][0] == (0, 2) and out[1][0] == (1, 2)
