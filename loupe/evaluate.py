@@ -51,7 +51,8 @@ from .metrics import (box_iou_pairs, chance_acc, coco_map, detection_confidence,
 from .report import markdown_table, write_figures
 from .transformer import center_words
 
-__all__ = ["evaluate_checkpoint", "evaluate_model", "EvalOptions", "PROMPT_TEMPLATES", "RULE", "main"]
+__all__ = ["evaluate_checkpoint", "evaluate_model", "EvalOptions", "PROMPT_TEMPLATES", "RULE", "class_features",
+           "class_phrase_features", "with_article", "main"]
 
 #: prompt templates for class prompts; "{}" is the class phrase ("a circle", "a red circle"). Built
 #: from the caption templates of the built-in sets, so every word is in the tokenizer's vocabulary.
@@ -326,7 +327,7 @@ def _finding_vs_naming(rec: dict) -> dict:
 
 
 @torch.no_grad()
-def _class_features(model, phrases: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES) -> torch.Tensor:
+def class_features(model, phrases: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES) -> torch.Tensor:
     """Normalised global text embeddings of each class, averaged over prompt templates -> ``[C, D]``."""
     embs = []
     for t in templates:
@@ -336,7 +337,7 @@ def _class_features(model, phrases: Sequence[str], templates: Sequence[str] = PR
 
 
 @torch.no_grad()
-def _class_phrase_features(model, phrases: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES) -> torch.Tensor:
+def class_phrase_features(model, phrases: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES) -> torch.Tensor:
     """Phrase features of each class phrase ``[C, D]``: the grounding rule's ``p`` for a class.
 
     Each class phrase is encoded in context, inside every template and beside each partner phrase of
@@ -345,7 +346,7 @@ def _class_phrase_features(model, phrases: Sequence[str], templates: Sequence[st
     return model.encode_lone_phrases(list(phrases), templates=templates)
 
 
-def _article(phrase: str) -> str:
+def with_article(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
@@ -356,9 +357,9 @@ def _classification(model, ds, n: int, opts: EvalOptions) -> dict:
     colors = list(getattr(ds, "color_names", ()))
     if not classes:
         return {}
-    shape_t = _class_features(model, [_article(c) for c in classes])
+    shape_t = class_features(model, [with_article(c) for c in classes])
     both_names = [f"{col} {c}" for col in colors for c in classes]
-    both_t = _class_features(model, [_article(x) for x in both_names]) if colors else None
+    both_t = class_features(model, [with_article(x) for x in both_names]) if colors else None
     collate = Collator(model.tokenizer, max_length=min(32, model.config.context_length))
     imgs, shape_y, color_y = [], [], []
     bar = _Bar(n, opts.progress, "classify (single)")
@@ -384,8 +385,8 @@ def _detection(model, ds, n: int, opts: EvalOptions) -> dict:
     classes = list(getattr(ds, "class_names", ()))
     if not classes:
         return {}
-    cf = _class_phrase_features(model, [_article(c) for c in classes])  # [C, D]
-    ct = _class_features(model, [_article(c) for c in classes])  # [C, D] global class embeddings
+    cf = class_phrase_features(model, [with_article(c) for c in classes])  # [C, D]
+    ct = class_features(model, [with_article(c) for c in classes])  # [C, D] global class embeddings
     scale = float(model.scale("cmc"))
     C, g, p = len(classes), model.grid_size, model.config.patch_size
     cand_px = model.candidate_boxes.float() * p

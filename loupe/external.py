@@ -55,14 +55,13 @@ import time
 import warnings
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from . import data as ldata
 from . import regions as R
 from .checkpoint import CheckpointError, load_checkpoint, saved_step
 from .data.pipeline import open_image
-from .evaluate import _article, _class_features, _class_phrase_features
+from .evaluate import with_article, class_features, class_phrase_features
 from .ground import prepare_image
 from .metrics import (box_iou_pairs, detection_confidence, discrimination, grounding_predictions, object_hits,
                       patch_centres, points_in_any, points_inside, recall_at_k)
@@ -401,10 +400,10 @@ def evaluate_coco(model, annotations: str, images: str, *, max_dets_per_class: i
     pr: _Problems = ds["problems"]
     cats = ds["categories"]
     names = [c["name"] for c in cats]
-    phrases = [_article(n.replace("_", " ")) for n in names]
+    phrases = [with_article(n.replace("_", " ")) for n in names]
     dev = model.logit_scale.device
-    cf = _class_phrase_features(model, phrases).to(dev)  # [C, D]: the rule's p of each class
-    ct = _class_features(model, phrases).to(dev)         # [C, D]: global class embeddings (presence)
+    cf = class_phrase_features(model, phrases).to(dev)  # [C, D]: the rule's p of each class
+    ct = class_features(model, phrases).to(dev)         # [C, D]: global class embeddings (presence)
     scale = float(model.scale("cmc"))
     C, g, p = len(cats), model.grid_size, model.config.patch_size
     cand_px = model.candidate_boxes.float().cpu() * p
@@ -759,7 +758,7 @@ def read_class_folders(root: str) -> tuple[list[str], list[tuple[str, int]]]:
 def class_prompt(folder: str) -> str:
     """The class phrase of a folder name: underscores -> spaces, with an article ("golden_retriever" ->
     "a golden retriever")."""
-    return _article(" ".join(folder.replace("_", " ").split()))
+    return with_article(" ".join(folder.replace("_", " ").split()))
 
 
 @torch.no_grad()
@@ -770,7 +769,7 @@ def evaluate_classification(model, folder: str, *, crop: str = "center", batch_s
     classes, items = read_class_folders(folder)
     pr = _Problems(os.path.basename(os.path.normpath(folder)), strict)
     dev = model.logit_scale.device
-    ct = _class_features(model, [class_prompt(c) for c in classes]).to(dev)
+    ct = class_features(model, [class_prompt(c) for c in classes]).to(dev)
     embs, ys = [], []
     bar = _bar(len(items), progress, "classify")
     for lo in range(0, len(items), batch_size):
