@@ -138,10 +138,19 @@ inline void check_common(const at::Tensor& subsets, const at::Tensor& player_mas
 
 std::vector<at::Tensor> maxsim(const at::Tensor& sim, const at::Tensor& query_mask, const at::Tensor& subsets,
                                const at::Tensor& player_mask, bool query_players, int64_t num_samples, int64_t seed,
-                               int64_t schedule) {
+                               int64_t schedule, const c10::optional<at::Tensor>& game_index) {
   check_common(subsets, player_mask, num_samples, schedule);
   TORCH_CHECK(sim.is_cuda() && sim.is_contiguous() && sim.dim() == 3, "sim must be a contiguous [G, Lq, n] CUDA tensor");
-  const int64_t G = sim.size(0), Lq = sim.size(1), n = sim.size(2), M = subsets.size(1);
+  const int64_t Lq = sim.size(1), n = sim.size(2), M = subsets.size(1);
+  int64_t G = sim.size(0);
+  const int64_t* gidx = nullptr;
+  if (game_index.has_value() && game_index->defined()) {  // rows validated by the caller (device-side)
+    TORCH_CHECK(game_index->is_cuda() && game_index->dim() == 1 && game_index->scalar_type() == at::kLong &&
+                game_index->is_contiguous() && game_index->device() == sim.device(),
+                "game_index must be a contiguous int64 [G] CUDA tensor on sim's device");
+    G = game_index->size(0);
+    gidx = game_index->data_ptr<int64_t>();
+  }
   TORCH_CHECK(subsets.size(0) == G && subsets.size(2) == (query_players ? Lq + n : n), "subsets shape");
   TORCH_CHECK(query_mask.dim() == 2 && query_mask.size(0) == G && query_mask.size(1) == Lq, "query_mask shape");
   const int dtype = dtype_code(sim, "shapley_maxsim (cuda): sim");
@@ -149,7 +158,7 @@ std::vector<at::Tensor> maxsim(const at::Tensor& sim, const at::Tensor& query_ma
   const auto opts = sim.options().dtype(dtype == LOUPE_F64 ? at::kDouble : at::kFloat);
   at::Tensor est = at::empty({G, M}, opts), se = at::empty({G, M}, opts);
   const cudaError_t e = loupe_shapley_maxsim(
-      sim.data_ptr(), dtype, u8(query_mask, "query_mask"), u8(subsets, "subsets"), u8(player_mask, "player_mask"),
+      sim.data_ptr(), dtype, gidx, u8(query_mask, "query_mask"), u8(subsets, "subsets"), u8(player_mask, "player_mask"),
       int(G), int(M), int(Lq), int(n), int(num_samples), query_players ? 1 : 0, static_cast<uint64_t>(seed),
       int(schedule), est.data_ptr(), se.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(e == cudaSuccess, "shapley_maxsim: CUDA error ", cudaGetErrorString(e));

@@ -129,8 +129,8 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
         sub = subsets[gb, gm][:, None, :]
         if game == "maxsim":
             qm = None if word_mask is None else word_mask[gb]
-            i_s, se_s = shapley_interaction(sim[gb], sub, query_mask=qm, num_samples=num_samples, seed=seed,
-                                            size_schedule="round_robin", backend=backend)
+            i_s, se_s = shapley_interaction(sim, sub, query_mask=qm, num_samples=num_samples, seed=seed,
+                                            size_schedule="round_robin", game_index=gb, backend=backend)
         else:
             i_s, se_s = shapley_interaction_pooled(patches[gb], text_emb[gb], sub, num_samples=num_samples,
                                                    seed=seed, size_schedule="round_robin", backend=backend)
@@ -345,9 +345,9 @@ def phrase_region_interactions(phrase_feats: torch.Tensor, phrase_mask: torch.Te
         sub[ar, 0, gp] = True
         sub[ar, 0, P + gr] = True
         pm = torch.cat([phrase_mask, region_valid], dim=1)[gb]
-        i_s, se_s = shapley_interaction(sim[gb], sub, player_mask=pm, query_players=True,
+        i_s, se_s = shapley_interaction(sim, sub, player_mask=pm, query_players=True,
                                         num_samples=num_samples, seed=seed, size_schedule="round_robin",
-                                        backend=backend)
+                                        game_index=gb, backend=backend)
         inter[gb, gp, gr] = i_s[:, 0].float()
         se[gb, gp, gr] = se_s[:, 0].float()
     return inter, se

@@ -26,16 +26,24 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["FLOAT_DTYPES", "POOLED_NORM_EPS", "work_dtype", "to_work", "sample_stats", "check_int", "set_debug",
-           "debug_enabled", "host_checks", "check", "triton_loader", "triton_acc"]
+__all__ = ["FLOAT_DTYPES", "POOLED_NORM_EPS", "MAX_SAMPLES", "work_dtype", "work_max_exponent", "to_work",
+           "sample_stats", "check_int", "set_debug", "debug_enabled", "host_checks", "check", "max_abs",
+           "check_finite", "pow2_scale", "no_second_derivative", "triton_loader", "triton_acc"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 POOLED_NORM_EPS = 1e-12  # the pooled Shapley game: normalize(z) = z / max(||z||, eps) (METHOD section 5)
+MAX_SAMPLES = 1 << 20   # the Shapley ops' bound on num_samples (K): 2^20 = 1,048,576 samples per subset
 
 
 def work_dtype(dt: torch.dtype) -> torch.dtype:
     """The dtype the kernels compute in: float64 for float64 input, float32 for every other float."""
     return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def work_max_exponent(dt: torch.dtype) -> int:
+    """The largest exponent ``e`` of the work dtype of ``dt``: its finite values are below ``2^(e+1)``
+    (127 for float32, 1023 for float64)."""
+    return 1023 if work_dtype(dt) == torch.float64 else 127
 
 
 def to_work(t: torch.Tensor) -> torch.Tensor:
@@ -98,6 +106,62 @@ def check(op: str, ok: torch.Tensor, msg: str) -> None:
             raise ValueError(f"{op}: {msg}")
     else:
         torch._assert_async(ok.all(), f"{op}: {msg} (set LOUPE_KERNELS_DEBUG=1 for a ValueError at the call)")
+
+
+def max_abs(t: torch.Tensor) -> torch.Tensor:
+    """``max |t|`` as a 0-d float64 tensor on ``t``'s device, without a host read and without a
+    temporary of ``t``'s size (one min/max reduction): NaN when ``t`` holds a NaN, inf when it holds
+    an inf, 0 for an empty ``t``."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=t.device)
+    lo, hi = torch.aminmax(t.detach())
+    return torch.maximum(hi.double(), -lo.double())  # maximum propagates NaN
+
+
+def check_finite(op: str, t: torch.Tensor, name: str) -> torch.Tensor:
+    """Require ``t`` to hold no NaN or inf (``ValueError(f"{op}: {name} contains NaN or inf")``, or a
+    device-side assert: see :func:`check`); returns :func:`max_abs` of ``t`` for magnitude checks."""
+    m = max_abs(t)
+    check(op, torch.isfinite(m), f"{name} contains NaN or inf")
+    return m
+
+
+def pow2_scale(amax: torch.Tensor, max_exp: int) -> torch.Tensor:
+    """The powers of two ``2^-e`` (float64, shape of ``amax``) that bring ``amax`` (>= 0, finite) into
+    ``[1, 2)`` (0 stays 0), with ``|e| <= max_exp`` so that the scale and its inverse are finite.
+    Multiplying by a power of two is exact (short of under/overflow), so scaled inputs give the same
+    rounding as unscaled ones: the scale only moves values away from the ends of the range."""
+    _, e = torch.frexp(amax.double())  # amax = mant * 2^e, mant in [0.5, 1)
+    shift = (1 - e).clamp(-max_exp, max_exp)
+    return torch.ldexp(torch.ones_like(amax, dtype=torch.float64), shift)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity on the first ``n`` tensors, connected to the rest (the inputs they were computed from);
+    its backward raises the message."""
+
+    @staticmethod
+    def forward(ctx, msg, n, *tensors):
+        ctx.msg = msg
+        return tuple(t.detach() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.msg)
+
+
+def no_second_derivative(op: str, backend: str, grads: tuple, inputs: tuple) -> tuple:
+    """The gradients ``grads`` computed by a kernel backward from ``inputs``, as they are; under
+    ``create_graph=True`` (grad mode on inside the backward) connected to ``inputs`` through a node
+    whose backward raises ``RuntimeError("<op>: no second derivative ...")``, so that a double
+    backward says so plainly instead of a generic autograd message."""
+    if not torch.is_grad_enabled() or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        return tuple(grads)
+    msg = (f"{op}: no second derivative: the {backend} backend's backward is a kernel and is not "
+           f"differentiable (double backward, create_graph=True); use backend='reference' for it")
+    live = [g for g in grads if g is not None]
+    out = iter(_NoSecondDerivative.apply(msg, len(live), *live, *[t for t in inputs if isinstance(t, torch.Tensor)]))
+    return tuple(None if g is None else next(out) for g in grads)
 
 
 def triton_loader(op: str) -> Callable[[], ModuleType]:

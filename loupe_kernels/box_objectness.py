@@ -18,6 +18,10 @@ Contract
   ``bias [K, H]`` or ``[B, K, H]`` (the geometry part of the first layer plus its bias), ``w2 [H]``,
   ``b2`` a float or 0-d tensor.
 - Outputs are float32 (float64 for float64 tokens). The norms are accumulated in float64.
+- Checks (issue 21 item 9): shapes, dtypes and devices of ``tokens`` and every weight raise at the call;
+  NaN or inf in ``tokens``, ``w_in``, ``w_out``, ``bias``, ``w2`` or ``b2`` raise
+  ``ValueError("box_objectness: <name> contains NaN or inf")`` on CPU tensors and are device-side
+  asserts on GPU tensors (no host sync; debug mode raises at the call), on both backends.
 
 The first layer is linear and the box mean is linear, so the layer runs on the patch tokens and its
 outputs are summed per box: the ``[B, K, 2D]`` box features are never formed.
@@ -37,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backends import extension, resolve_backend
-from ._common import FLOAT_DTYPES, check, work_dtype
+from ._common import FLOAT_DTYPES, check_finite, work_dtype
 
 __all__ = ["box_objectness", "box_objectness_reference", "interval_matrix", "box_sums", "box_inverse_scales",
            "num_boxes"]
@@ -210,12 +214,23 @@ def _validate(tokens, h, w, w_in, w_out, bias, w2, b2, eps):
     if isinstance(b2, torch.Tensor):
         if b2.numel() != 1:
             raise ValueError(f"{OP}: b2 must be a number or a one-element tensor, got shape {list(b2.shape)}")
+        if b2.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{OP}: b2 must be floating point, got {b2.dtype}")
+        if b2.device != tokens.device:
+            raise ValueError(f"{OP}: b2 is on {b2.device} but tokens are on {tokens.device}")
     elif isinstance(b2, bool) or not isinstance(b2, (int, float)):
         raise TypeError(f"{OP}: b2 must be a number or a one-element tensor, got {type(b2).__name__}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps!r}")
     if not torch.compiler.is_compiling():
-        check(OP, torch.isfinite(tokens), "tokens contain NaN or inf")
+        # data checks: one min/max reduction each; no host sync on a GPU (device-side asserts)
+        check_finite(OP, tokens, "tokens")
+        for name, t in (("w_in", w_in), ("w_out", w_out), ("bias", bias), ("w2", w2)):
+            check_finite(OP, t, name)
+        if isinstance(b2, torch.Tensor):
+            check_finite(OP, b2, "b2")
+        elif not math.isfinite(float(b2)):
+            raise ValueError(f"{OP}: b2 must be finite, got {b2!r}")
 
 
 def box_objectness(tokens: torch.Tensor, h: int, w: int, w_in: torch.Tensor, w_out: torch.Tensor,

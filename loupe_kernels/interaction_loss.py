@@ -18,7 +18,14 @@ also with a weight; 0 for an empty input), ``"sum"`` or ``"none"`` (the shape of
   The result has the (promoted) dtype of the inputs; float16/bfloat16 are computed in float32,
   float64 in float64.
 - Gradients flow to ``mu`` and ``log_var`` only; ``target``, ``target_var`` and ``weight`` are data.
-  No second derivative.
+  No second derivative on the kernel backends: a double backward (``create_graph=True``) raises
+  ``RuntimeError("uncertainty_interaction_loss: no second derivative ...")``; the reference is
+  differentiated by autograd and has one.
+- Failure contract, the same on every backend (issue 21 item 8): the data checks below raise the
+  same ValueError on every backend; NaN/inf in ``mu`` / ``log_var`` (the model's own outputs) are not
+  checked and propagate to the loss as IEEE arithmetic gives; float16/bfloat16 are computed in
+  float32 and the result rounded to the input dtype (a loss above 65504 is ``inf`` in float16, on
+  every backend); an empty input gives 0 (mean, sum) or an empty tensor (none).
 - Validation (ValueError naming the argument): ``target`` NaN or inf where ``weight != 0``;
   ``target_var`` negative anywhere, or NaN/inf where ``weight != 0``; ``weight`` negative or not
   finite. An element with weight 0 contributes exactly 0 to the loss and to both gradients whatever
@@ -44,7 +51,7 @@ from typing import Callable, Optional
 import torch
 
 from ._backends import extension, resolve_backend
-from ._common import FLOAT_DTYPES, host_checks, triton_loader, work_dtype
+from ._common import FLOAT_DTYPES, host_checks, no_second_derivative, triton_loader, work_dtype
 
 __all__ = ["uncertainty_interaction_loss", "uncertainty_interaction_loss_reference", "UncertaintyInteractionLoss"]
 
@@ -271,6 +278,7 @@ def _setup_context(ctx, inputs, output):
     else:
         ctx.save_for_backward(gmu, gv)
     ctx.mark_non_differentiable(gmu, gv)
+    ctx.inputs_for_second = (mu, log_var)  # inputs (not outputs) on ctx: no reference cycle
 
 
 def _backward(ctx, grad_loss, _g1, _g2):
@@ -280,11 +288,14 @@ def _backward(ctx, grad_loss, _g1, _g2):
         rest = saved[3:]
         target_var = rest.pop(0) if ctx.has_tv else None
         weight = rest.pop(0) if ctx.has_w else None
-        dmu, dv = _uil_backward_op(grad_loss, mu, log_var, target, target_var, weight, ctx.backend)
+        with torch.no_grad():
+            dmu, dv = _uil_backward_op(grad_loss, mu, log_var, target, target_var, weight, ctx.backend)
     else:
         gmu, gv = ctx.saved_tensors  # gradients of the reduced loss, written by the forward
-        g = grad_loss.to(gmu.dtype)
-        dmu, dv = (gmu * g).to(ctx.dtype), (gv * g).to(ctx.dtype)
+        with torch.no_grad():
+            g = grad_loss.to(gmu.dtype)
+            dmu, dv = (gmu * g).to(ctx.dtype), (gv * g).to(ctx.dtype)
+    dmu, dv = no_second_derivative(OP, ctx.backend, (dmu, dv), ctx.inputs_for_second)
     return dmu, dv, None, None, None, None, None, None
 
 

@@ -3,7 +3,7 @@
 Contract
 --------
 ``shapley_interaction(sim, subsets, *, query_mask=None, player_mask=None, query_players=False,
-num_samples=64, seed=0, size_schedule="uniform", backend=None) -> (estimate, stderr)``
+num_samples=64, seed=0, size_schedule="uniform", game_index=None, backend=None) -> (estimate, stderr)``
 
 ``shapley_interaction_pooled(features, target, subsets, *, player_mask=None, num_samples=64,
 seed=0, size_schedule="uniform", backend=None) -> (estimate, stderr)``
@@ -28,7 +28,7 @@ Games
   tokens first, then the n keys; ``v(C)`` = mean over the query players in C of the max over the
   key players in C, 0 when C holds no query player or no key player. ``query_mask`` must be None.
 - Pooled: ``features [G, n, D]``, ``target [G, D]``; ``v(C) = <normalize(sum_{i in C} x_i), t>``
-  with ``normalize(z) = z / max(||z||, 1e-12)``. Players ``P = n``.
+  with ``normalize(z) = z / max(||z||, 1e-12)`` on the scaled features (see below). Players ``P = n``.
 
 ``subsets`` bool ``[G, M, P]`` (M subsets per game, each non-empty), ``player_mask`` bool ``[G, P]``
 (None = all valid): invalid players are never drawn and may not be in a subset.
@@ -40,9 +40,29 @@ The pool is the valid players outside S in ascending order, ``n' = |pool| + 1``;
 first word of sample 0); pool player t is taken iff ``u(1+t) * rem < (r - c) * 2^32`` (c taken so far,
 rem pool players left including this one).
 
-Data checks (NaN/inf inputs, empty subsets, subsets holding invalid players) raise a ValueError on
-CPU tensors; on GPU tensors they are device-side asserts with the same message and never synchronise
-with the host (debug mode, ``loupe_kernels.set_debug(True)``, raises at the call instead).
+``game_index`` (``shapley_interaction`` only; int64 ``[G]``, None = the identity): game g plays on
+``sim[game_index[g]]`` (sim may then have any number of rows); ``subsets``, ``query_mask`` and
+``player_mask`` stay per game, and the draw keys on the game index g, so the results are
+bit-identical to ``shapley_interaction(sim[game_index], ...)`` without the copy of ``sim``.
+
+Contract on bad and extreme input, the same on every backend (reference included; issue 21 items
+8-9). Data checks raise a ValueError on CPU tensors; on GPU tensors they are device-side asserts with
+the same message and never synchronise with the host (debug mode, ``loupe_kernels.set_debug(True)``,
+raises at the call instead):
+
+- NaN or inf in ``sim`` / ``features`` / ``target``: ValueError naming the input.
+- Empty subsets, subsets holding invalid players, ``game_index`` rows outside ``sim``: ValueError.
+- Max-sim games: ``|sim| <= 2^64`` (float64: ``2^512``), else ValueError ("sim must stay within");
+  under it no sum of the game can overflow the work dtype, so every backend agrees to rounding.
+- Pooled game: scale-invariant. Each game's features and its target are scaled by a power of two
+  (exact) so that their largest magnitude is in [1, 2) before the game is evaluated, and the results
+  are scaled back: ``features * c`` (c > 0) gives the same interactions, and ``target * c`` gives
+  ``c`` times them, for any finite magnitude. The eps of ``normalize`` acts on the scaled sums, i.e.
+  relative to the game's largest feature (a coalition whose sum is exactly 0 has v = 0). Results
+  beyond the output dtype's range are ``+-inf`` (never 0 or NaN).
+- ``num_samples`` in ``[1, 2^20]`` (``loupe_kernels._common.MAX_SAMPLES``), else ValueError; an int.
+- Games without valid players outside S, with no key players (``n = 0`` with ``query_players``) or
+  without valid query tokens: 0 (never NaN); ``G = 0`` or ``M = 0``: empty outputs.
 
 Outputs are float32 (float64 for float64 input; float16/bfloat16 are evaluated in float32). No
 gradient flows (the inputs are detached). Backends: ``cpu`` (C++), ``triton``, ``cuda`` where
@@ -51,12 +71,14 @@ Every game runs on every backend (the cuda kernels are compiled, not run on a GP
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from ._backends import extension, resolve_backend
-from ._common import FLOAT_DTYPES, check, check_int, sample_stats, to_work, triton_loader, work_dtype
+from ._common import (FLOAT_DTYPES, MAX_SAMPLES, check, check_finite, check_int, max_abs, pow2_scale, sample_stats,
+                      to_work, triton_loader, work_dtype, work_max_exponent)
 from .testing import (SIZE_SCHEDULES, maxsim_values, pooled_values, sample_coalitions_reference,
                       shapley_from_coalitions)
 
@@ -113,21 +135,67 @@ def _validate_subsets(subsets, player_mask, device=None) -> tuple[torch.Tensor, 
     return subsets, pm
 
 
-def _check_float(t, name: str, ndim: int, layout: str) -> None:
+def _check_float(t, name: str, ndim: int, layout: str) -> torch.Tensor:
+    """Type, rank and dtype (raised at the call), then no NaN/inf (a data check: no host sync on a
+    GPU). Returns max |t| (a 0-d float64 tensor, never read on the host)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{OP}: {name} must have shape {layout} ({ndim}-D), got {list(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{OP}: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
-    check(OP, torch.isfinite(t), f"{name} contains NaN or inf")
+    return check_finite(OP, t, name)
 
 
-def _validate_maxsim(sim, subsets, query_mask, player_mask, query_players, num_samples, seed, size_schedule):
-    _check_float(sim, "sim", 3, "[G, Lq, n]")
+def sim_bound(dt: torch.dtype) -> float:
+    """The bound on ``|sim|`` of the max-sim games: ``2^64`` when the games are evaluated in float32
+    (float16/bfloat16/float32 input), ``2^512`` in float64. Under it no sum of a game (at most
+    ``Lq`` values per mean, ``s + 2`` means per sample) can overflow the work dtype."""
+    return 2.0 ** ((work_max_exponent(dt) + 1) // 2)
+
+
+def _check_samples(num_samples) -> int:
+    K = check_int(OP, num_samples, "num_samples", 1)
+    if K > MAX_SAMPLES:
+        raise ValueError(f"{OP}: num_samples must be <= 2^20 = {MAX_SAMPLES} (one call's sampling stays bounded), "
+                         f"got {K}; for more samples, average the estimates of several calls with different seeds")
+    return K
+
+
+def _check_game_index(game_index, G: int, rows: int, device) -> torch.Tensor | None:
+    """``game_index`` (long [G]: game g uses row ``game_index[g]`` of a tensor with ``rows`` rows)."""
+    if game_index is None:
+        return None
+    if not isinstance(game_index, torch.Tensor):
+        raise TypeError(f"{OP}: game_index must be an int64 tensor or None, got {type(game_index).__name__}")
+    if game_index.dtype != torch.int64:
+        raise TypeError(f"{OP}: game_index must have dtype torch.int64, got {game_index.dtype}")
+    if tuple(game_index.shape) != (G,):
+        raise ValueError(f"{OP}: game_index must have shape [G={G}] (one sim row per game of subsets), "
+                         f"got {list(game_index.shape)}")
+    if game_index.device != device:
+        raise ValueError(f"{OP}: game_index is on {game_index.device} but sim is on {device}")
+    if G:
+        check(OP, (game_index >= 0) & (game_index < rows), f"game_index holds rows outside [0, {rows})")
+    return game_index.contiguous()
+
+
+def _validate_maxsim(sim, subsets, query_mask, player_mask, query_players, num_samples, seed, size_schedule,
+                     game_index=None):
+    m = _check_float(sim, "sim", 3, "[G, Lq, n]")
+    bound = sim_bound(sim.dtype)
+    check(OP, m <= bound, f"sim must stay within +-2^{int(math.log2(bound))} (larger values could overflow the "
+                          f"sums of the game in {work_dtype(sim.dtype)}); rescale it")
     if not isinstance(query_players, bool):
         raise TypeError(f"{OP}: query_players must be a bool, got {type(query_players).__name__}")
-    G, Lq, n = sim.shape
+    rows, Lq, n = sim.shape
+    if game_index is not None:
+        if not isinstance(subsets, torch.Tensor) or subsets.dim() != 3:
+            _validate_subsets(subsets, None)
+        G = subsets.shape[0]
+    else:
+        G = rows
+    gi = _check_game_index(game_index, G, rows, sim.device)
     P = Lq + n if query_players else n
     if not isinstance(subsets, torch.Tensor) or subsets.dim() != 3:
         _validate_subsets(subsets, None)  # raises the type/shape error
@@ -145,9 +213,9 @@ def _validate_maxsim(sim, subsets, query_mask, player_mask, query_players, num_s
     else:
         qm = _check_bool_tensor(query_mask, "query_mask", (G, Lq), sim.device)
     subsets, pm = _validate_subsets(subsets, player_mask, sim.device)
-    K = check_int(OP, num_samples, "num_samples", 1)
+    K = _check_samples(num_samples)
     seed = check_int(OP, seed, "seed", 0, 1 << 64)
-    return qm, subsets, pm, K, seed, _check_schedule(size_schedule)
+    return qm, subsets, pm, K, seed, _check_schedule(size_schedule), gi
 
 
 def _validate_pooled(features, target, subsets, player_mask, num_samples, seed, size_schedule):
@@ -165,7 +233,7 @@ def _validate_pooled(features, target, subsets, player_mask, num_samples, seed, 
     if tuple(subsets.shape[::2]) != (G, n):
         raise ValueError(f"{OP}: subsets must have shape [G={G}, M, n={n}], got {list(subsets.shape)}")
     subsets, pm = _validate_subsets(subsets, player_mask, features.device)
-    K = check_int(OP, num_samples, "num_samples", 1)
+    K = _check_samples(num_samples)
     seed = check_int(OP, seed, "seed", 0, 1 << 64)
     return subsets, pm, K, seed, _check_schedule(size_schedule)
 
@@ -183,11 +251,14 @@ def _seed_u64(seed: int) -> int:
 # reference: the pinned draw and the plain evaluation of loupe_kernels.testing
 # --------------------------------------------------------------------------------------------
 def shapley_interaction_reference(sim, subsets, *, query_mask=None, player_mask=None, query_players=False,
-                                  num_samples=64, seed=0, size_schedule="uniform"):
-    """Reference: pinned draw (numpy Philox) + each term by ``where(mask, sim, -inf).amax(-1)``."""
-    qm, subsets, pm, K, seed, sched = _validate_maxsim(sim, subsets, query_mask, player_mask, query_players,
-                                                       num_samples, seed, size_schedule)
+                                  num_samples=64, seed=0, size_schedule="uniform", game_index=None):
+    """Reference: pinned draw (numpy Philox) + each term by ``where(mask, sim, -inf).amax(-1)``
+    (``game_index``: the rows of sim are gathered first)."""
+    qm, subsets, pm, K, seed, sched, gi = _validate_maxsim(sim, subsets, query_mask, player_mask, query_players,
+                                                           num_samples, seed, size_schedule, game_index)
     sim = sim.detach()
+    if gi is not None:
+        sim = sim[gi]
     work = work_dtype(sim.dtype)
     C = sample_coalitions_reference(subsets, pm, K, seed, sched)
     Lq = sim.shape[1]
@@ -202,11 +273,36 @@ def shapley_interaction_pooled_reference(features, target, subsets, *, player_ma
     subsets, pm, K, seed, sched = _validate_pooled(features, target, subsets, player_mask, num_samples,
                                                    seed, size_schedule)
     work = work_dtype(features.dtype)
-    f, t = features.detach().to(work), target.detach().to(work)
+    f, t, t_unit = _pooled_scaled(features, target)
     C = sample_coalitions_reference(subsets, pm, K, seed, sched)
     samples, _ = shapley_from_coalitions(lambda m: pooled_values(f, t, m), subsets, C,
                                          row_elems=max(1, f.shape[2] // 8))
-    return sample_stats(samples, work)
+    return _pooled_unscaled(*sample_stats(samples, work), t_unit)
+
+
+def _pooled_scaled(features: torch.Tensor, target: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pooled game's inputs in the work dtype, each game's features and target scaled by a power of
+    two so that their largest magnitude lies in [1, 2) (see the Contract: scale invariance). Returns
+    (features, target, the target's scale units ``2^e`` [G] in float64 to multiply the results by).
+    Exact (powers of two), no host sync."""
+    work = work_dtype(features.dtype)
+    emax = work_max_exponent(features.dtype)
+    f, t = features.detach(), target.detach()
+    G = f.shape[0]
+    fa = f.abs().amax(dim=(1, 2)) if f.shape[1] * f.shape[2] else f.new_zeros(G)
+    ta = t.abs().amax(dim=1) if t.shape[1] else t.new_zeros(G)
+    fs, ts = pow2_scale(fa, emax), pow2_scale(ta, emax)
+    f = f.to(work) * fs.to(work)[:, None, None]
+    t = t.to(work) * ts.to(work)[:, None]
+    return f.contiguous(), t.contiguous(), 1.0 / ts
+
+
+def _pooled_unscaled(est: torch.Tensor, se: torch.Tensor, t_unit: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Results of the scaled game back in the target's scale (exact; beyond the output range: +-inf)."""
+    u = t_unit[:, None]
+    return (est.double() * u).to(est.dtype), (se.double() * u).to(se.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,8 +312,8 @@ def shapley_interaction_pooled_reference(features, target, subsets, *, player_ma
 #   (the Triton launchers return the per-sample values [G, M, K]; they are reduced here)
 #   coalitions(subsets, pm, K, seed_u64, sched) -> bool [G, M, K, P]
 # --------------------------------------------------------------------------------------------
-def _cpu_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched):
-    est, se = extension("cpu").shapley_maxsim(to_work(sim), qm, subsets, pm, query_players, K, seed, sched)
+def _cpu_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched, gi=None):
+    est, se = extension("cpu").shapley_maxsim(to_work(sim), qm, subsets, pm, query_players, K, seed, sched, gi)
     return est, se
 
 
@@ -232,8 +328,8 @@ def _cpu_coalitions(subsets, pm, K, seed, sched):
 _triton = triton_loader("shapley")
 
 
-def _triton_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched):
-    samples = _triton().maxsim_samples(sim.contiguous(), qm, subsets, pm, query_players, K, seed, sched)
+def _triton_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched, gi=None):
+    samples = _triton().maxsim_samples(sim.contiguous(), qm, subsets, pm, query_players, K, seed, sched, gi)
     return sample_stats(samples, work_dtype(sim.dtype))
 
 
@@ -246,9 +342,9 @@ def _triton_coalitions(subsets, pm, K, seed, sched):
     return _triton().coalitions(subsets, pm, K, seed, sched)
 
 
-def _cuda_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched):
+def _cuda_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched, gi=None):
     return extension("cuda").shapley_maxsim(sim.contiguous(), qm, subsets, pm, query_players, K,
-                                            _seed_i64(seed), sched)
+                                            _seed_i64(seed), sched, gi)
 
 
 def _cuda_pooled(features, target, subsets, pm, K, seed, sched):
@@ -276,13 +372,13 @@ def _supported(game: str) -> tuple[str, ...]:
 @torch.library.custom_op("loupe_kernels::shapley_maxsim", mutates_args=())
 def _maxsim_op(sim: torch.Tensor, query_mask: torch.Tensor, subsets: torch.Tensor, player_mask: torch.Tensor,
                query_players: bool, num_samples: int, seed: int, schedule: int,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+               backend: str, game_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return KERNELS[backend]["maxsim"](sim, query_mask, subsets, player_mask, query_players, num_samples,
-                                      _seed_u64(seed), schedule)
+                                      _seed_u64(seed), schedule, game_index)
 
 
 @_maxsim_op.register_fake
-def _(sim, query_mask, subsets, player_mask, query_players, num_samples, seed, schedule, backend):
+def _(sim, query_mask, subsets, player_mask, query_players, num_samples, seed, schedule, backend, game_index=None):
     G, M = subsets.shape[0], subsets.shape[1]
     dt = work_dtype(sim.dtype)
     return sim.new_empty((G, M), dtype=dt), sim.new_empty((G, M), dtype=dt)
@@ -320,7 +416,7 @@ def sample_coalitions(subsets: torch.Tensor, *, player_mask: torch.Tensor | None
                       seed: int, size_schedule: str = "uniform", backend: str | None = None) -> torch.Tensor:
     """The coalitions ``C`` (bool ``[G, M, K, P]``) that every backend draws for this seed."""
     subsets, pm = _validate_subsets(subsets, player_mask)
-    K = check_int(OP, num_samples, "num_samples", 1)
+    K = _check_samples(num_samples)
     seed = check_int(OP, seed, "seed", 0, 1 << 64)
     sched = _check_schedule(size_schedule)
     chosen = resolve_backend(OP, backend, subsets.device, supported=_supported("coalitions"))
@@ -332,16 +428,18 @@ def sample_coalitions(subsets: torch.Tensor, *, player_mask: torch.Tensor | None
 def shapley_interaction(sim: torch.Tensor, subsets: torch.Tensor, *, query_mask: torch.Tensor | None = None,
                         player_mask: torch.Tensor | None = None, query_players: bool = False,
                         num_samples: int = 64, seed: int = 0, size_schedule: str = "uniform",
+                        game_index: torch.Tensor | None = None,
                         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled interaction ``I([S])`` of the max-sim game (see the module docstring)."""
-    qm, subsets, pm, K, seed, sched = _validate_maxsim(sim, subsets, query_mask, player_mask, query_players,
-                                                       num_samples, seed, size_schedule)
+    """Sampled interaction ``I([S])`` of the max-sim game (see the module docstring; ``game_index``:
+    game g plays on ``sim[game_index[g]]``, without a copy)."""
+    qm, subsets, pm, K, seed, sched, gi = _validate_maxsim(sim, subsets, query_mask, player_mask, query_players,
+                                                           num_samples, seed, size_schedule, game_index)
     chosen = resolve_backend(OP, backend, sim.device, supported=_supported("maxsim_qp" if query_players else "maxsim"))
     if chosen == "reference":
         return shapley_interaction_reference(sim, subsets, query_mask=None if query_players else qm,
                                              player_mask=pm, query_players=query_players, num_samples=K,
-                                             seed=seed, size_schedule=size_schedule)
-    return _maxsim_op(sim.detach(), qm, subsets, pm, query_players, K, _seed_i64(seed), sched, chosen)
+                                             seed=seed, size_schedule=size_schedule, game_index=gi)
+    return _maxsim_op(sim.detach(), qm, subsets, pm, query_players, K, _seed_i64(seed), sched, chosen, gi)
 
 
 def shapley_interaction_pooled(features: torch.Tensor, target: torch.Tensor, subsets: torch.Tensor, *,
@@ -355,4 +453,6 @@ def shapley_interaction_pooled(features: torch.Tensor, target: torch.Tensor, sub
     if chosen == "reference":
         return shapley_interaction_pooled_reference(features, target, subsets, player_mask=pm, num_samples=K,
                                                     seed=seed, size_schedule=size_schedule)
-    return _pooled_op(features.detach(), target.detach(), subsets, pm, K, _seed_i64(seed), sched, chosen)
+    f, t, t_unit = _pooled_scaled(features, target)
+    est, se = _pooled_op(f, t, subsets, pm, K, _seed_i64(seed), sched, chosen)
+    return _pooled_unscaled(est, se, t_unit)

@@ -14,9 +14,23 @@ Contract
   query token, ties going to the lowest index (as ``max(dim).indices``).
 - fp32, fp16 and bf16 accumulate in fp32; fp64 on the reference and cpu backends. The output has
   the dtype of the inputs. The cpu backward is deterministic.
-- NaN or inf in ``query`` / ``key`` (kernel backends): ValueError on CPU tensors; on GPU tensors a
-  device-side assert with the same message, no host sync (debug mode: ValueError, see
-  ``loupe_kernels.set_debug``).
+- Failure contract, the same on every backend (reference included; issue 21 item 8):
+
+  * NaN or inf in ``query`` / ``key``: ``ValueError("token_region_similarity: query contains NaN or
+    inf")`` (or ``key``) on CPU tensors; on GPU tensors a device-side assert with the same message,
+    no host sync (debug mode: ValueError at the call, see ``loupe_kernels.set_debug``).
+  * Magnitudes: every score is computed in the work dtype (float32 for float16/bfloat16/float32,
+    float64 for float64) on every backend, the reference included. ``max|query| * max|key| * D``
+    must be ``<= 2^126`` (float64: ``2^1022``), which keeps every dot product and partial sum finite in
+    any summation order; above it the same ValueError / device-side assert ("query and key are too
+    large"). No input is silently clamped.
+  * Overflow of the output dtype: the result (exact to fp32 rounding) is rounded to the input dtype
+    as IEEE rounding does, so a float16 score above 65504 is ``inf`` (``-inf`` below -65504) on
+    every backend; never 0, never NaN.
+  * Empty sets: ``Lk = 0``, ``Lq = 0``, an all-False mask row, ``D = 0`` (all scores 0) give 0; ``Bq = 0``
+    or ``Bk = 0`` give an empty output. The gradients of such items are 0.
+  * Double backward: the kernel backends raise ``RuntimeError("token_region_similarity: no second
+    derivative ...")``; only the reference is twice differentiable.
 - Under ``torch.autocast`` (cpu or cuda) fp16/fp32 inputs are cast to the autocast dtype first.
 - Backends: ``cpu`` (C++), ``triton`` (tiled ``tl.dot`` with a running max over key tiles),
   ``cuda`` (torch-free kernels in ``csrc/cuda/token_region_similarity.cu``; its backward is
@@ -25,12 +39,14 @@ Contract
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from ._backends import extension, resolve_backend
-from ._common import FLOAT_DTYPES, check, to_work, triton_loader, work_dtype
+from ._common import (FLOAT_DTYPES, check, check_finite, no_second_derivative, to_work, triton_loader, work_dtype,
+                      work_max_exponent)
 
 __all__ = ["token_region_similarity", "token_region_similarity_dual", "TokenRegionSimilarity",
            "token_region_similarity_reference"]
@@ -78,31 +94,57 @@ def _validate(query, key, query_mask, key_mask, pairwise):
     return qm, km
 
 
-def _check_finite(query: torch.Tensor, key: torch.Tensor) -> None:
-    for name, t in (("query", query), ("key", key)):
-        check(OP, torch.isfinite(t), f"{name} contains NaN or inf")  # no host sync on a GPU
+def score_bound(dt: torch.dtype) -> float:
+    """The bound on ``max|query| * max|key| * D`` for inputs of dtype ``dt``: ``2^126`` when the scores
+    are computed in float32 (float16/bfloat16/float32 input), ``2^1022`` in float64. Under it every
+    dot product and every partial sum of one is finite in the work dtype, in any summation order
+    (``|sum_{d in any subset} q_d k_d| <= max|q| * max|k| * D``), with room for rounding."""
+    return 2.0 ** (work_max_exponent(dt) - 1)
+
+
+def _check_data(query: torch.Tensor, key: torch.Tensor) -> None:
+    """The data checks of every backend: no NaN/inf, and magnitudes whose scores cannot overflow the
+    work dtype. Two min/max reductions; no host sync on a GPU (see ``loupe_kernels._common.check``)."""
+    mq = check_finite(OP, query, "query")
+    mk = check_finite(OP, key, "key")
+    D = query.shape[2]
+    bound = score_bound(query.dtype)
+    wd = "float64" if work_dtype(query.dtype) == torch.float64 else "float32"
+    check(OP, mq * mk * D <= bound,
+          f"query and key are too large: max|query| * max|key| * D must be <= 2^{int(math.log2(bound))}, "
+          f"or the {wd} scores could overflow (rescale the inputs)")
+
+
 
 
 # --------------------------------------------------------------------------------------------
 # reference (plain PyTorch; materialises every score)
 # --------------------------------------------------------------------------------------------
 def token_region_similarity_reference(query, key, query_mask=None, key_mask=None, *, pairwise=True):
-    """The op in plain PyTorch, differentiable by autograd, in the dtype of the inputs."""
+    """The op in plain PyTorch, differentiable by autograd: scores in the work dtype (float32 for
+    float16/bfloat16), the result rounded to the dtype of the inputs (see the Contract)."""
     qm, km = _validate(query, key, query_mask, key_mask, pairwise)
+    if not torch.compiler.is_compiling():
+        _check_data(query, key)
+    dt = query.dtype
+    q, k = query.to(work_dtype(dt)), key.to(work_dtype(dt))
     if pairwise:
-        scores = torch.einsum("aqd,bkd->abqk", query, key)
+        scores = torch.einsum("aqd,bkd->abqk", q, k)
         kmask = km[None, :, None, :]
-        qmask = qm[:, None, :]
+        live = qm[:, None, :] & km.any(dim=1)[None, :, None]   # valid query token, key item with a valid token
     else:
-        scores = torch.einsum("bqd,bkd->bqk", query, key)
+        scores = torch.einsum("bqd,bkd->bqk", q, k)
         kmask = km[:, None, :]
-        qmask = qm
-    scores = scores.masked_fill(~kmask, float("-inf"))
-    best = scores.max(dim=-1).values  # [.., Lq]; -inf where a key item has no valid token
-    best = torch.where(qmask & torch.isfinite(best), best, torch.zeros((), dtype=best.dtype, device=best.device))
+        live = qm & km.any(dim=1)[:, None]
+    zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    if scores.shape[-1] == 0:  # Lk = 0: no key token anywhere, every score is 0
+        best = scores.sum(dim=-1)
+    else:
+        best = scores.masked_fill(~kmask, float("-inf")).max(dim=-1).values  # -inf where no valid key
+    best = torch.where(live, best, zero)
     count = qm.sum(dim=1).clamp(min=1).to(best.dtype)
     count = count[:, None] if pairwise else count
-    return best.sum(dim=-1) / count
+    return (best.sum(dim=-1) / count).to(dt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +194,7 @@ KERNELS: dict[str, tuple[Callable, Callable]] = {
 @torch.library.custom_op("loupe_kernels::trs_forward", mutates_args=())
 def _trs_forward_op(query: torch.Tensor, key: torch.Tensor, query_mask: torch.Tensor,
                     key_mask: torch.Tensor, pairwise: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_finite(query, key)
+    _check_data(query, key)
     return KERNELS[backend][0](query.contiguous(), key.contiguous(), query_mask, key_mask, pairwise)
 
 
@@ -187,7 +229,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_amax):
     query, key, query_mask, amax = ctx.saved_tensors
-    dq, dk = _trs_backward_op(grad_out, query, key, query_mask, amax, ctx.pairwise, ctx.backend)
+    with torch.no_grad():
+        dq, dk = _trs_backward_op(grad_out, query, key, query_mask, amax, ctx.pairwise, ctx.backend)
+    dq, dk = no_second_derivative(OP, ctx.backend, (dq, dk), (query, key))
     return dq, dk, None, None, None, None
 
 
@@ -230,7 +274,7 @@ DUAL_KERNELS: dict[str, Callable] = {
 @torch.library.custom_op("loupe_kernels::trs_dual_forward", mutates_args=())
 def _trs_dual_op(query: torch.Tensor, key: torch.Tensor, query_mask: torch.Tensor, key_mask: torch.Tensor,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_finite(query, key)
+    _check_data(query, key)
     dt = query.dtype
     out, amax, out2, amax2 = DUAL_KERNELS[backend](to_work(query), to_work(key), query_mask, key_mask)
     return out.to(dt), amax, out2.to(dt), amax2
@@ -253,13 +297,15 @@ def _dual_setup_context(ctx, inputs, output):
 
 def _dual_backward(ctx, g1, _ga1, g2, _ga2):
     query, key, query_mask, key_mask, amax, amax2 = ctx.saved_tensors
-    dq, dk = torch.zeros_like(query), torch.zeros_like(key)
-    if g1 is not None:
-        a, b = _trs_backward_op(g1, query, key, query_mask, amax, True, ctx.backend)
-        dq, dk = dq + a, dk + b
-    if g2 is not None:
-        b, a = _trs_backward_op(g2, key, query, key_mask, amax2, True, ctx.backend)
-        dq, dk = dq + a, dk + b
+    with torch.no_grad():
+        dq, dk = torch.zeros_like(query), torch.zeros_like(key)
+        if g1 is not None:
+            a, b = _trs_backward_op(g1, query, key, query_mask, amax, True, ctx.backend)
+            dq, dk = dq + a, dk + b
+        if g2 is not None:
+            b, a = _trs_backward_op(g2, key, query, key_mask, amax2, True, ctx.backend)
+            dq, dk = dq + a, dk + b
+    dq, dk = no_second_derivative(OP, ctx.backend, (dq, dk), (query, key))
     return dq, dk, None, None, None
 
 

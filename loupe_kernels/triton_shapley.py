@@ -130,8 +130,8 @@ def _maxsim_value(best, inq, keys, ACC: tl.constexpr):
 
 
 @triton.jit
-def _maxsim_kernel(sim_ptr, qm_ptr, S_ptr, pm_ptr, samples_ptr, seed, K, M, Lq, n,
-                   SCHED: tl.constexpr, QP: tl.constexpr, ACC: tl.constexpr,
+def _maxsim_kernel(sim_ptr, gidx_ptr, qm_ptr, S_ptr, pm_ptr, samples_ptr, seed, K, M, Lq, n,
+                   SCHED: tl.constexpr, QP: tl.constexpr, HAS_INDEX: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr):
     if QP:
         qoff = Lq          # players 0..Lq-1 are the query tokens, then the n keys
@@ -142,7 +142,11 @@ def _maxsim_kernel(sim_ptr, qm_ptr, S_ptr, pm_ptr, samples_ptr, seed, K, M, Lq, 
         S_ptr, pm_ptr, seed, K, M, P, SCHED, BLOCK_K, BLOCK_P)
     offs_q = tl.arange(0, BLOCK_Q)
     qin = offs_q < Lq
-    sim_g = sim_ptr + g * Lq * n + offs_q * n
+    if HAS_INDEX:
+        row = tl.load(gidx_ptr + g)   # game g plays on sim[game_index[g]]
+    else:
+        row = g.to(tl.int64)
+    sim_g = sim_ptr + row * Lq * n + offs_q * n
     mC = tl.full([BLOCK_K, BLOCK_Q], float("-inf"), ACC)
     sS = tl.full([BLOCK_Q], float("-inf"), ACC)
     sq = offs_q < 0                      # query players of S
@@ -263,11 +267,13 @@ def coalitions(subsets: torch.Tensor, player_mask: torch.Tensor, K: int, seed: i
 
 
 def maxsim_samples(sim: torch.Tensor, query_mask: torch.Tensor, subsets: torch.Tensor, player_mask: torch.Tensor,
-                   query_players: bool, K: int, seed: int, schedule: int) -> torch.Tensor:
+                   query_players: bool, K: int, seed: int, schedule: int,
+                   game_index: torch.Tensor | None = None) -> torch.Tensor:
     """Max-sim game (``query_players``: the region-phrase game): the per-sample values ``[G, M, K]``
-    (float32, float64 for float64 input)."""
-    G, Lq, n = sim.shape
-    M, P = subsets.shape[1], subsets.shape[2]
+    (float32, float64 for float64 input). ``game_index`` (int64 [G]): game g plays on
+    ``sim[game_index[g]]``."""
+    _, Lq, n = sim.shape
+    G, M, P = subsets.shape
     dt = work_dtype(sim.dtype)
     samples = torch.empty((G, M, K), dtype=dt, device=sim.device)
     if samples.numel():
@@ -276,9 +282,11 @@ def maxsim_samples(sim: torch.Tensor, query_mask: torch.Tensor, subsets: torch.T
         # (sm_90 builds: 72-133 registers a thread, no spills, for BLOCK_Q up to 64)
         BLOCK_K = max(16, min(_block_k(K), 4096 // BLOCK_Q))
         grid = (G * M, math.ceil(K / BLOCK_K))
-        _maxsim_kernel[grid](sim.contiguous(), _u8(query_mask), _u8(subsets), _u8(player_mask), samples,
+        has_index = game_index is not None
+        gidx = game_index.contiguous() if has_index else samples  # an unused pointer without an index
+        _maxsim_kernel[grid](sim.contiguous(), gidx, _u8(query_mask), _u8(subsets), _u8(player_mask), samples,
                              int(seed), K, M, Lq, n,
-                             SCHED=schedule, QP=bool(query_players), ACC=triton_acc(dt),
+                             SCHED=schedule, QP=bool(query_players), HAS_INDEX=has_index, ACC=triton_acc(dt),
                              BLOCK_K=BLOCK_K, BLOCK_Q=BLOCK_Q, BLOCK_P=_block_p(P))
     return samples
 

@@ -20,11 +20,12 @@ std::vector<at::Tensor> trs_backward_cpu(const at::Tensor& grad_out, const at::T
 
 // Shapley interaction by the pinned Philox coalition draw (METHOD section 5). seed is the uint64
 // seed; schedule 0 = uniform sizes, 1 = round robin. Inputs contiguous; float32 or float64.
-// Returns {estimate [G, M], stderr [G, M]} in the input dtype.
+// Returns {estimate [G, M], stderr [G, M]} in the input dtype. game_index (int64 [G], optional): game g
+// plays on sim[game_index[g]] (query_mask, subsets and player_mask stay per game).
 std::vector<at::Tensor> shapley_maxsim_cpu(const at::Tensor& sim, const at::Tensor& query_mask,
                                            const at::Tensor& subsets, const at::Tensor& player_mask,
                                            bool query_players, int64_t num_samples, uint64_t seed,
-                                           int64_t schedule);
+                                           int64_t schedule, const c10::optional<at::Tensor>& game_index);
 std::vector<at::Tensor> shapley_pooled_cpu(const at::Tensor& features, const at::Tensor& target,
                                            const at::Tensor& subsets, const at::Tensor& player_mask,
                                            int64_t num_samples, uint64_t seed, int64_t schedule);

@@ -130,8 +130,9 @@ void check_common(const at::Tensor& subsets, const at::Tensor& player_mask, int6
 // ---- max-sim game (also with the query tokens as players) ----------------------------------
 template <typename T>
 void maxsim_kernel(const at::Tensor& sim, const at::Tensor& qm, const at::Tensor& subsets, const at::Tensor& pm,
-                   bool query_players, int64_t K, uint64_t seed, int64_t schedule, at::Tensor& est, at::Tensor& se) {
-  const int64_t G = sim.size(0), Lq = sim.size(1), n = sim.size(2);
+                   bool query_players, int64_t K, uint64_t seed, int64_t schedule, const int64_t* gidx,
+                   at::Tensor& est, at::Tensor& se) {
+  const int64_t G = subsets.size(0), Lq = sim.size(1), n = sim.size(2);
   const int64_t M = subsets.size(1), P = subsets.size(2);
   const T* simp = sim.data_ptr<T>();
   const bool* qmp = qm.data_ptr<bool>();
@@ -161,7 +162,7 @@ void maxsim_kernel(const at::Tensor& sim, const at::Tensor& qm, const at::Tensor
       }
       const int64_t nq = int64_t(qrow.size());
       cols.resize(size_t(n * nq));
-      const T* sg = simp + g * Lq * n;
+      const T* sg = simp + (gidx ? gidx[g] : g) * Lq * n;   // game g plays on sim[game_index[g]]
       for (int64_t jj = 0; jj < nq; ++jj) {
         const T* row = sg + qrow[jj] * n;
         for (int64_t i = 0; i < n; ++i) cols[i * nq + jj] = row[i];
@@ -319,11 +320,20 @@ void pooled_kernel(const at::Tensor& feat, const at::Tensor& target, const at::T
 std::vector<at::Tensor> shapley_maxsim_cpu(const at::Tensor& sim, const at::Tensor& query_mask,
                                            const at::Tensor& subsets, const at::Tensor& player_mask,
                                            bool query_players, int64_t num_samples, uint64_t seed,
-                                           int64_t schedule) {
+                                           int64_t schedule, const c10::optional<at::Tensor>& game_index) {
   check_common(subsets, player_mask, num_samples, schedule);
   TORCH_CHECK(sim.dim() == 3 && sim.is_contiguous(), "sim must be a contiguous [G, Lq, n] tensor");
   TORCH_CHECK(sim.scalar_type() == at::kFloat || sim.scalar_type() == at::kDouble, "sim must be float32 or float64");
-  const int64_t G = sim.size(0), Lq = sim.size(1), n = sim.size(2);
+  const int64_t Lq = sim.size(1), n = sim.size(2);
+  const int64_t* gidx = nullptr;
+  int64_t G = sim.size(0);
+  if (game_index.has_value() && game_index->defined()) {
+    // validated by the caller (rows in [0, sim.size(0)))
+    TORCH_CHECK(game_index->dim() == 1 && game_index->scalar_type() == at::kLong && game_index->is_contiguous(),
+                "game_index must be a contiguous int64 [G] tensor");
+    G = game_index->size(0);
+    gidx = game_index->data_ptr<int64_t>();
+  }
   TORCH_CHECK(subsets.size(0) == G && subsets.size(2) == (query_players ? Lq + n : n),
               "subsets must have shape [G, M, P] with P = n (or Lq + n with query_players)");
   TORCH_CHECK(query_mask.dim() == 2 && query_mask.size(0) == G && query_mask.size(1) == Lq &&
@@ -332,7 +342,8 @@ std::vector<at::Tensor> shapley_maxsim_cpu(const at::Tensor& sim, const at::Tens
   at::Tensor est = at::empty({G, subsets.size(1)}, sim.options());
   at::Tensor se = at::empty({G, subsets.size(1)}, sim.options());
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "shapley_maxsim_cpu", [&] {
-    maxsim_kernel<scalar_t>(sim, query_mask, subsets, player_mask, query_players, num_samples, seed, schedule, est, se);
+    maxsim_kernel<scalar_t>(sim, query_mask, subsets, player_mask, query_players, num_samples, seed, schedule, gidx,
+                            est, se);
   });
   return {est, se};
 }

@@ -124,7 +124,7 @@ __device__ __forceinline__ void write_stats(const double* wf, int parts, int tas
 
 // T: input type, A: compute type (float, or double for double input)
 template <typename T, typename A>
-__global__ void maxsim_kernel(const T* __restrict__ sim, const uint8_t* __restrict__ qm,
+__global__ void maxsim_kernel(const T* __restrict__ sim, const int64_t* __restrict__ gidx, const uint8_t* __restrict__ qm,
                               const uint8_t* __restrict__ S, const uint8_t* __restrict__ pm, int M, int Lq, int n,
                               int P, int K, int query_players, uint64_t seed, int schedule, A* est, A* se) {
   extern __shared__ unsigned char smem_raw[];
@@ -132,7 +132,7 @@ __global__ void maxsim_kernel(const T* __restrict__ sim, const uint8_t* __restri
   const int task = blockIdx.x, g = task / M, m = task % M;
   const uint8_t* Sg = S + int64_t(task) * P;
   const uint8_t* valid = pm + int64_t(g) * P;
-  const T* sg = sim + int64_t(g) * Lq * n;
+  const T* sg = sim + (gidx ? gidx[g] : int64_t(g)) * Lq * n;   // game g plays on sim[game_index[g]]
   const int qoff = query_players ? Lq : 0;  // players < qoff are query tokens
 
   // shared layout: sS[Lq] (A), mC[warps][Lq] (A), welford[warps][3] (double), flags
@@ -232,7 +232,8 @@ __device__ __forceinline__ double amax(double a, double b) { return fmax(a, b); 
 
 // LQ: compile-time bound on Lq (32 or 64); T input type, A compute type.
 template <typename T, typename A, int LQ>
-__global__ void maxsim_lanes_kernel(const T* __restrict__ sim, const uint8_t* __restrict__ qm,
+__global__ void maxsim_lanes_kernel(const T* __restrict__ sim, const int64_t* __restrict__ gidx,
+                                    const uint8_t* __restrict__ qm,
                                     const uint8_t* __restrict__ S, const uint8_t* __restrict__ pm, int M, int Lq,
                                     int n, int P, int K, int query_players, uint64_t seed, int schedule, A* est,
                                     A* se) {
@@ -242,7 +243,7 @@ __global__ void maxsim_lanes_kernel(const T* __restrict__ sim, const uint8_t* __
   const int task = blockIdx.x, g = task / M, m = task % M;
   const uint8_t* Sg = S + int64_t(task) * P;
   const uint8_t* valid = pm + int64_t(g) * P;
-  const T* sg = sim + int64_t(g) * Lq * n;
+  const T* sg = sim + (gidx ? gidx[g] : int64_t(g)) * Lq * n;   // game g plays on sim[game_index[g]]
   const int qoff = query_players ? Lq : 0;  // players < qoff are query tokens
 
   // shared layout: welford[threads][3] (double), colT[n][LQ] (A), sS[LQ] (A), idx[P] (int), bits
@@ -495,7 +496,7 @@ size_t lanes_smem_bytes(int LQ, int n, int P, int threads) {
 constexpr size_t kLanesSmemMax = 96 * 1024;   // above this the warp kernel is used (occupancy)
 
 template <typename T, typename A, int LQ>
-cudaError_t launch_maxsim_lanes(const void* sim, const uint8_t* qm, const uint8_t* S, const uint8_t* pm, int G,
+cudaError_t launch_maxsim_lanes(const void* sim, const int64_t* gidx, const uint8_t* qm, const uint8_t* S, const uint8_t* pm, int G,
                                 int M, int Lq, int n, int P, int K, int query_players, uint64_t seed, int schedule,
                                 void* est, void* se, cudaStream_t stream) {
   const int threads = K >= 128 ? 128 : ((K + 31) / 32) * 32;
@@ -506,14 +507,14 @@ cudaError_t launch_maxsim_lanes(const void* sim, const uint8_t* qm, const uint8_
     if (e != cudaSuccess) return e;
   }
   if (G * M == 0) return cudaSuccess;
-  maxsim_lanes_kernel<T, A, LQ><<<G * M, threads, smem, stream>>>(static_cast<const T*>(sim), qm, S, pm, M, Lq, n, P,
+  maxsim_lanes_kernel<T, A, LQ><<<G * M, threads, smem, stream>>>(static_cast<const T*>(sim), gidx, qm, S, pm, M, Lq, n, P,
                                                                   K, query_players, seed, schedule,
                                                                   static_cast<A*>(est), static_cast<A*>(se));
   return cudaGetLastError();
 }
 
 template <typename T, typename A>
-cudaError_t launch_maxsim(const void* sim, const uint8_t* qm, const uint8_t* S, const uint8_t* pm, int G, int M,
+cudaError_t launch_maxsim(const void* sim, const int64_t* gidx, const uint8_t* qm, const uint8_t* S, const uint8_t* pm, int G, int M,
                           int Lq, int n, int K, int query_players, uint64_t seed, int schedule, void* est, void* se,
                           cudaStream_t stream) {
   const int P = query_players ? Lq + n : n;
@@ -521,9 +522,9 @@ cudaError_t launch_maxsim(const void* sim, const uint8_t* qm, const uint8_t* S, 
     const int LQ = Lq <= 32 ? 32 : 64;
     if (lanes_smem_bytes<A>(LQ, n, P, 128) <= kLanesSmemMax) {
       if (LQ == 32)
-        return launch_maxsim_lanes<T, A, 32>(sim, qm, S, pm, G, M, Lq, n, P, K, query_players, seed, schedule, est,
+        return launch_maxsim_lanes<T, A, 32>(sim, gidx, qm, S, pm, G, M, Lq, n, P, K, query_players, seed, schedule, est,
                                              se, stream);
-      return launch_maxsim_lanes<T, A, 64>(sim, qm, S, pm, G, M, Lq, n, P, K, query_players, seed, schedule, est,
+      return launch_maxsim_lanes<T, A, 64>(sim, gidx, qm, S, pm, G, M, Lq, n, P, K, query_players, seed, schedule, est,
                                            se, stream);
     }
   }
@@ -536,7 +537,7 @@ cudaError_t launch_maxsim(const void* sim, const uint8_t* qm, const uint8_t* S, 
     if (e != cudaSuccess) return e;
   }
   if (G * M == 0) return cudaSuccess;
-  maxsim_kernel<T, A><<<G * M, warps * 32, smem, stream>>>(static_cast<const T*>(sim), qm, S, pm, M, Lq, n, P, K,
+  maxsim_kernel<T, A><<<G * M, warps * 32, smem, stream>>>(static_cast<const T*>(sim), gidx, qm, S, pm, M, Lq, n, P, K,
                                                            query_players, seed, schedule, static_cast<A*>(est),
                                                            static_cast<A*>(se));
   return cudaGetLastError();
@@ -586,21 +587,21 @@ cudaError_t loupe_shapley_pooled(const void* features, const void* target, int d
   }
 }
 
-cudaError_t loupe_shapley_maxsim(const void* sim, int dtype, const uint8_t* query_mask, const uint8_t* subsets,
+cudaError_t loupe_shapley_maxsim(const void* sim, int dtype, const int64_t* game_index, const uint8_t* query_mask, const uint8_t* subsets,
                                  const uint8_t* player_mask, int G, int M, int Lq, int n, int K, int query_players,
                                  uint64_t seed, int schedule, void* est, void* se, cudaStream_t stream) {
   switch (dtype) {
     case LOUPE_F32:
-      return launch_maxsim<float, float>(sim, query_mask, subsets, player_mask, G, M, Lq, n, K, query_players, seed,
+      return launch_maxsim<float, float>(sim, game_index, query_mask, subsets, player_mask, G, M, Lq, n, K, query_players, seed,
                                          schedule, est, se, stream);
     case LOUPE_F64:
-      return launch_maxsim<double, double>(sim, query_mask, subsets, player_mask, G, M, Lq, n, K, query_players,
+      return launch_maxsim<double, double>(sim, game_index, query_mask, subsets, player_mask, G, M, Lq, n, K, query_players,
                                            seed, schedule, est, se, stream);
     case LOUPE_F16:
-      return launch_maxsim<__half, float>(sim, query_mask, subsets, player_mask, G, M, Lq, n, K, query_players,
+      return launch_maxsim<__half, float>(sim, game_index, query_mask, subsets, player_mask, G, M, Lq, n, K, query_players,
                                           seed, schedule, est, se, stream);
     case LOUPE_BF16:
-      return launch_maxsim<__nv_bfloat16, float>(sim, query_mask, subsets, player_mask, G, M, Lq, n, K,
+      return launch_maxsim<__nv_bfloat16, float>(sim, game_index, query_mask, subsets, player_mask, G, M, Lq, n, K,
                                                  query_players, seed, schedule, est, se, stream);
     default:
       return cudaErrorInvalidValue;

@@ -106,7 +106,8 @@ K, n, M = 64, 196, 16
 for dt in (("bf16", "fp32", "fp64") if FULL else ("fp32",)):
     tdt, P, _ = DT[dt]
     acc = ACC.get(dt, tl.float32)
-    ptrs = {"*": P, "S_ptr": "*u8", "pm_ptr": "*u8", "qm_ptr": "*u8", "samples_ptr": "*fp64" if dt == "fp64" else "*fp32"}
+    ptrs = {"*": P, "S_ptr": "*u8", "pm_ptr": "*u8", "qm_ptr": "*u8", "gidx_ptr": "*i64",
+            "samples_ptr": "*fp64" if dt == "fp64" else "*fp32"}
     for D in (D_SWEEP if FULL else [max(D_SWEEP)]):
         BLOCK_D = max(16, triton.next_power_of_2(D))
         budget = 1024 if dt == "fp64" else 2048      # as S.pooled_samples
@@ -117,7 +118,7 @@ for dt in (("bf16", "fp32", "fp64") if FULL else ("fp32",)):
     for Lq_, qp in (((32, False), (64, False), (32, True)) if FULL else ((32, False),)):
         BLOCK_Q = max(16, triton.next_power_of_2(Lq_))
         BLOCK_K = max(16, min(S._block_k(K), 4096 // BLOCK_Q))  # as S.maxsim_samples
-        compile_one(S._maxsim_kernel, dict(SCHED=0, QP=qp, ACC=acc, BLOCK_K=BLOCK_K, BLOCK_Q=BLOCK_Q,
+        compile_one(S._maxsim_kernel, dict(SCHED=0, QP=qp, HAS_INDEX=True, ACC=acc, BLOCK_K=BLOCK_K, BLOCK_Q=BLOCK_Q,
                                            BLOCK_P=S._block_p(n + (Lq_ if qp else 0))),
                     ptrs, dict(K=K, M=M, Lq=Lq_, n=n), 4, dict(dtype=dt, Lq=Lq_, query_players=qp))
 compile_one(S._coalitions_kernel, dict(SCHED=0, BLOCK_K=S._block_k(K), BLOCK_P=S._block_p(n)),
