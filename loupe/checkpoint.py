@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .model import LoupeModel
 
 __all__ = ["CheckpointError", "RunLocked", "RunLock", "RunPaths", "list_tags", "check_tag", "finish_tag",
-           "resolve_resume", "previous_run", "clear_run", "load", "load_checkpoint", "save_model", "write_config", "read_config",
+           "resolve_resume", "previous_run", "clear_run", "find_unreadable", "load", "load_checkpoint", "save_model", "write_config", "read_config",
            "write_atomic", "truncate_log", "resolve_resume_tag", "latest_tag", "saved_step"]
 
 MODEL_FILE = "model.pt"

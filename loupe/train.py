@@ -8,6 +8,13 @@ Everything lands under ``--output``: DeepSpeed checkpoints (``checkpoints/``, wr
 rank, ``latest`` replaced atomically), ``model.pt`` (consolidated fp32), ``config.json``,
 ``tokenizer.json`` and ``log.jsonl`` (one line per optimizer step).
 
+Safety (issue 21): rank 0 holds ``<output>/.lock`` for the life of the run, so a second run on the
+same directory stops at once, naming the first; a fresh run refuses a directory that holds a
+previous run unless ``--overwrite``; ``--resume latest`` checks ``latest`` and the tag's files
+before DeepSpeed reads them (see ``loupe.checkpoint.resolve_resume``); a NaN/inf loss or forward
+pass stops every rank with the step and the last checkpoint; DeepSpeed's shared-memory buffers
+are unlinked right after start-up, and those of dead runs removed.
+
 Reproducibility: the batch of step ``s`` on rank ``r`` and every random draw of that step are pure
 functions of ``(--seed, s, r)``, so a resumed run sees exactly the data and randomness the
 uninterrupted run would have seen.

@@ -465,11 +465,15 @@ def test_sigterm_releases_the_lock_and_the_shm_buffer(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_divergence_is_stopped_by_the_trainer_naming_the_step_and_checkpoint(tmp_path):
+@pytest.mark.parametrize("objective, lr, seed", [
+    ("loupe", "1e4", "0"),  # the command of issue 21: NaN tokens reach box_objectness at step 3
+    ("filip", "1e30", "3"),  # NaN features reach token_region_similarity at step 2
+])
+def test_divergence_is_stopped_by_the_trainer_naming_the_step_and_checkpoint(tmp_path, objective, lr, seed):
     out = tmp_path / "run"
-    cmd = launch_cmd(out, steps=6, objective="loupe")
-    cmd[cmd.index("--lr") + 1] = "1e4"  # the command of issue 21 (seed 0: diverges at step 3)
-    cmd[cmd.index("--seed") + 1] = "0"
+    cmd = launch_cmd(out, steps=6, objective=objective)
+    cmd[cmd.index("--lr") + 1] = lr
+    cmd[cmd.index("--seed") + 1] = seed
     p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "loupe: training diverged at step" in p.stderr, p.stderr[-3000:]
