@@ -87,7 +87,8 @@ def train_command(out_dir: str, objective: str, seed: int, steps: int, batch_siz
     train = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
     cmd = base + ["--num_accelerators", str(procs), "--master_port", str(_free_port()), train,
                   "--output", out_dir, "--objective", objective, "--seed", str(seed), "--steps", str(steps),
-                  "--batch-size", str(batch_size), "--dataset-type", dataset_type, "--no-eval", "--no-progress"]
+                  "--batch-size", str(batch_size), "--dataset-type", dataset_type, "--no-eval", "--no-progress",
+                  "--overwrite"]  # a run of the grid is retrained only when it is not reused
     if train_size is not None:
         cmd += ["--train-size", str(train_size)]
     if model_config:
