@@ -24,11 +24,18 @@ exactly one program, reductions in a fixed order), with ``w(a, b) = g(a, b) / co
 - ``d_query`` (``_dq_kernel``), grid ``(cdiv(Bq, BLOCK_A), cdiv(D, BLOCK_D))``: a program owns the
   rows of BLOCK_A query items and a D chunk, loops over key items b and gathers the arg-max key row
   ``k[b, amax[a, b, j]]`` of each query row, accumulating ``w * k`` in fp32.
-- ``d_key`` (``_dk_kernel``), grid ``(Bk, cdiv(Lk, BLOCK_KR), cdiv(D, BLOCK_D))``: a program owns a
-  tile of key rows of one key item and a D chunk, loops over blocks of query items and accumulates
-  ``P @ Q_rows`` with ``tl.dot``, where ``P[i, (a, j)] = w(a, b) * [amax[a, b, j] == i]`` (the
-  one-hot scatter as a matrix). P is rounded to the input dtype (as the reference rounds
-  ``g / count`` in that dtype), accumulation is fp32.
+- ``d_key``, default (``_dk_grouped_kernel``, issue 20 item 6): the arg-max entries are grouped by
+  key row ``(b, i)`` first (:func:`group_by_key`: one stable sort of the keys ``b * Lk + i`` on the
+  device, a counting sort in effect, and the segment offsets by ``searchsorted``); grid
+  ``(Bk * Lk, cdiv(D, BLOCK_D))``, a program sums ``w(a, b) * q[a, j]`` over its segment in ascending
+  ``(a, j)`` order. Work ``Bq * Bk * Lq * D`` multiply-adds (each arg-max entry once), against
+  ``Bq * Bk * Lq * Lk * D`` for the dense path; temporaries about 24 bytes per arg-max entry.
+- ``d_key``, dense (``_dk_kernel``, ``_Config.dk_grouped=False``), grid ``(Bk, cdiv(Lk, BLOCK_KR),
+  cdiv(D, BLOCK_D))``: a program owns a tile of key rows of one key item and a D chunk, loops over
+  blocks of query items and accumulates ``P @ Q_rows`` with ``tl.dot``, where
+  ``P[i, (a, j)] = w(a, b) * [amax[a, b, j] == i]`` (the one-hot scatter as a matrix).
+  Both round ``w`` to the input dtype (as the reference rounds ``g / count`` in that dtype) and
+  accumulate in fp32.
 
 Dtypes: fp16/bf16/fp32 accumulate in fp32; fp64 runs the same kernels in fp64 (a slow path on a
 GPU, not a target). On a GPU fp32 dots run as three-pass TF32 (``tf32x3``, about fp32 accuracy on
@@ -211,6 +218,38 @@ def _dk_kernel(g_ptr, q_ptr, cnt_ptr, amax_ptr, dk_ptr, Bq, Bk, Lq, Lk, D, s_ga,
              mask=i_in[:, None] & d_in[None, :])
 
 
+@triton.jit
+def _dk_grouped_kernel(g_ptr, q_ptr, cnt_ptr, order_ptr, start_ptr, dk_ptr, Bk, Lq, D,
+                       PAIRWISE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """d_key by key row: program (r = b * Lk + i, D chunk) sums ``w(a, b) * q[a, j]`` over its segment
+    ``order[start[r]:start[r + 1]]`` of the arg-max entries grouped by key row (flat arg-max indices
+    ``e = pair * Lq + j``, ascending: a fixed order, no atomics)."""
+    r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    lo = tl.load(start_ptr + r)
+    hi = tl.load(start_ptr + r + 1)
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = dd < D
+    acc = tl.zeros([BLOCK_D], ACC)
+    for e0 in range(lo, hi, BLOCK_E):
+        ee = e0 + tl.arange(0, BLOCK_E)
+        e_in = ee < hi
+        e = tl.load(order_ptr + ee, mask=e_in, other=0)
+        pair = e // Lq
+        j = e % Lq
+        if PAIRWISE:
+            a = pair // Bk
+        else:
+            a = pair
+        cnt = tl.load(cnt_ptr + a, mask=e_in, other=1.0)
+        w = tl.load(g_ptr + pair, mask=e_in, other=0.0).to(ACC) / cnt
+        w = w.to(q_ptr.dtype.element_ty).to(ACC)   # rounded as the dense path and the reference round it
+        qrow = (a * Lq + j).to(tl.int64) * D
+        qt = tl.load(q_ptr + qrow[:, None] + dd[None, :], mask=e_in[:, None] & d_in[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * qt.to(ACC), axis=0)
+    tl.store(dk_ptr + r.to(tl.int64) * D + dd, acc.to(dk_ptr.dtype.element_ty), mask=d_in)
+
+
 # --------------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------------
@@ -233,6 +272,9 @@ class _Config:
     dk_block_kr: int
     dk_block_d: int
     bwd_warps: int
+    dk_grouped: bool = True      # d_key by key row over the grouped arg-max (else the dense one-hot dot)
+    dkg_block_e: int = 32
+    dkg_block_d: int = 128
 
 
 def _config(Bq: int, Bk: int, Lq: int, Lk: int, D: int, pairwise: bool, itemsize: int = 2) -> _Config:
@@ -271,8 +313,26 @@ def _config(Bq: int, Bk: int, Lq: int, Lk: int, D: int, pairwise: bool, itemsize
     dk_block_a = max(1, min(64 // lq_pad, triton.next_power_of_2(max(Bq, 1)))) if pairwise else 1
     dk_block_kr = min(_np2(Lk), 128)
     dk_block_d = max(16, min(d_pad, 128, 16384 // (dk_block_a * lq_pad)) // wide)
+    dkg_block_e = 128 if _INTERPRET else 32
+    dkg_block_d = max(16, min(d_pad, 256 if _INTERPRET else 128))
     return _Config(lq_pad, fwd_block_a, items_b, block_k, fwd_block_d, one_d, fwd_warps,
-                   dq_block_a, dq_block_d, dk_block_a, dk_block_kr, dk_block_d, 8)
+                   dq_block_a, dq_block_d, dk_block_a, dk_block_kr, dk_block_d, 8,
+                   True, dkg_block_e, dkg_block_d)
+
+
+def group_by_key(argmax: torch.Tensor, pairwise: bool, Bk: int, Lk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The arg-max entries grouped by key row (a counting sort, as one stable sort on the device):
+    ``order`` (int64) lists the flat indices ``e = pair * Lq + j`` of valid entries (arg-max >= 0)
+    by key row ``b * Lk + i`` and, within a row, ascending; ``start [Bk * Lk + 1]`` (int64) are the
+    segment offsets. Deterministic; no host sync. Temporaries: about 24 bytes per arg-max entry."""
+    Lq = argmax.shape[-1]
+    flat = argmax.reshape(-1)
+    e = torch.arange(flat.numel(), device=flat.device)
+    b = (e // Lq) % Bk if pairwise else e // Lq
+    key = torch.where(flat >= 0, b * Lk + flat, Bk * Lk)   # invalid entries after every row
+    skey, order = torch.sort(key, stable=True)
+    start = torch.searchsorted(skey, torch.arange(Bk * Lk + 1, device=flat.device))
+    return order, start
 
 
 def _precision(dt: torch.dtype) -> str:
@@ -362,6 +422,12 @@ def backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, qmask: 
         if dk.numel():
             if Bq == 0:
                 dk.zero_()
+            elif cfg.dk_grouped:
+                order, start = group_by_key(argmax, pairwise, Bk, Lk)
+                grid = (Bk * Lk, triton.cdiv(D, cfg.dkg_block_d))
+                _dk_grouped_kernel[grid](grad, query, cnt, order, start, dk, Bk, Lq, D,
+                                         PAIRWISE=pairwise, BLOCK_E=cfg.dkg_block_e, BLOCK_D=cfg.dkg_block_d,
+                                         ACC=acc, num_warps=4)
             else:
                 grid = (Bk, triton.cdiv(Lk, cfg.dk_block_kr), triton.cdiv(D, cfg.dk_block_d))
                 _dk_kernel[grid](grad, query, cnt, argmax, dk, Bq, Bk, Lq, Lk, D, s_ga, s_gb,

@@ -100,6 +100,9 @@ for dt in (("bf16", "fp16", "fp32", "fp64") if FULL else ("bf16", "fp32")):
             compile_one(T._dk_kernel, {**common, **dict(
                 BLOCK_A=c.dk_block_a, COLS=c.dk_block_a * c.lq_pad, BLOCK_KR=c.dk_block_kr, BLOCK_D=c.dk_block_d,
                 UPCAST=False, PREC=prec)}, ptrs, vals, c.bwd_warps, row)
+            compile_one(T._dk_grouped_kernel, dict(PAIRWISE=pw, ACC=ACC.get(dt, tl.float32), BLOCK_E=c.dkg_block_e,
+                                                   BLOCK_D=c.dkg_block_d),
+                        {**ptrs, "order_ptr": "*i64", "start_ptr": "*i64"}, vals, 4, row)
 
 # Shapley: pooled game over D, max-sim game over Lq (both games), coalitions; K = 64 samples, n = 196
 K, n, M = 64, 196, 16
@@ -153,7 +156,7 @@ def _compile(full: bool) -> list[dict]:
 
 def _check(rows: list[dict], full: bool, record_property) -> None:
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_fwd_kernel", "_dq_kernel", "_dk_kernel", "_pooled_kernel", "_maxsim_kernel",
+    assert kernels == {"_fwd_kernel", "_dq_kernel", "_dk_kernel", "_dk_grouped_kernel", "_pooled_kernel", "_maxsim_kernel",
                        "_coalitions_kernel", "_uil_kernel"}, kernels
     fwd_d = {(r["dtype"], r["D"]) for r in rows if r["kernel"] == "_fwd_kernel"}
     want = [(dt, D) for dt in ("bf16", "fp16", "fp32") for D in D_SWEEP] if full else \
@@ -169,7 +172,7 @@ def _check(rows: list[dict], full: bool, record_property) -> None:
     # no register spills where there are none today: the similarity in 16-bit and fp32 at every D (the
     # fp64 path is not a target), and the loss (the Shapley kernels' few spills are recorded only)
     spills = [r for r in rows if r["stack"] > 0 and (
-        (r["kernel"] in ("_fwd_kernel", "_dq_kernel", "_dk_kernel") and r["dtype"] != "fp64")
+        (r["kernel"] in ("_fwd_kernel", "_dq_kernel", "_dk_kernel", "_dk_grouped_kernel") and r["dtype"] != "fp64")
         or r["kernel"] == "_uil_kernel")]
     assert not spills, spills
 

@@ -96,14 +96,24 @@ def _small_config(orig):
         return dataclasses.replace(
             c, fwd_block_a=2 if pairwise else 1, items_b=2 if pairwise else 1, block_k=16, fwd_block_d=16,
             one_d=False, dq_block_a=2 if pairwise else 1, dq_block_d=16, dk_block_a=2 if pairwise else 1,
-            dk_block_kr=16, dk_block_d=16)
+            dk_block_kr=16, dk_block_d=16, dkg_block_e=16, dkg_block_d=16)
     return cfg
 
 
-@pytest.fixture(params=["auto", "small"])
+def _dense_dk_config(orig):
+    def cfg(*args, **kw):
+        return dataclasses.replace(orig(*args, **kw), dk_grouped=False)
+    return cfg
+
+
+@pytest.fixture(params=["auto", "small", "dense_dk"])
 def blocks(request, monkeypatch):
+    """Block configurations: automatic, small blocks (every loop runs several times; small grouped
+    d_key chunks), and the dense one-hot d_key of before the grouping (issue 20 item 6)."""
     if request.param == "small":
         monkeypatch.setattr(T, "_config", _small_config(T._config))
+    elif request.param == "dense_dk":
+        monkeypatch.setattr(T, "_config", _dense_dk_config(T._config))
     return request.param
 
 
@@ -483,3 +493,44 @@ def test_large_embeddings_real_config(D, dtype):
     assert_bounded(got, ref, want, dtype, "out")
     assert_bounded(dq, rq, dq_want, dtype, "d_query")
     assert_bounded(dk, rk, dk_want, dtype, "d_key")
+
+
+# ------------------------------------------------------------------------------------------------
+# d_key grouped by key row (issue 20 item 6)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_group_by_key_is_a_stable_counting_sort(pairwise):
+    g = torch.Generator().manual_seed(1)
+    B, Bk, Lq, Lk = 3, 3 if pairwise else 3, 4, 5
+    shape = (B, Bk, Lq) if pairwise else (B, Lq)
+    amax = torch.randint(-1, Lk, shape, generator=g, dtype=torch.int32)
+    order, start = T.group_by_key(amax, pairwise, Bk, Lk)
+    flat = amax.reshape(-1).tolist()
+    want = {}
+    for e, i in enumerate(flat):          # ascending e: the order a then j
+        if i >= 0:
+            b = (e // Lq) % Bk if pairwise else e // Lq
+            want.setdefault(b * Lk + i, []).append(e)
+    for r in range(Bk * Lk):
+        assert order[start[r]:start[r + 1]].tolist() == want.get(r, [])
+    assert int(start[-1]) == sum(i >= 0 for i in flat)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_grouped_d_key_matches_the_dense_one_and_is_deterministic(dtype, pairwise, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    Bq, Bk, Lq, Lk, D = 3, 3, 5, 7, 24
+    q = torch.randn(Bq, Lq, D, generator=g).to(dtype)
+    k = torch.randn(Bk, Lk, D, generator=g).to(dtype)
+    k[:, 0] = 3 * k[:, 1].abs().max()    # a key token that wins for many queries: a long segment
+    qm = torch.rand(Bq, Lq, generator=g) > 0.2
+    _, amax = T.forward(q, k, qm, torch.ones(Bk, Lk, dtype=torch.bool), pairwise)
+    grad = torch.randn(amax.shape[:-1], generator=g).to(dtype)
+    dq1, dk1 = T.backward(grad, q, k, qm, amax, pairwise)
+    dq2, dk2 = T.backward(grad, q, k, qm, amax, pairwise)
+    assert torch.equal(dk1, dk2) and torch.equal(dq1, dq2)
+    monkeypatch.setattr(T, "_config", _dense_dk_config(T._config))
+    _, dk_dense = T.backward(grad, q, k, qm, amax, pairwise)
+    tol = {torch.float16: 2e-3, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(dk1.double(), dk_dense.double(), rtol=tol, atol=tol * 4)
