@@ -235,6 +235,10 @@ class ObjectiveOptions:
     uansil_warmup: int = 500
     uansil_threshold: float = 0.5   # skip when predicted std < threshold * running std of sampled I
     uansil_calibration: float = 0.1
+    # the policy's safety [ours, not yet measured at the default budget]: skip only while the rolling
+    # calibration (last 50 steps) is at least this, and always sample this share of all games
+    uansil_min_calibration: float = 0.85
+    uansil_min_fraction: float = 0.1
     uansil_hidden: int = 128
 
     def __post_init__(self) -> None:
@@ -257,8 +261,9 @@ class ObjectiveOptions:
             raise ValueError(f"loupe_options.tsa_rule must be one of {TARGET_RULES}, got {self.tsa_rule!r}")
         if self.fsa_labels not in FSA_LABELS:
             raise ValueError(f"loupe_options.fsa_labels must be one of {FSA_LABELS}, got {self.fsa_labels!r}")
-        if not 0.0 <= self.uansil_calibration <= 1.0:
-            raise ValueError(f"loupe_options.uansil_calibration must be in [0, 1], got {self.uansil_calibration!r}")
+        for name in ("uansil_calibration", "uansil_min_calibration", "uansil_min_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"loupe_options.{name} must be in [0, 1], got {getattr(self, name)!r}")
 
 
 def options_from_config(config: Any) -> ObjectiveOptions:

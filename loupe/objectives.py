@@ -233,7 +233,9 @@ def _policy(module: LoupeShapleyTerms, feats: torch.Tensor, step: int, gen: torc
     mu, ls = module.uansil(feats)
     sample, calib = module.uansil.decide(ls, step, gen, enabled=use_policy and opts.uansil,
                                          warmup=opts.uansil_warmup, threshold=opts.uansil_threshold,
-                                         calibration=opts.uansil_calibration)
+                                         calibration=opts.uansil_calibration,
+                                         min_fraction=opts.uansil_min_fraction,
+                                         min_calibration=opts.uansil_min_calibration)
     return {"mu": mu, "ls": ls, "sample": sample, "calib": calib}
 
 
@@ -618,9 +620,12 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         if module.training:
             allI = torch.cat(sampled_I) if sampled_I else torch.zeros(0, device=dev)
             module.uansil.update(allI)
+            module.uansil.record_calibration(calib_hits, calib_n)
     res["uansil_fraction_sampled"] = float(n_sampled / n_games) if n_games else 1.0
     res["uansil_calibration"] = float(calib_hits / calib_n) if calib_n else float("nan")
     res["uansil_calibration_games"] = float(calib_n)
+    rolling = module.uansil.rolling_calibration() if use_ua else None
+    res["uansil_calibration_rolling"] = float("nan") if rolling is None else float(rolling)
     res["uansil_warm"] = float(use_ua and opts.uansil and step >= opts.uansil_warmup)
     out["_loupe_shapley"] = res
     for k, v in res.items():

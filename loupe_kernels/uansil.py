@@ -8,7 +8,12 @@ the running variance of the sampled interactions, and decides which games are sa
   game is sampled;
 - after it, a game whose predicted standard deviation ``exp(log_var / 2)`` is below
   ``threshold * sqrt(running_var)`` is *confident* and skips sampling (its ``mu`` stands in), except
-  a random ``calibration`` share of the confident games, which are sampled to check the prediction.
+  a random ``calibration`` share of the confident games, which are sampled to check the prediction;
+- safety [ours]: skipping is allowed only while the prediction is calibrated on a rolling window of
+  the last ``window`` steps (the share of checked games with ``|I - mu| < 2 sqrt(exp(log_var) + se^2)``
+  is at least ``min_calibration``, over at least ``min_games`` checked games); until then every game
+  is sampled and every confident one counts as a check. A random ``min_fraction`` of all games is
+  always sampled (a floor), so the predictor keeps seeing fresh targets.
 
 The predictor learns from the sampled games with :func:`uncertainty_interaction_loss` and the
 sampler's own variance ``se^2`` as ``target_var``: ``exp(log_var)`` is then the predictor's error
@@ -63,21 +68,30 @@ class UansilPolicy(nn.Module):
     variance of sampled interactions) and ``steps`` (number of updates), both checkpointed.
     """
 
-    def __init__(self, in_features: int, hidden: int = 128, layers: int = 2) -> None:
+    def __init__(self, in_features: int, hidden: int = 128, layers: int = 2, window: int = 50,
+                 min_games: int = 20) -> None:
         super().__init__()
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"UansilPolicy: window must be a positive int, got {window!r}")
         self.predictor = InteractionPredictor(in_features, hidden, layers=layers)
+        self.min_games = int(min_games)
         self.register_buffer("running_var", torch.zeros(()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # per step of the rolling window: (calibration games within 2 sigma, calibration games)
+        self.register_buffer("calib_window", torch.zeros(window, 2, dtype=torch.float64))
+        self.register_buffer("calib_pos", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [G, F]`` detached game features -> ``(mu [G], log_var [G])`` (log-variance in [-20, 20])."""
         return self.predictor(x)
 
     def decide(self, log_var: torch.Tensor, step: int, generator: torch.Generator, *, enabled: bool,
-               warmup: int, threshold: float, calibration: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sample, calib)`` bool ``[G]``: sample this game; it was confident but is sampled for
-        calibration. ``log_var [G]`` are the predictions; ``step`` the caller's step (compared with
-        ``warmup``); ``generator`` draws the calibration games (on the CPU)."""
+               warmup: int, threshold: float, calibration: float, min_fraction: float = 0.0,
+               min_calibration: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sample, calib)`` bool ``[G]``: sample this game; it was confident and is sampled as a
+        check of the prediction. ``log_var [G]`` are the predictions; ``step`` the caller's step
+        (compared with ``warmup``); ``generator`` draws the calibration and floor games (on the CPU).
+        With ``min_calibration > 0`` nothing is skipped until :meth:`rolling_calibration` reaches it."""
         G = log_var.shape[0]
         sample = torch.ones(G, dtype=torch.bool, device=log_var.device)
         calib = torch.zeros(G, dtype=torch.bool, device=log_var.device)
@@ -87,9 +101,26 @@ class UansilPolicy(nn.Module):
         if var <= 0:
             return sample, calib
         confident = (log_var.detach() * 0.5).exp() < threshold * var ** 0.5
-        u = torch.rand(G, generator=generator).to(log_var.device)
-        calib = confident & (u < calibration)
-        return ~confident | calib, calib
+        if min_calibration > 0:
+            rolling = self.rolling_calibration()
+            if rolling is None or rolling < min_calibration:  # not shown calibrated: sample all, check all
+                return sample, confident
+        u = torch.rand(2, G, generator=generator).to(log_var.device)
+        checked = confident & ((u[0] < calibration) | (u[1] < min_fraction))
+        return ~confident | checked, checked
+
+    @torch.no_grad()
+    def record_calibration(self, hits: int, games: int) -> None:
+        """One step's calibration checks: ``hits`` of ``games`` were within two standard deviations."""
+        W = self.calib_window.shape[0]
+        self.calib_window[int(self.calib_pos) % W] = torch.tensor([float(hits), float(games)], dtype=torch.float64)
+        self.calib_pos.add_(1)
+
+    def rolling_calibration(self) -> float | None:
+        """Share of the checked games of the last ``window`` steps within two standard deviations;
+        None while fewer than ``min_games`` were checked."""
+        hits, games = self.calib_window.sum(0).tolist()
+        return hits / games if games >= max(1, self.min_games) else None
 
     @torch.no_grad()
     def update(self, sampled: torch.Tensor, momentum: float = 0.99) -> None:

@@ -144,3 +144,47 @@ def test_predictor_log_variance_is_bounded_and_trains():
 def test_bad_input(make, words):
     with pytest.raises(ValueError, match=words):
         make()
+
+
+def test_rolling_calibration_over_a_window_of_steps():
+    policy = UansilPolicy(4, hidden=8, window=3, min_games=10)
+    assert policy.rolling_calibration() is None
+    policy.record_calibration(4, 5)
+    assert policy.rolling_calibration() is None  # 5 checked games < min_games
+    policy.record_calibration(5, 5)
+    assert policy.rolling_calibration() == pytest.approx(9 / 10)
+    policy.record_calibration(0, 10)
+    policy.record_calibration(10, 10)  # the first step leaves the window of 3
+    assert policy.rolling_calibration() == pytest.approx(15 / 25)
+    assert {"calib_window", "calib_pos"} <= set(policy.state_dict())
+
+
+def test_policy_skips_only_while_calibrated_and_keeps_a_floor():
+    """A constructed stream: the predictor is calibrated for 5 steps, then wrong for 5 steps. Games
+    are skipped only while the rolling calibration holds; a floor of games is always sampled."""
+    torch.manual_seed(0)
+    G, W = 2000, 3
+    policy = UansilPolicy(4, hidden=8, window=W, min_games=20)
+    policy.update(torch.tensor([0.0, 2.0]))  # running std 1
+    lv = torch.full((G,), -30.0)  # every game confident
+    kw = dict(enabled=True, warmup=0, threshold=0.5, calibration=0.05, min_fraction=0.1, min_calibration=0.8)
+    gen = torch.Generator().manual_seed(1)
+    # not calibrated yet: everything sampled, every confident game is a check
+    sample, calib = policy.decide(lv, 1, gen, **kw)
+    assert sample.all() and calib.all()
+    fractions = []
+    for step in range(10):
+        sample, calib = policy.decide(lv, step, gen, **kw)
+        fractions.append(float(sample.double().mean()))
+        assert torch.equal(sample, calib)  # every sampled confident game is a check
+        good = step < 5
+        hits = int(calib.sum()) if good else 0  # calibrated: all checks inside 2 sigma; then none
+        policy.record_calibration(hits, int(calib.sum()))
+    # first step: nothing recorded -> all sampled; then skipping with ~5% + 10% sampled
+    assert fractions[0] == 1.0
+    assert all(0.1 < f < 0.2 for f in fractions[1:6])
+    # after the predictor goes wrong, the rolling calibration falls below 0.8 and sampling is back to 100%
+    assert fractions[-1] == 1.0 and policy.rolling_calibration() < 0.8
+    # without the safety (min_calibration 0) the same stream keeps skipping
+    s0, _ = policy.decide(lv, 20, gen, **{**kw, "min_calibration": 0.0})
+    assert float(s0.double().mean()) < 0.2

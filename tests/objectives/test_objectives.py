@@ -234,7 +234,8 @@ def test_same_seed_same_losses():
 def test_uansil_policy_after_warmup():
     m = _tiny()
     mod = m.loss_modules["tsa"]
-    mod.options = ObjectiveOptions(uansil=True, uansil_warmup=2, uansil_threshold=1e6, uansil_calibration=0.5)
+    mod.options = ObjectiveOptions(uansil=True, uansil_warmup=2, uansil_threshold=1e6, uansil_calibration=0.5,
+                                   uansil_min_calibration=0.0, uansil_min_fraction=0.0)
     for step in range(3):
         out = m(_batch(step=step))
     # threshold huge: every game is confident; only the calibration fraction is sampled
@@ -244,6 +245,23 @@ def test_uansil_policy_after_warmup():
     out["loss"].backward()
     assert mod.uansil.predictor.net[0].weight.grad.abs().sum() > 0
     assert float(mod.uansil.running_var) > 0
+
+
+def test_uansil_safety_samples_everything_until_calibrated():
+    """With the safety on (the defaults of the policy), nothing is skipped before the rolling
+    calibration is known, and the check results are logged."""
+    m = _tiny()
+    mod = m.loss_modules["tsa"]
+    mod.options = ObjectiveOptions(uansil=True, uansil_warmup=1, uansil_threshold=1e6)
+    fr = []
+    for step in range(3):
+        out = m(_batch(step=step))
+        fr.append(out["uansil_fraction_sampled"])
+    # step 0 warms up; step 1 has no calibration record yet: all sampled, every game a check; the
+    # untrained predictor is unsure enough to be calibrated, so step 2 skips
+    assert fr[0] == 1.0 and fr[1] == 1.0 and fr[2] < 1.0
+    assert out["uansil_calibration_rolling"] >= 0.85
+    assert int(mod.uansil.calib_pos) == 3
 
 
 def test_default_samples_every_game_and_still_trains_the_predictor():
