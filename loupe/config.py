@@ -5,15 +5,21 @@ set types and kernel backends.
   (JSON-serialisable; saved in every checkpoint).
 - :class:`ObjectiveOptions`: settings of the Shapley terms (``LoupeConfig.loupe_options``).
 - :data:`OBJECTIVES`, :data:`DATASET_TYPES`, :data:`GAMES`, :data:`TARGET_RULES`.
+- Model presets by name, as open_clip names them (``loupe-tiny``, the default; ``ViT-B-32``,
+  ``ViT-B-16``, ``ViT-L-14``): JSON files ``loupe/configs/<name>.json`` of LoupeConfig fields
+  (plus a ``description``); :func:`list_models`, :func:`model_preset`, :func:`preset_config`.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 __all__ = ["LoupeConfig", "ObjectiveOptions", "options_from_config", "OBJECTIVES", "DATASET_TYPES",
-           "GAMES", "TARGET_RULES", "KERNEL_BACKENDS"]
+           "GAMES", "TARGET_RULES", "KERNEL_BACKENDS", "DEFAULT_MODEL", "CONFIG_DIR", "list_models",
+           "model_preset", "preset_config", "describe_models"]
 
 #: training objectives (``loupe.losses`` holds the table of their terms)
 OBJECTIVES: tuple[str, ...] = ("clip", "filip", "loupe", "sparc")
@@ -277,3 +283,46 @@ def options_from_config(config: Any) -> ObjectiveOptions:
     if unknown:
         raise ValueError(f"loupe_options: unknown keys {unknown}; known: {sorted(names)}")
     return ObjectiveOptions(**dict(raw))
+
+
+# ------------------------------------------------------------------------------------------------
+# model presets (loupe/configs/<name>.json, shipped as package data)
+# ------------------------------------------------------------------------------------------------
+#: the folder of the shipped JSON configs (model presets and the DeepSpeed config)
+CONFIG_DIR: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+#: the preset ``deepspeed loupe/train.py`` trains without ``--model`` (the LoupeConfig defaults)
+DEFAULT_MODEL: str = "loupe-tiny"
+_NOT_MODELS = ("ds_config",)  # other JSON files of CONFIG_DIR
+
+
+def list_models() -> list[str]:
+    """Names of the shipped model presets (``loupe/configs/<name>.json``), sorted."""
+    names = [f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json")]
+    return sorted((n for n in names if n not in _NOT_MODELS), key=lambda n: (n != DEFAULT_MODEL, n.lower()))
+
+
+def model_preset(name: str) -> dict[str, Any]:
+    """The LoupeConfig fields of preset ``name`` (a dict; its ``description`` left out). Unknown
+    names raise ``ValueError`` listing the known ones."""
+    known = list_models()
+    if name not in known:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(known)}")
+    with open(os.path.join(CONFIG_DIR, f"{name}.json")) as f:
+        fields = json.load(f)
+    fields.pop("description", None)
+    return fields
+
+
+def preset_config(name: str = DEFAULT_MODEL, **overrides: Any) -> LoupeConfig:
+    """A :class:`LoupeConfig` from preset ``name`` with ``overrides`` applied on top."""
+    return LoupeConfig(**{**model_preset(name), **overrides})
+
+
+def describe_models() -> list[tuple[str, str]]:
+    """``(name, one-line description)`` of every preset: its description, grid and box count."""
+    rows = []
+    for name in list_models():
+        with open(os.path.join(CONFIG_DIR, f"{name}.json")) as f:
+            desc = json.load(f).get("description", "")
+        rows.append((name, desc))
+    return rows

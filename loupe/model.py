@@ -75,10 +75,10 @@ class LoupeModel(nn.Module):
 
         g = config.grid_size
         boxes = _regions.candidate_boxes(g, g)
-        iou = _regions.box_iou(boxes, boxes)
         self.register_buffer("candidate_boxes", boxes, persistent=False)  # [K, 4] patch units
         self.register_buffer("box_geometry", _regions.box_geometry(boxes, g, g), persistent=False)
-        self.register_buffer("nms_suppress", iou > config.nms_iou, persistent=False)  # [K, K]
+        self.register_buffer("nms_suppress", _regions.suppression_matrix(boxes, config.nms_iou),
+                             persistent=False)  # [K, K]
         self.register_buffer("sat_pooling", _regions.sat_pooling_matrix(g, g, boxes).float(), persistent=False)
 
     # -------------------------------------------------------------------------------- helpers

@@ -22,7 +22,7 @@ __all__ = ["candidate_boxes", "box_area", "box_iou", "box_geometry", "summed_are
            "box_features_at",
            "nms_topk", "phrase_features", "grounding_scores", "RegionGenerator", "boxes_to_pixels",
            "NUM_GEOMETRY", "interval_matrix", "box_sums", "box_inverse_scales", "box_membership",
-           "GROUNDING_QUANTILE", "GROUNDING_MARGIN"]
+           "GROUNDING_QUANTILE", "GROUNDING_MARGIN", "suppression_matrix"]
 
 NUM_GEOMETRY = 7  # x0, y0, x1, y1 (fractions of the grid), width, height, area (fractions)
 
@@ -164,6 +164,31 @@ def box_features_at(tokens: torch.Tensor, h: int, w: int, pooling_matrix: torch.
         pooled = F.normalize(pooled, dim=-1)
     m = index.shape[1]
     return pooled[:, :m].to(dt), pooled[:, m:].to(dt)
+
+
+def suppression_matrix(boxes: torch.Tensor, threshold: float, chunk: int = 512) -> torch.Tensor:
+    """``[K, K]`` bool: ``box_iou(boxes, boxes) > threshold`` for integer boxes (patch units), built
+    in row chunks with integer intersections and unions, so that no ``[K, K, 2]`` float64 temporary
+    exists. The same matrix, bit for bit, as the direct comparison (the IoU is the same float64
+    quotient of exact integers), at a fraction of its memory and time: on 14x14 and 16x16 grids
+    (11025 and 18496 whole-patch boxes) the direct one peaks at about 10 GB and 30 GB."""
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or boxes.is_floating_point():
+        raise ValueError(f"suppression_matrix: boxes must be an integer [K, 4] tensor, got "
+                         f"{boxes.dtype} {list(boxes.shape)}")
+    b = boxes.to(torch.int64)
+    K = b.shape[0]
+    area = box_area(b)
+    out = torch.empty(K, K, dtype=torch.bool, device=b.device)
+    for i in range(0, K, chunk):
+        a = b[i:i + chunk]
+        iw = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp_(min=0)
+        ih = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp_(min=0)
+        inter = iw.mul_(ih)
+        union = area[i:i + chunk, None] + area[None, :] - inter
+        iou = inter.to(torch.float64).div_(union.to(torch.float64).clamp_(min=1e-12))
+        iou.masked_fill_(union <= 0, 0.0)
+        torch.gt(iou, threshold, out=out[i:i + chunk])
+    return out
 
 
 def nms_topk(scores: torch.Tensor, suppress: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
