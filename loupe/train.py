@@ -3,6 +3,8 @@
     deepspeed loupe/train.py                          # 1 process on CPU (gloo), built-in synthetic set
     deepspeed --num_accelerators 2 loupe/train.py     # 2 processes
     deepspeed loupe/train.py --output runs/x --resume latest --steps 600
+    deepspeed loupe/train.py --model ViT-B-16         # a model preset (python -m loupe.train --list-models)
+    deepspeed loupe/train.py --dataset-type webdataset --train-data 'pipe:cat /data/shard-{000..099}.tar'
 
 Everything lands under ``--output``: DeepSpeed checkpoints (``checkpoints/``, written by every
 rank, ``latest`` replaced atomically), ``model.pt`` (consolidated fp32), ``config.json``,
@@ -17,7 +19,23 @@ are unlinked right after start-up, and those of dead runs removed.
 
 Reproducibility: the batch of step ``s`` on rank ``r`` and every random draw of that step are pure
 functions of ``(--seed, s, r)``, so a resumed run sees exactly the data and randomness the
-uninterrupted run would have seen.
+uninterrupted run would have seen. This holds for the map-style readers (built-in scenes, csv,
+local shards). Streamed shards (``--dataset-type webdataset`` with a URL / ``pipe:`` command, or
+``--streaming``; :class:`loupe.data.StreamingShardDataset`) resume only approximately: each rank reads
+its own shards, resampled with replacement (``--resampled``, the default) from a draw seeded by
+``(--seed, step resumed at, rank, worker)``, so a resumed run continues with a fresh deterministic
+draw rather than the samples the uninterrupted run would have read next.
+
+Model sizes: ``--model NAME`` picks a preset of ``loupe/configs/NAME.json`` (``--list-models``
+lists them: ``loupe-tiny``, the default, and open_clip's ``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``
+sizes); ``--model-config`` overrides its fields. The data are drawn at the model's image size.
+
+Collapse signals (issue 19): every ``--diag-every`` steps (and at every ``--eval-every``) the log
+holds ``val_top_patch_share`` (the share of phrases whose most similar patch is the most common
+such patch index), ``val_patch_pair_cos`` (the mean cosine of two patch tokens of one image) and
+``val_phrase_map_corr`` (the correlation of the maps of two phrases of one image), computed without
+gradient on a fixed validation batch with :func:`loupe.metrics.map_diagnostics` and
+:func:`loupe.metrics.patch_pair_cos`, the definitions of ``python -m loupe.evaluate``.
 """
 from __future__ import annotations
 
@@ -38,6 +56,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 
@@ -45,9 +64,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from loupe import checkpoint as ckpt  # noqa: E402  (after the path fix above)
-from loupe.config import DATASET_TYPES, OBJECTIVES, LoupeConfig  # noqa: E402
+from loupe.config import (CONFIG_DIR, DATASET_TYPES, DEFAULT_MODEL, OBJECTIVES, LoupeConfig, describe_models,  # noqa: E402
+                          list_models, model_preset)
 
 DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "ds_config.json")
+#: captions read from streamed shards to fit the tokenizer (rank 0, before training)
+TOKENIZER_CAPTIONS = 100_000
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--csv-separator", default="\t", help="CSV separator")
     d.add_argument("--train-size", type=int, default=50000,
                    help="number of training scenes of the built-in sets")
+    d.add_argument("--hard-mix", type=float, default=0.0,
+                   help="share of the training scenes (built-in sets) drawn from the controlled streams: "
+                        "distractors sharing colour or shape, and relations (half each); which share "
+                        "measures best on validation is not known yet")
+    d.add_argument("--streaming", action="store_true",
+                   help="webdataset: stream the shards with the webdataset library even when they are local "
+                        "(URLs and pipe: commands always stream); streamed runs resume approximately")
+    d.add_argument("--resampled", action=argparse.BooleanOptionalAction, default=True,
+                   help="streamed shards: each rank and worker draws shards with replacement, endlessly "
+                        "(--no-resampled: epochs over this rank's shards, which need at least "
+                        "world size x workers shards)")
     d.add_argument("--workers", type=int, default=0, help="data-loader worker processes per rank")
     o = p.add_argument_group("optimisation")
     o.add_argument("--objective", choices=OBJECTIVES, default="loupe",
@@ -86,9 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")
     o.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
                    help="ZeRO stage (overrides the DeepSpeed config)")
+    o.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
+                   help=f"model preset (loupe/configs/NAME.json): {', '.join(list_models())}; "
+                        f"--list-models describes them")
+    o.add_argument("--list-models", action="store_true", help="list the model presets and exit")
     o.add_argument("--model-config", default=None,
-                   help="JSON object (or path to a JSON file) of LoupeConfig fields to override, "
-                        "e.g. '{\"vision_layers\": 2, \"embed_dim\": 64}'")
+                   help="JSON object (or path to a JSON file) of LoupeConfig fields to override on top of "
+                        "--model, e.g. '{\"vision_layers\": 2, \"embed_dim\": 64}'")
     o.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training precision")
     r = p.add_argument_group("output")
     r.add_argument("--output", default="runs/loupe", help="directory for checkpoints, model.pt and logs")
@@ -106,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-every", type=int, default=0,
                    help="every N steps, log the losses on fixed validation batches as val_* "
                         "(0: never); the full evaluation runs at the end")
+    r.add_argument("--diag-every", type=int, default=50,
+                   help="every N steps (and at every --eval-every), log the register-collapse signals "
+                        "val_top_patch_share, val_patch_pair_cos, val_phrase_map_corr on a fixed validation "
+                        "batch (0: never)")
     r.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     r.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
                    help="also log scalars to TensorBoard (needs the tensorboard package)")
@@ -121,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.list_models:
+        return args
+    if args.model not in list_models():
+        p.error(f"--model {args.model!r} is not a preset; known: {', '.join(list_models())}")
     if args.dataset_type in ("csv", "webdataset") and not args.train_data:
         p.error(f"--dataset-type {args.dataset_type} needs --train-data")
     if args.train_data and args.dataset_type in ("csv",) and not os.path.exists(args.train_data):
@@ -138,8 +183,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     problem = output_problem(args.output)
     if problem:
         p.error(f"--output {args.output!r}: {problem}")
-    if args.warmup < 0 or args.save_every < 1 or args.eval_every < 0:
-        p.error("--warmup and --eval-every must be >= 0, --save-every >= 1")
+    if args.warmup < 0 or args.save_every < 1 or args.eval_every < 0 or args.diag_every < 0:
+        p.error("--warmup, --eval-every and --diag-every must be >= 0, --save-every >= 1")
+    if not (math.isfinite(args.hard_mix) and 0.0 <= args.hard_mix <= 1.0):
+        p.error(f"--hard-mix must be in [0, 1], not {args.hard_mix}")
+    if args.hard_mix and args.dataset_type in ("csv", "webdataset"):
+        p.error(f"--hard-mix mixes controlled built-in scenes; it does not apply to --dataset-type {args.dataset_type}")
+    if args.streaming and args.dataset_type != "webdataset":
+        p.error("--streaming reads --dataset-type webdataset shards")
+    args.streaming = is_streaming(args)
     if args.model_config:
         text = args.model_config
         if os.path.exists(text):
@@ -151,17 +203,47 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--model-config is neither a JSON object nor a JSON file: {e}")
         if not isinstance(args.model_overrides, dict):
             p.error("--model-config must be a JSON object")
-        try:
-            LoupeConfig(**{**args.model_overrides, "objective": args.objective})
-        except (TypeError, ValueError) as e:
-            p.error(f"--model-config: {e}")
     else:
         args.model_overrides = {}
+    try:
+        model_fields(args)
+    except (TypeError, ValueError) as e:
+        p.error(f"--model-config: {e}" if args.model_overrides else f"--model {args.model}: {e}")
     if args.deepspeed_config is None:
         args.deepspeed_config = DEFAULT_DS_CONFIG
     if not os.path.exists(args.deepspeed_config):
         p.error(f"--deepspeed_config {args.deepspeed_config!r} does not exist")
     return args
+
+
+def is_streaming(args) -> bool:
+    """Whether the training set is streamed (:class:`loupe.data.StreamingShardDataset`): webdataset
+    shards with ``--streaming`` or a URL / ``pipe:`` command in ``--train-data``."""
+    if args.dataset_type != "webdataset" or not args.train_data:
+        return False
+    from loupe.data.streaming import is_url
+    return bool(args.streaming) or any(is_url(u) for u in str(args.train_data).split("::"))
+
+
+def model_fields(args, vocab_size: int | None = None) -> dict:
+    """The LoupeConfig fields of this run: the ``--model`` preset, then ``--model-config`` on top
+    (validated; ``vocab_size`` from the tokenizer when given)."""
+    fields = {**model_preset(args.model), **args.model_overrides, "objective": args.objective}
+    if vocab_size is not None:
+        fields["vocab_size"] = vocab_size
+    LoupeConfig(**fields)
+    return fields
+
+
+def print_models() -> None:
+    """``--list-models``: name, grid, candidate boxes and description of every preset."""
+    for name, desc in describe_models():
+        c = LoupeConfig(**model_preset(name))
+        g = c.grid_size
+        k = (g * (g + 1) // 2) ** 2
+        flag = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{flag}\n    {desc}\n    grid {g}x{g}, {k} candidate boxes; "
+              f"file {os.path.join(CONFIG_DIR, name + '.json')}")
 
 
 def output_problem(path: str) -> str | None:
@@ -309,6 +391,126 @@ def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> di
 
 
 # ------------------------------------------------------------------------------------------------
+# streamed data, validation batches, collapse signals
+# ------------------------------------------------------------------------------------------------
+def streamed_batches(loader, dataset, start: int, steps: int, resampled: bool, device: torch.device):
+    """The batches of steps ``start..steps-1`` from a DataLoader over a streamed dataset.
+
+    Resampled streams are endless: the first ``steps - start`` batches. Finite streams run epoch
+    after epoch (``dataset.set_epoch``); since ranks may hold different numbers of samples, every
+    rank ends an epoch as soon as one of them runs out (one all-reduce per step), so that all ranks
+    take the same number of steps."""
+    n = steps - start
+    if resampled:
+        yield from islice(loader, n)
+        return
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    epoch, done, it, fresh = dataset.epoch, 0, iter(loader), True
+    while done < n:
+        batch = next(it, None)
+        have = torch.tensor([0.0 if batch is None else 1.0], device=device)
+        if world > 1:
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if have.item() < 1:
+            if fresh:
+                _stop(f"a rank's share of the shards gave no batch in epoch {epoch} (--no-resampled needs at "
+                      f"least world size x workers shards, each holding a batch); use more shards or --resampled",
+                      dist.get_rank() if dist.is_initialized() else 0)
+            epoch += 1
+            dataset.set_epoch(epoch)
+            it, fresh = iter(loader), True
+            continue
+        fresh, done = False, done + 1
+        yield batch
+
+
+def data_options(args, image_size: int) -> dict:
+    """Options of every ``loupe.data.build_dataset`` call of the run: csv columns, image size."""
+    return {"img_key": args.csv_img_key, "caption_key": args.csv_caption_key, "separator": args.csv_separator,
+            "image_size": image_size}
+
+
+def build_train_set(args, ldata, rank: int, world: int, data_kw: dict):
+    """The training set: map-style (built-in scenes with ``--hard-mix``, csv, local shards; the
+    trainer's sampler deals the ranks their samples), or for streamed shards an IterableDataset of
+    this rank's shards, resampled unless ``--no-resampled``."""
+    if args.streaming:
+        return ldata.build_dataset("webdataset", "train", seed=args.seed, path=args.train_data, streaming=True,
+                                   rank=rank, world_size=world, resampled=args.resampled, **data_kw)
+    return ldata.build_dataset(args.dataset_type, "train", seed=args.seed, path=args.train_data,
+                               size=args.train_size, hard_mix=args.hard_mix, **data_kw)
+
+
+def validation_batches(args, ldata, collate, global_batch: int, rank: int, world: int, data_kw: dict,
+                       device: torch.device) -> list[dict]:
+    """This rank's fixed validation batches: its share of two global batches (none for csv /
+    webdataset without ``--val-data``). Map-style sets: a seeded draw (``--seed + 1``). Streamed
+    shards: every rank reads the validation stream from its start (no node split, so any number of
+    shards serves any number of ranks) and keeps its own slice of the first ``2 * global_batch``
+    samples; the ranks agree on the number of full batches."""
+    if args.dataset_type in ("csv", "webdataset") and not args.val_data:
+        return []
+    local = global_batch // world
+    from loupe.data.streaming import is_url
+    if args.dataset_type == "webdataset" and (args.streaming or any(is_url(u) for u in str(args.val_data).split("::"))):
+        val_set = ldata.build_dataset("webdataset", "val", seed=args.seed, path=args.val_data, streaming=True,
+                                      rank=0, world_size=1, resampled=False, **data_kw)
+        items = list(islice(val_set, 2 * rank * local, 2 * (rank + 1) * local))
+        full = torch.tensor([len(items) // local], dtype=torch.long, device=device)
+        if world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(full, op=dist.ReduceOp.MIN)
+        return [collate(items[i * local:(i + 1) * local]) for i in range(int(full.item()))]
+    val_set = ldata.build_dataset(args.dataset_type, "val", seed=args.seed, path=args.val_data, size=None, **data_kw)
+    vs = StepBatchSampler(len(val_set), global_batch, rank, world, args.seed + 1, 0, 2)
+    return [collate([val_set[i] for i in idx]) for idx in vs]
+
+
+COLLAPSE_KEYS = ("val_top_patch_share", "val_patch_pair_cos", "val_phrase_map_corr")
+
+
+def collapse_signals(out: dict, batch: dict, grid: int, patch_size: int, device: torch.device,
+                     world: int) -> dict[str, float | None]:
+    """The register-collapse signals of a forward pass (issue 19), over the batches of all ranks.
+
+    ``val_top_patch_share``: the share of phrases whose most similar patch is the most common such
+    patch index (1/n for spread maps; near 1 when one register patch wins every phrase);
+    ``val_patch_pair_cos``: the mean cosine of two different patch tokens of one image;
+    ``val_phrase_map_corr``: the mean correlation of the patch-similarity maps of two phrases of one
+    image. The definitions of ``python -m loupe.evaluate`` (:func:`loupe.metrics.map_diagnostics`,
+    :func:`loupe.metrics.patch_pair_cos`); None where the batch has no phrase (or phrase pair).
+    """
+    from loupe.metrics import map_diagnostics, patch_pair_cos
+    patches = out["patch_tokens"].detach().float()
+    B, n, _ = patches.shape
+    # [best-patch counts per patch index (n), sum of patch-pair cos, images, sum of map corr, pairs]
+    acc = torch.zeros(n + 4, dtype=torch.float64, device=device)
+    acc[n] = patch_pair_cos(patches).sum().to(device)
+    acc[n + 1] = B
+    pmask = out.get("phrase_mask")
+    if pmask is not None and bool(pmask.any()):
+        bi, pi = pmask.nonzero(as_tuple=True)
+        boxes = batch.get("boxes")
+        if isinstance(boxes, torch.Tensor) and boxes.shape[:2] == pmask.shape:
+            boxes = boxes.to(patches.device)[bi, pi].double()
+        else:  # no boxes: the box-free signals are the same
+            boxes = torch.full((len(bi), 4), float("nan"), dtype=torch.float64, device=patches.device)
+        d = map_diagnostics(out["phrase_feats"].detach().float()[bi, pi], patches[bi], boxes, bi, grid, patch_size)
+        acc[:n] += torch.bincount(d["best_patch"], minlength=n).to(device=device, dtype=torch.float64)
+        acc[n + 2] = d["pair_corr"].nan_to_num(0.0).sum().to(device)
+        acc[n + 3] = int(torch.isfinite(d["pair_corr"]).sum())
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(acc)
+    counts, phrases = acc[:n], float(acc[:n].sum())
+    ratio = lambda a, b: float(a) / float(b) if float(b) > 0 else None  # noqa: E731
+    return {"val_top_patch_share": ratio(counts.max(), phrases),
+            "val_patch_pair_cos": ratio(acc[n], acc[n + 1]),
+            "val_phrase_map_corr": ratio(acc[n + 2], acc[n + 3])}
+
+
+# ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
 def release_shm_buffer(rank: int) -> str | None:
@@ -438,6 +640,9 @@ def main(argv=None) -> int:
     DeepSpeed's shared-memory buffer are released on every way out (exceptions, SIGTERM, SIGINT;
     after kill -9 the kernel drops the lock and the buffer is already unlinked)."""
     args = parse_args(argv)
+    if args.list_models:
+        print_models()
+        return 0
     import deepspeed
     import torch.distributed as dist
 
@@ -531,13 +736,26 @@ def _train(args) -> int:
         os.makedirs(ckpt_dir, exist_ok=True)
     dist.barrier()
 
+    # the model's image size (a resumed run keeps its saved config): the data are drawn at it
+    saved = ckpt.read_config(out_dir) if resume_tag else None
+    if saved is not None:
+        image_size = LoupeConfig.from_dict(saved["model"]).image_size
+        saved_model = (saved.get("train") or {}).get("model", DEFAULT_MODEL)
+        if is_main and (saved_model != args.model or args.model_overrides):
+            print(f"loupe: warning: --resume keeps the saved model config (trained as --model {saved_model}); "
+                  f"--model / --model-config are ignored", file=sys.stderr)
+    else:
+        image_size = LoupeConfig(**model_fields(args)).image_size
+
     # data and tokenizer (fit once on rank 0, saved with the model, loaded by the other ranks)
     tok_path = run.tokenizer
-    train_set = ldata.build_dataset(args.dataset_type, "train", seed=args.seed, path=args.train_data,
-                                    size=args.train_size, img_key=args.csv_img_key,
-                                    caption_key=args.csv_caption_key, separator=args.csv_separator)
+    data_kw = data_options(args, image_size)
+    train_set = build_train_set(args, ldata, rank, world, data_kw)
     if is_main and not (resume_tag and os.path.exists(tok_path)):
-        tokenizer = ldata.fit_tokenizer(train_set)
+        if args.streaming:
+            tokenizer = ldata.train_tokenizer(train_set.captions(limit=TOKENIZER_CAPTIONS), train_set.tokenizer_kind)
+        else:
+            tokenizer = ldata.fit_tokenizer(train_set)
         tokenizer.save(tok_path)
     dist.barrier()
     tokenizer = ldata.load_tokenizer(tok_path)
@@ -547,15 +765,13 @@ def _train(args) -> int:
     if is_main and scan_skipped:
         print(f"loupe: the training data has {scan_skipped} bad record(s), skipped (see the warnings above; "
               f"also in config.json as data_skipped_at_scan)", file=sys.stderr)
-    saved = ckpt.read_config(out_dir) if resume_tag else None
     if saved is not None:
         config = LoupeConfig.from_dict(saved["model"])
         if config.objective != args.objective:
             raise SystemExit(f"--resume: the checkpoint was trained with --objective {config.objective}, "
                              f"not {args.objective}")
     else:
-        config = LoupeConfig(**{**args.model_overrides, "vocab_size": tokenizer.vocab_size,
-                                "objective": args.objective})
+        config = LoupeConfig(**model_fields(args, tokenizer.vocab_size))
     torch.manual_seed(args.seed)  # same initialisation on every rank
     model = LoupeModel(config)
 
@@ -592,38 +808,51 @@ def _train(args) -> int:
         os.replace(log_path, log_path + ".old")
     dist.barrier()
 
-    sampler = StepBatchSampler(len(train_set), ds_config["train_batch_size"], rank, world, args.seed,
-                               start, args.steps)
     collate = ldata.Collator(tokenizer)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=args.workers, persistent_workers=False)
+    if args.streaming:
+        # no random access: each rank iterates its own stream; the draw of a resumed run is seeded by
+        # the step it resumes at (approximate resume, see the module docstring)
+        train_set.set_epoch(start)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, collate_fn=collate,
+                                             num_workers=args.workers, drop_last=True)
+        batches = streamed_batches(loader, train_set, start, args.steps, args.resampled, device)
+    else:
+        sampler = StepBatchSampler(len(train_set), ds_config["train_batch_size"], rank, world, args.seed,
+                                   start, args.steps)
+        batches = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
+                                              num_workers=args.workers, persistent_workers=False)
     float_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
+    # fixed validation batches: losses every --eval-every steps, collapse signals every --diag-every
     val_batches = []
-    if args.eval_every:
-        if args.dataset_type in ("csv", "webdataset") and not args.val_data:
-            if is_main:
-                print("loupe: --eval-every needs --val-data for csv/webdataset; no validation losses")
-        else:
-            val_set = ldata.build_dataset(args.dataset_type, "val", seed=args.seed, path=args.val_data,
-                                          size=None, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                                          separator=args.csv_separator)
-            vs = StepBatchSampler(len(val_set), ds_config["train_batch_size"], rank, world, args.seed + 1, 0, 2)
-            val_batches = [collate([val_set[i] for i in idx]) for idx in vs]
+    if args.eval_every or args.diag_every:
+        val_batches = validation_batches(args, ldata, collate, ds_config["train_batch_size"], rank, world,
+                                         data_kw, device)
+        if not val_batches and is_main:
+            print("loupe: no validation data (csv/webdataset need --val-data): no val_* losses or collapse "
+                  "signals in the log", file=sys.stderr)
 
-    def validate() -> dict[str, float]:
+    def val_forward(vb: dict) -> tuple[dict, dict]:
+        vb = to_device(dict(vb), device, float_dtype)
+        vb.pop("skipped", None)
+        vb["step"], vb["seed"] = step, step_seed(args.seed + 1, step, rank)
+        return engine(vb), vb
+
+    def validate(losses: bool) -> dict[str, float]:
+        """val_* losses over the validation batches (``losses``) and the collapse signals of the first."""
         engine.eval()
-        sums: dict[str, float] = {}
+        res: dict[str, float] = {}
         with torch.no_grad():
-            for vb in val_batches:
-                vb = to_device(dict(vb), device, float_dtype)
-                vb.pop("skipped", None)
-                vb["step"], vb["seed"] = step, step_seed(args.seed + 1, step, rank)
-                for k, v in mean_over_ranks(engine(vb), device, world).items():
-                    if k.startswith("loss") and v is not None:
-                        sums["val_" + k] = sums.get("val_" + k, 0.0) + v / len(val_batches)
+            for i, vb in enumerate(val_batches if losses else val_batches[:1]):
+                out, vb = val_forward(vb)
+                if i == 0:
+                    res.update(collapse_signals(out, vb, config.grid_size, config.patch_size, device, world))
+                if losses:
+                    for k, v in mean_over_ranks(out, device, world).items():
+                        if k.startswith("loss") and v is not None:
+                            res["val_" + k] = res.get("val_" + k, 0.0) + v / len(val_batches)
         engine.train()
-        return sums
+        return res
 
     writer = None
     if is_main and args.report_to == "tensorboard":
@@ -658,6 +887,7 @@ def _train(args) -> int:
         dist.barrier()
 
     step, last_saved, skipped_total = start, start, 0
+    stream_skipped = 0  # train_set.skipped already counted (streaming: bad samples dropped in the reader)
     if is_main and start and os.path.exists(log_path):  # the count goes on from the resumed step
         with open(log_path) as f:
             lines = [line for line in f if line.strip()]
@@ -666,10 +896,14 @@ def _train(args) -> int:
     t_prev = time.perf_counter()
     log_f = open(log_path, "a") if is_main else None
     try:
-        for batch in loader:
+        for batch in batches:
             t_data = time.perf_counter() - t_prev
             torch.manual_seed(step_seed(args.seed, step, rank))
             skipped_step = int(batch.pop("skipped", 0))
+            if args.streaming:  # what the reader (and its workers) dropped since the last step
+                now_skipped = int(train_set.skipped)
+                skipped_step += now_skipped - stream_skipped
+                stream_skipped = now_skipped
             batch = to_device(batch, device, float_dtype)
             batch["step"] = step
             batch["seed"] = step_seed(args.seed, step, rank)
@@ -705,8 +939,11 @@ def _train(args) -> int:
                    "samples_per_s": ds_config["train_batch_size"] / max(now - t_prev, 1e-9),
                    "data_time": t_data, "skipped": skipped_total}
             rec.update(mean_over_ranks(out, device, world))
-            if val_batches and step % args.eval_every == 0:
-                rec.update(validate())
+            do_val = bool(val_batches) and bool(args.eval_every) and step % args.eval_every == 0
+            do_diag = bool(val_batches) and bool(args.diag_every) and step % args.diag_every == 0
+            if do_val or do_diag:
+                del out, loss  # the step's activations, before the validation forward passes
+                rec.update(validate(losses=do_val))
                 now = time.perf_counter()  # validation time is not data time
             t_prev = now
             if is_main:
