@@ -13,6 +13,9 @@ On a shared machine the variants, run one after another, see different loads. ``
 therefore alternates CLIP and LOUPE steps and records the ratio of their medians over the pairs, at
 the process's thread count (wall time) and at one thread (thread CPU time, which other processes
 barely move).
+
+``test_bench_step_vit_grid`` (issue 22): the same CLIP / LOUPE pair at batch 2 with the ``ViT-B-16``
+preset, at its 14x14 grid (11025 candidate boxes) and at the 16x16 grid of ``ViT-L-14`` (18496).
 """
 from __future__ import annotations
 
@@ -154,3 +157,73 @@ def test_bench_step_pairs(benchmark):
     print(f"\nalternating pairs: loupe/clip = {wall:.3f} (wall, {threads} threads; clip {r['clip']}, "
           f"loupe {r['loupe']}), {cpu1:.3f} (thread CPU time, 1 thread; clip {r['clip_1t']}, "
           f"loupe {r['loupe_1t']})")
+
+
+# ------------------------------------------------------------------------------------------------
+# the candidate-box machinery at ViT grids (issue 22): 14x14 (ViT-B-16) and 16x16 (ViT-L-14's grid)
+# ------------------------------------------------------------------------------------------------
+VIT_B = 2  # batch
+
+
+def _vit_batch(step: int, size: int):
+    g = torch.Generator().manual_seed(step)
+    s = size / 64.0
+    return {"images": torch.randn(VIT_B, 3, size, size, generator=g),
+            "input_ids": torch.randint(4, 1000, (VIT_B, L), generator=g),
+            "attention_mask": torch.ones(VIT_B, L, dtype=torch.bool),
+            "phrase_token_spans": torch.tensor([[[1, 4], [6, 9], [11, 14]]] * VIT_B),
+            "phrase_mask": torch.ones(VIT_B, P, dtype=torch.bool),
+            "boxes": torch.tensor([[[0., 0, 24, 24], [32, 8, 56, 40], [8, 40, 40, 64]]] * VIT_B) * s,
+            "seed": step, "step": step}
+
+
+@pytest.mark.parametrize("grid", [14, 16])
+def test_bench_step_vit_grid(benchmark, grid):
+    """One training step (fwd + bwd + AdamW) at batch 2 with the ``ViT-B-16`` preset: 224 px, 16 px
+    patches (14x14 grid, K = 11025 whole-patch boxes), or 14 px patches (16x16, ViT-L-14's grid,
+    K = 18496; ViT-B widths, so the box machinery's share is not hidden by ViT-L's 3x larger towers).
+    CLIP and LOUPE steps alternate; records the median of each, their ratio, the model build time,
+    the no-gradient region pass (objectness of all K boxes, NMS) and the K-sized buffers."""
+    from loupe.config import preset_config
+
+    over = {} if grid == 14 else {"patch_size": 14}
+    models, builds = {}, {}
+    for objective in ("clip", "loupe"):
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        model = LoupeModel(preset_config("ViT-B-16", objective=objective, vocab_size=1000, **over))
+        builds[objective] = time.perf_counter() - t0
+        models[objective] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    model = models["loupe"][0]
+    assert model.grid_size == grid
+    size = model.config.image_size
+    batches = [_vit_batch(s, size) for s in range(2)]
+    for pair in models.values():  # warm-up
+        _step(*pair, batches[0])
+    times: dict[str, list[float]] = {"clip": [], "loupe": []}
+
+    def run():
+        order = ("clip", "loupe") if len(times["clip"]) % 2 == 0 else ("loupe", "clip")
+        for name in order:
+            t0 = time.perf_counter()
+            _step(*models[name], batches[1])
+            times[name].append(time.perf_counter() - t0)
+
+    benchmark.group = f"loupe step / ViT-B-16 widths, grid {grid}x{grid}, B={VIT_B} / fwd+bwd+AdamW / alternating pairs"
+    benchmark.extra_info["variant"] = f"grid{grid}"
+    benchmark.pedantic(run, rounds=2, iterations=1)
+    with torch.no_grad():
+        patches = model.encode_image_tokens(batches[1]["images"])[1]
+        t0 = time.perf_counter()
+        model.regions(patches)
+        regions_s = time.perf_counter() - t0
+    K = int(model.candidate_boxes.shape[0])
+    buffers_mb = sum(b.numel() * b.element_size() for b in (model.nms_suppress, model.sat_pooling,
+                                                            model.box_geometry, model.candidate_boxes)) / 2**20
+    clip_s, loupe_s = _median(times["clip"]), _median(times["loupe"])
+    benchmark.extra_info.update({"grid": grid, "K": K, "clip_step_s": clip_s, "loupe_step_s": loupe_s,
+                                 "loupe_over_clip": loupe_s / clip_s, "build_s": builds, "regions_nograd_s": regions_s,
+                                 "box_buffers_mb": buffers_mb, "threads": torch.get_num_threads()})
+    print(f"\ngrid {grid}x{grid} (K={K}), B={VIT_B}: clip step {clip_s:.2f} s, loupe step {loupe_s:.2f} s "
+          f"(x{loupe_s / clip_s:.2f}); build clip {builds['clip']:.1f} s, loupe {builds['loupe']:.1f} s; "
+          f"region pass (no grad) {regions_s:.3f} s; K-sized buffers {buffers_mb:.0f} MB")

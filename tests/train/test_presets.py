@@ -81,7 +81,6 @@ def test_suppression_matrix_is_the_direct_comparison(h, w, threshold):
 @pytest.mark.timeout(300)
 def test_candidate_buffers_at_the_vit_grids():
     """Building the K x K NMS matrix directly peaked at 10.6 GB (14x14) and about 30 GB (16x16)."""
-    import resource
     code = ("import resource, torch; from loupe import regions as R; b = R.candidate_boxes(16, 16); "
             "s = R.suppression_matrix(b, 0.5); assert s.shape == (18496, 18496) and bool(s.diagonal().all()); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
@@ -89,7 +88,6 @@ def test_candidate_buffers_at_the_vit_grids():
     assert p.returncode == 0, p.stderr[-2000:]
     peak_mb = int(p.stdout.split()[-1]) / 1024
     assert peak_mb < 2500, peak_mb  # the 342 MB matrix, the interpreter and torch
-    del resource
 
 
 @pytest.mark.slow
