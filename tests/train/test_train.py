@@ -78,7 +78,8 @@ def test_help_lists_the_flags():
     assert p.returncode == 0, p.stderr
     for flag in ("--dataset-type", "--train-data", "--batch-size", "--steps", "--lr", "--warmup", "--seed",
                  "--output", "--resume", "--objective", "--eval-every", "--zero-stage", "--precision",
-                 "--report-to", "--deepspeed_config"):
+                 "--report-to", "--deepspeed_config", "--model", "--list-models", "--hard-mix", "--streaming",
+                 "--resampled", "--no-resampled", "--diag-every"):
         assert flag in p.stdout, flag
 
 

@@ -54,7 +54,8 @@ def test_two_processes_train_from_a_pipe_url_and_log_skipped_samples(tmp_path, s
     out = tmp_path / "stream"
     cmd = launch_cmd(out, procs=2, steps=3, objective="loupe", extra=[
         "--dataset-type", "webdataset", "--train-data", f"pipe:cat {shards}/train/shard-{{000000..000001}}.tar",
-        "--val-data", f"pipe:cat {shards}/val/shard-000000.tar", "--diag-every", "3", "--eval-every", "3"])
+        "--val-data", f"pipe:cat {shards}/val/shard-000000.tar", "--diag-every", "3", "--eval-every", "3",
+        "--workers", "1"])
     p = run(cmd)
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2, 3]
@@ -68,6 +69,13 @@ def test_two_processes_train_from_a_pipe_url_and_log_skipped_samples(tmp_path, s
     assert saved["streaming"] is True and saved["resampled"] is True
     assert json.loads((out / "tokenizer.json").read_text())["type"] == "subword"
     assert loupe.load(str(out)) is not None
+    # resuming a streamed run: a fresh draw seeded by the step it resumes at (approximate resume)
+    p = run(launch_cmd(out, procs=2, steps=4, objective="loupe", extra=[
+        "--dataset-type", "webdataset", "--train-data", f"pipe:cat {shards}/train/shard-{{000000..000001}}.tar",
+        "--diag-every", "0", "--resume", "latest"]))
+    assert "resumed from step0000003 at step 3" in p.stdout
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[-1]["skipped"] >= log[2]["skipped"]
 
 
 @pytest.mark.slow
