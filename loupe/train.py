@@ -586,7 +586,14 @@ def remove_stale_shm_buffers(min_age_s: float = 60.0, shm_dir: str = "/dev/shm")
     except OSError:
         return []
     now = time.time()
-    candidates = [c for c in candidates if os.path.exists(c) and now - os.path.getmtime(c) >= min_age_s]
+
+    def age(path: str) -> float:  # a buffer may be unlinked meanwhile (the other ranks unlink theirs now)
+        try:
+            return now - os.path.getmtime(path)
+        except OSError:
+            return -1.0
+
+    candidates = [c for c in candidates if age(c) >= min_age_s]
     if not candidates:
         return []
     used = _paths_in_use(shm_dir)
