@@ -82,8 +82,12 @@ class UansilPolicy(nn.Module):
         self.register_buffer("calib_pos", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [G, F]`` detached game features -> ``(mu [G], log_var [G])`` (log-variance in [-20, 20])."""
-        return self.predictor(x)
+        """``x [G, F]`` detached game features -> ``(mu [G], log_var [G])`` (log-variance in [-20, 20]),
+        in the dtype of ``x``. The predictor runs in the dtype of its weights (bf16 under mixed
+        precision), whatever the features'."""
+        w = self.predictor.net[0].weight.dtype
+        mu, log_var = self.predictor(x.to(w))
+        return mu.to(x.dtype), log_var.to(x.dtype)
 
     def decide(self, log_var: torch.Tensor, step: int, generator: torch.Generator, *, enabled: bool,
                warmup: int, threshold: float, calibration: float, min_fraction: float = 0.0,

@@ -100,7 +100,9 @@ class SceneDataset(torch.utils.data.Dataset):
                 "all_size_ids": long(sc.size_ids + sc.other_size_ids)}
 
     def captions(self):
-        """Captions of every scene, without drawing."""
+        """Captions of every scene, without drawing (with ``hard_mix``, the mixed scenes' captions)."""
+        if self.hard_mix > 0:
+            return (self.scene(i, render=False).caption for i in range(self.size))
         return self.generator.captions(self.split, self.size)
 
 

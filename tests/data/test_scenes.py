@@ -279,3 +279,8 @@ def test_controlled_scenes_on_the_real_image_catalogs(dataset_type):
             others = [j for j in range(len(boxes)) if j != k]
             assert any(attr[j] == attr[k] and shapes[j] != shapes[k] for j in others)
             assert any(shapes[j] == shapes[k] and attr[j] != attr[k] for j in others)
+
+
+def test_captions_follow_hard_mix():
+    ds = ld.build_dataset("synthetic", "train", seed=2, size=60, hard_mix=0.5)
+    assert list(ds.captions()) == [ds[i]["caption"] for i in range(60)]

@@ -188,3 +188,10 @@ def test_policy_skips_only_while_calibrated_and_keeps_a_floor():
     # without the safety (min_calibration 0) the same stream keeps skipping
     s0, _ = policy.decide(lv, 20, gen, **{**kw, "min_calibration": 0.0})
     assert float(s0.double().mean()) < 0.2
+
+
+def test_predictor_in_bf16_takes_float32_features():
+    """Under mixed precision the predictor's weights are bf16 while the game features are float32."""
+    policy = UansilPolicy(4, hidden=8).to(torch.bfloat16)
+    mu, lv = policy(torch.randn(5, 4))
+    assert mu.dtype == torch.float32 and lv.dtype == torch.float32 and torch.isfinite(mu).all()
