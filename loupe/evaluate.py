@@ -28,7 +28,6 @@ R@1 = 0, not 1).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -48,7 +47,7 @@ from .data import Collator
 from .metrics import (box_iou_pairs, chance_acc, coco_map, detection_confidence, discrimination, grounding_predictions,
                       map_diagnostics, matching_objects, object_hits, oracle_hits, patch_centres, patch_pair_cos,
                       pointing_hits, points_in_any, points_inside, recall_at_k, shared_attributes)
-from .report import markdown_table, write_figures
+from .report import markdown_table, write_figures, write_report
 from .transformer import center_words
 
 __all__ = ["evaluate_checkpoint", "evaluate_model", "EvalOptions", "PROMPT_TEMPLATES", "RULE", "class_features",
@@ -533,13 +532,7 @@ def evaluate_checkpoint(directory: str, out_json: str | None = None, **opts) -> 
     result["checkpoint"] = os.path.abspath(directory)
     result["step"] = saved_step(d)
     if out_json is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-        tmp = out_json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, out_json)
-        with open(os.path.splitext(out_json)[0] + ".md", "w") as f:
-            f.write(markdown_table(result) + "\n")
+        write_report(result, out_json, markdown_table(result))
     return result
 
 

@@ -63,6 +63,7 @@ from .checkpoint import CheckpointError, load_checkpoint, saved_step
 from .data.pipeline import open_image
 from .evaluate import with_article, class_features, class_phrase_features
 from .ground import prepare_image
+from .report import write_report
 from .metrics import (box_iou_pairs, detection_confidence, discrimination, grounding_predictions, object_hits,
                       patch_centres, points_in_any, points_inside, recall_at_k)
 
@@ -955,16 +956,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _write(result: dict, out: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, out)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(markdown(result) + "\n")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loupe.external",
                                  description="Zero-shot evaluation of a checkpoint on benchmark files on disk: "
@@ -1038,7 +1029,7 @@ def main(argv=None) -> int:
     res["step"] = saved_step(a.checkpoint)
     out = a.out or os.path.join(a.checkpoint if os.path.isdir(a.checkpoint) else os.path.dirname(a.checkpoint) or ".",
                                 f"external_{a.task}.json")
-    _write(res, out)
+    write_report(res, out, markdown(res))
     print(markdown(res))
     print(f"\nwrote {out} ({res['seconds']:.1f} s)")
     return 0

@@ -8,10 +8,11 @@ import os
 import numpy as np
 import torch
 
+from .checkpoint import write_atomic
 from .data import Collator
 from .regions import phrase_features
 
-__all__ = ["write_figures", "markdown_table", "get_path", "REQUIRED_PATHS", "figure_grounding_examples",
+__all__ = ["write_figures", "markdown_table", "write_report", "get_path", "REQUIRED_PATHS", "figure_grounding_examples",
            "figure_interaction_maps", "figure_detection_per_class", "figure_training_curves"]
 
 
@@ -248,6 +249,14 @@ def markdown_table(result: dict) -> str:
 REQUIRED_PATHS = ("retrieval.i2t_r1", "retrieval.t2i_r1", "classification.top1", "grounding.acc50",
                   "grounding.acc50_compositional", "grounding.oracle_acc50", "grounding.chance_acc50",
                   "grounding.pointing", "grounding.pointing_compositional", "detection.map50", "detection.map")
+
+
+def write_report(result: dict, out_json: str, markdown: str) -> None:
+    """``out_json`` (written atomically) and the Markdown ``markdown`` beside it (``.md``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    write_atomic(out_json, json.dumps(result, indent=2))
+    with open(os.path.splitext(out_json)[0] + ".md", "w") as f:
+        f.write(markdown + "\n")
 
 
 def get_path(d: dict, dotted: str):

@@ -13,37 +13,10 @@ from loupe import data as ldata
 from loupe import checkpoint, report
 from loupe import evaluate as E
 from loupe.ground import ground
-from loupe.config import LoupeConfig
-from loupe.model import LoupeModel
 
-TINY = {"vision_width": 32, "vision_layers": 1, "vision_heads": 2, "text_width": 32, "text_layers": 1,
-        "text_heads": 2, "embed_dim": 32, "region_hidden": 32}
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def save_checkpoint(directory, objective="loupe", seed=3, **overrides) -> str:
-    """model.pt / config.json / tokenizer.json / log.jsonl in the layout of loupe/train.py."""
-    os.makedirs(directory, exist_ok=True)
-    tok = ldata.fit_tokenizer(ldata.build_dataset("synthetic", "train", seed=seed, size=300))
-    tok.save(os.path.join(directory, "tokenizer.json"))
-    cfg = LoupeConfig(**{**TINY, **overrides, "vocab_size": tok.vocab_size, "objective": objective})
-    torch.manual_seed(0)
-    model = LoupeModel(cfg)
-    torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict(), "step": 7},
-               os.path.join(directory, "model.pt"))
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({"model": cfg.to_dict(), "train": {"seed": seed, "dataset_type": "synthetic",
-                                                      "objective": objective}}, f)
-    with open(os.path.join(directory, "log.jsonl"), "w") as f:
-        for s in range(1, 8):
-            f.write(json.dumps({"step": s, "lr": 1e-3, "loss": 5.0 / s, "loss_cmc": 4.0 / s, "logit_scale": 14.3})
-                    + "\n")
-    return str(directory)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_evaluate_checkpoint_paths_ranges_and_files(ckpt, tmp_path):
@@ -224,10 +197,10 @@ def _cli(args, timeout=120):
                           cwd=REPO)
 
 
-def test_cli_errors_for_missing_and_incompatible_checkpoints(tmp_path):
+def test_cli_errors_for_missing_and_incompatible_checkpoints(tmp_path, make_checkpoint):
     p = _cli(["loupe.evaluate", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")])
     assert p.returncode == 2 and "does not exist" in p.stderr
-    bad = save_checkpoint(tmp_path / "bad")
+    bad = make_checkpoint(tmp_path / "bad")
     ck = torch.load(os.path.join(bad, "model.pt"), weights_only=True)
     ck["config"]["embed_dim"] = 48  # the weights no longer fit the config
     torch.save(ck, os.path.join(bad, "model.pt"))

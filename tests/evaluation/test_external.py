@@ -15,34 +15,11 @@ from loupe import data as ldata
 from loupe import evaluate as E
 from loupe import external as X
 from loupe import metrics as M
-from loupe.config import LoupeConfig
-from loupe.model import LoupeModel
 
-TINY = {"vision_width": 32, "vision_layers": 1, "vision_heads": 2, "text_width": 32, "text_layers": 1,
-        "text_heads": 2, "embed_dim": 32, "region_hidden": 32}
 SEED, N_TEST, N_SINGLE, BATCH = 3, 24, 40, 40
 CATEGORY_IDS = [11, 3, 7, 20, 5, 9]  # COCO ids are arbitrary ints, not 0..C-1
 
 
-def save_checkpoint(directory, objective="loupe", seed=SEED) -> str:
-    """model.pt / config.json / tokenizer.json in the layout of loupe/train.py (as test_end_to_end)."""
-    os.makedirs(directory, exist_ok=True)
-    tok = ldata.fit_tokenizer(ldata.build_dataset("synthetic", "train", seed=seed, size=300))
-    tok.save(os.path.join(directory, "tokenizer.json"))
-    cfg = LoupeConfig(**{**TINY, "vocab_size": tok.vocab_size, "objective": objective})
-    torch.manual_seed(0)
-    model = LoupeModel(cfg)
-    torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict(), "step": 7},
-               os.path.join(directory, "model.pt"))
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({"model": cfg.to_dict(), "train": {"seed": seed, "dataset_type": "synthetic",
-                                                      "objective": objective}}, f)
-    return str(directory)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
