@@ -30,7 +30,7 @@ from .evaluate import evaluate_checkpoint
 from .report import get_path
 
 __all__ = ["compare", "ablate", "run_arms", "ABLATIONS", "merge_config", "summarise", "comparison_table", "METRICS",
-           "train_command"]
+           "HEADLINE", "per_seed_table", "train_command"]
 
 #: (dotted path in the evaluation JSON, label) of the rows of the comparison table
 METRICS: tuple[tuple[str, str], ...] = (
@@ -153,6 +153,39 @@ ABLATIONS: dict[str, dict] = {
 }
 
 
+#: the rows of the per-seed table (docs/PROTOCOL.md: per-seed values, then mean ± std)
+HEADLINE: tuple[tuple[str, str], ...] = (
+    ("grounding.hard.finding.discrimination", "discrimination (hard)"),
+    ("grounding.relation.finding.discrimination", "discrimination (relation)"),
+    ("grounding.test.finding.discrimination", "discrimination (test)"),
+    ("grounding.hard.finding.own_acc50", "own Acc@0.5 (hard)"),
+    ("grounding.relation.finding.own_acc50", "own Acc@0.5 (relation)"),
+    ("grounding.acc50", "Acc@0.5 (test)"),
+    ("grounding.pointing", "pointing (test)"),
+    ("retrieval.i2t_r1", "i2t R@1"),
+)
+
+
+def per_seed_table(results: dict[str, list[dict]], seeds: Sequence[int],
+                   metrics: Sequence[tuple[str, str]] = HEADLINE) -> str:
+    """Markdown table of every (metric, arm) row with one column per seed (%), then mean ± std."""
+    seeds = list(seeds)
+    lines = ["| metric (%) | arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+             "|---|---|" + "---|" * (len(seeds) + 1)]
+    for path, label in metrics:
+        if all(_get(r, path) is None for rs in results.values() for r in rs):
+            continue
+        for arm, rs in results.items():
+            vals = [_get(r, path) for r in rs]
+            cells = ["-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+                     for v in vals]
+            s = summarise(vals)
+            tail = "-" if s["n"] == 0 else (f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if s["n"] > 1
+                                             else f"{100 * s['mean']:.1f}")
+            lines.append(f"| {label} | {arm} | " + " | ".join(cells) + f" | {tail} |")
+    return "\n".join(lines)
+
+
 def merge_config(base: dict | None, extra: dict | None) -> dict:
     """``base`` updated by ``extra``, one level deep for the dict-valued fields (``loupe_options``,
     ``loss_weights``)."""
@@ -165,7 +198,8 @@ def merge_config(base: dict | None, extra: dict | None) -> dict:
 def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, batch_size: int = 64,
             dataset_type: str = "synthetic", train_size: int | None = None, model_config: str | None = None,
             objectives: Sequence[str] = OBJECTIVES, procs: int = 1, reuse: bool = False,
-            eval_opts: dict | None = None, train_extra: Sequence[str] = (), log=print) -> dict:
+            eval_opts: dict | None = None, train_extra: Sequence[str] = (), eval_seed_offset: int | None = None,
+            log=print) -> dict:
     """Train and evaluate every (objective, seed); write ``compare.md`` and ``compare.json`` to ``out``."""
     for o in objectives:
         if o not in OBJECTIVES:
@@ -176,13 +210,14 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
              f"{list(seeds)}" + (f", model {model_config}" if model_config else ""))
     return run_arms(out, arms, "compare", title, seeds=seeds, steps=steps, batch_size=batch_size,
                     dataset_type=dataset_type, train_size=train_size, procs=procs, reuse=reuse,
-                    eval_opts=eval_opts, train_extra=train_extra, log=log)
+                    eval_opts=eval_opts, train_extra=train_extra, eval_seed_offset=eval_seed_offset, log=log)
 
 
 def ablate(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batch_size: int = 64,
            dataset_type: str = "synthetic", train_size: int | None = None, model_config: str | None = None,
            variants: Sequence[str] = tuple(ABLATIONS), procs: int = 1, reuse: bool = False,
-           eval_opts: dict | None = None, train_extra: Sequence[str] = (), log=print) -> dict:
+           eval_opts: dict | None = None, train_extra: Sequence[str] = (), eval_seed_offset: int | None = None,
+           log=print) -> dict:
     """LOUPE at its defaults against the same run with one part taken out (:data:`ABLATIONS`), same
     seeds and budget; writes ``ablate.md`` and ``ablate.json``."""
     for v in variants:
@@ -194,16 +229,24 @@ def ablate(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batc
              + (f", model {model_config}" if model_config else ""))
     return run_arms(out, arms, "ablate", title, seeds=seeds, steps=steps, batch_size=batch_size,
                     dataset_type=dataset_type, train_size=train_size, procs=procs, reuse=reuse,
-                    eval_opts=eval_opts, train_extra=train_extra, log=log)
+                    eval_opts=eval_opts, train_extra=train_extra, eval_seed_offset=eval_seed_offset, log=log)
 
 
 def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, title: str, *,
              seeds: Sequence[int], steps: int, batch_size: int, dataset_type: str, train_size: int | None,
-             procs: int, reuse: bool, eval_opts: dict | None, train_extra: Sequence[str], log=print) -> dict:
+             procs: int, reuse: bool, eval_opts: dict | None, train_extra: Sequence[str],
+             eval_seed_offset: int | None = None, log=print) -> dict:
     """Train and evaluate every (arm, seed): ``arms[label] = (objective, LoupeConfig overrides)``.
-    Writes ``<name>.md`` and ``<name>.json`` to ``out``; runs live in ``out/<dataset>/<label>-seed<s>``."""
+    Writes ``<name>.md`` and ``<name>.json`` to ``out``; runs live in ``out/<dataset>/<label>-seed<s>``.
+    ``eval_seed_offset``: each run is evaluated on the scenes of seed ``offset + training seed``
+    (docs/PROTOCOL.md: 100), which excludes a fixed ``eval_opts["eval_seed"]``."""
     if not seeds:
         raise ValueError(f"{name}: at least one seed")
+    if eval_seed_offset is not None:
+        if (eval_opts or {}).get("eval_seed") is not None:
+            raise ValueError(f"{name}: give either an evaluation seed or an evaluation seed offset, not both")
+        if isinstance(eval_seed_offset, bool) or not isinstance(eval_seed_offset, int) or eval_seed_offset < 0:
+            raise ValueError(f"{name}: eval_seed_offset must be an int >= 0, got {eval_seed_offset!r}")
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ)
     if not torch.cuda.is_available():
@@ -229,8 +272,12 @@ def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, titl
                 if p.returncode != 0 or saved_step(run_dir) != steps:
                     raise RuntimeError(f"{name}: training {label} seed {seed} failed (exit {p.returncode}); "
                                        f"see {os.path.join(run_dir, 'train.out')}")
+            opts = dict(eval_opts or {})
+            if eval_seed_offset is not None:
+                opts["eval_seed"] = eval_seed_offset + seed
+            rec["eval_seed"] = opts["eval_seed"] if opts.get("eval_seed") is not None else seed
             t0 = time.perf_counter()
-            res = evaluate_checkpoint(run_dir, RunPaths(run_dir).eval, **(eval_opts or {}))
+            res = evaluate_checkpoint(run_dir, RunPaths(run_dir).eval, **opts)
             rec["eval_seconds"] = time.perf_counter() - t0
             results[label].append(res)
             runs.append(rec)
@@ -238,6 +285,9 @@ def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, titl
                 f"{res['grounding']['pointing']:.3f}, mAP@0.5 {res['detection']['map50']:.3f}, "
                 f"i2t R@1 {res['retrieval']['i2t_r1']:.3f}")
     table, summary = comparison_table(results, title=title)
+    table += "\n\n### Per seed\n\n" + per_seed_table(results, seeds) + (
+        f"\n\nEvaluation seed of each run: {eval_seed_offset} + its training seed." if eval_seed_offset is not None
+        else "")
     train_s = [r["train_seconds"] for r in runs if r.get("train_seconds")]
     table += ("\n\nTraining wall time per run: "
               + (", ".join(f"{r['objective']}/s{r['seed']} {r['train_seconds']:.0f} s" for r in runs
@@ -247,7 +297,7 @@ def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, titl
     payload = {"settings": {"seeds": list(seeds), "steps": steps, "batch_size": batch_size,
                             "dataset_type": dataset_type, "train_size": train_size,
                             "arms": {k: {"objective": o, "model_config": c} for k, (o, c) in arms.items()},
-                            "objectives": list(arms), "eval": eval_opts or {}},
+                            "objectives": list(arms), "eval": eval_opts or {}, "eval_seed_offset": eval_seed_offset},
                "runs": runs, "summary": summary,
                "per_seed": {k: [{p: _get(r, p) for p, _ in METRICS} for r in results[k]] for k in arms}}
     with open(os.path.join(out, f"{name}.json"), "w") as f:
@@ -273,6 +323,8 @@ def _common_args(c: argparse.ArgumentParser, steps: int, out: str) -> None:
     c.add_argument("--num-relation", type=int, default=500)
     c.add_argument("--eval-seed", type=int, default=None,
                    help="seed of the evaluation scenes (default: each run's training seed)")
+    c.add_argument("--eval-seed-offset", type=int, default=None,
+                   help="evaluate each run on the scenes of seed OFFSET + its training seed (the final table: 100)")
     c.add_argument("--validation", action="store_true",
                    help="evaluate on the validation streams (val, val_hard, val_relation): for choosing settings")
     c.add_argument("--no-figures", action="store_true")
@@ -295,9 +347,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.steps < 1 or a.batch_size < 1 or a.procs < 1:
         ap.error("--steps, --batch-size and --procs must be >= 1")
+    if a.eval_seed is not None and a.eval_seed_offset is not None:
+        ap.error("give --eval-seed or --eval-seed-offset, not both")
+    if a.eval_seed_offset is not None and a.eval_seed_offset < 0:
+        ap.error("--eval-seed-offset must be >= 0")
     common = dict(seeds=a.seeds, steps=a.steps, batch_size=a.batch_size, dataset_type=a.dataset_type,
                   train_size=a.train_size, model_config=a.model_config, procs=a.procs, reuse=a.reuse,
-                  train_extra=a.train_arg,
+                  train_extra=a.train_arg, eval_seed_offset=a.eval_seed_offset,
                   eval_opts={"num_test": a.num_test, "num_compositional": a.num_compositional,
                              "num_single": a.num_single, "num_hard": a.num_hard, "num_relation": a.num_relation,
                              "eval_seed": a.eval_seed, "validation": a.validation, "figures": not a.no_figures,

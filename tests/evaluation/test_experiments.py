@@ -64,7 +64,9 @@ def test_compare_end_to_end_tiny(tmp_path):
                     objectives=["clip", "loupe"], eval_opts={"num_test": 20, "num_compositional": 10,
                                                              "num_single": 10, "num_hard": 8, "num_relation": 8,
                                                              "figures": False, "progress": False},
-                    log=logs.append)
+                    eval_seed_offset=100, log=logs.append)
+    assert [r["eval_seed"] for r in res["runs"]] == [100, 100]
+    assert "### Per seed" in res["table"] and "| seed 0 |" in res["table"]
     assert os.path.exists(os.path.join(out, "compare.md")) and os.path.exists(os.path.join(out, "compare.json"))
     for o in ("clip", "loupe"):
         run = os.path.join(out, "synthetic", f"{o}-seed0")
@@ -101,3 +103,23 @@ def test_ablate_end_to_end_tiny(tmp_path):
     assert "discrimination" in res["table"]
     with pytest.raises(ValueError, match="unknown variant"):
         X.ablate(out, variants=["no_such"])
+
+
+def test_per_seed_table_columns_and_summary():
+    def res(d):
+        return {"grounding": {"test": {"finding": {"discrimination": d}}}}
+    table = X.per_seed_table({"clip": [res(0.4), res(0.2)], "loupe": [res(0.9), None or {}]}, [5, 6])
+    lines = [ln for ln in table.splitlines() if ln.startswith("| discrimination (test)")]
+    assert lines[0] == "| discrimination (test) | clip | 40.0 | 20.0 | 30.0 ± 14.1 |"
+    assert lines[1] == "| discrimination (test) | loupe | 90.0 | - | 90.0 |"  # a missing value is shown, not hidden
+    assert "seed 5 | seed 6" in table.splitlines()[0]
+    assert "i2t R@1" not in table  # no run has it: the row is left out
+
+
+def test_eval_seed_offset_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        X.compare(str(tmp_path), objectives=["clip"], eval_opts={"eval_seed": 3}, eval_seed_offset=100)
+    with pytest.raises(ValueError, match="eval_seed_offset"):
+        X.compare(str(tmp_path), objectives=["clip"], eval_seed_offset=-1)
+    with pytest.raises(SystemExit):
+        X.main(["compare", "--eval-seed", "3", "--eval-seed-offset", "100", "--out", str(tmp_path)])
