@@ -26,7 +26,9 @@ OBJECTIVES: tuple[str, ...] = ("clip", "filip", "loupe", "sparc")
 #: data sets ``loupe.data.build_dataset`` knows
 DATASET_TYPES: tuple[str, ...] = ("synthetic", "fashion", "emoji", "csv", "webdataset")
 #: Shapley games of L_TSA and the rules that turn interactions into region targets (METHOD 5, 6)
-GAMES: tuple[str, ...] = ("maxsim", "pooled")
+#: ("encoder" [ours]: the model's image-text score with only a coalition of patches in the image
+#: encoder's attention, loupe.objectives.encoder_interactions)
+GAMES: tuple[str, ...] = ("maxsim", "pooled", "encoder")
 TARGET_RULES: tuple[str, ...] = ("redundancy", "redundancy_minus_outside")
 #: sources of the SSIM labels (``ObjectiveOptions.fsa_labels``; the last two for the ablation)
 FSA_LABELS: tuple[str, ...] = ("shapley", "similarity", "uniform")
@@ -207,7 +209,15 @@ class ObjectiveOptions:
     num_samples: int = 32           # K
     tsa_top: int = 8                # M' = tsa_top (by objectness, after NMS) + tsa_random
     tsa_random: int = 8
-    tsa_game: str = "maxsim"        # or "pooled" (not recommended, docs/METHOD-notes.md)
+    tsa_game: str = "maxsim"        # or "pooled" (not recommended), or "encoder" (docs/METHOD-notes.md)
+    # the masked-encoder game (tsa_game="encoder") [ours]: each step plays it on up to encoder_boxes
+    # random candidate boxes (>= 2, the target is standardised within an image) of up to
+    # encoder_images random images, with encoder_samples samples (K, >= 2 for a standard error) of
+    # s + 2 masked encoder passes each. The other boxes take UANSIL's mean where the skip policy
+    # lets them (uansil on, warm, calibrated, confident), else they are left out of L_TSA that step
+    encoder_images: int = 2
+    encoder_boxes: int = 4
+    encoder_samples: int = 8
     tsa_rule: str = "redundancy"    # or "redundancy_minus_outside"
     tsa_center: bool = True
     tau_i: float = 0.5
@@ -261,6 +271,13 @@ class ObjectiveOptions:
         for name in ("tau_i", "tau_s", "tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"loupe_options.{name} must be > 0, got {getattr(self, name)!r}")
+        for name, low in (("encoder_images", 1), ("encoder_boxes", 2), ("encoder_samples", 2)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"loupe_options.{name} must be an int >= {low}, got {v!r}"
+                                 + (" (the TSA target is standardised within an image: one box teaches nothing)"
+                                    if name == "encoder_boxes" else "")
+                                 + (" (the standard error needs two samples)" if name == "encoder_samples" else ""))
         if self.tsa_game not in GAMES:
             raise ValueError(f"loupe_options.tsa_game must be one of {GAMES}, got {self.tsa_game!r}")
         if self.tsa_rule not in TARGET_RULES:

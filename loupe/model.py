@@ -166,6 +166,48 @@ class LoupeModel(nn.Module):
         """Normalised global image embeddings ``[B, D]``."""
         return self.encode_image_tokens(images)[0]
 
+    @torch.no_grad()
+    def coalition_scores(self, images: torch.Tensor, image_index: torch.Tensor, keep: torch.Tensor,
+                         text_emb: torch.Tensor, *, compact: bool = True, chunk: int = 256) -> torch.Tensor:
+        """Image-text score of many coalitions of patches: ``[N]``, no gradient.
+
+        Row ``j``: the cosine of the embedding of image ``image_index[j]`` encoded with only the patches
+        ``keep[j]`` (the others masked out of every layer's attention, see
+        :meth:`loupe.transformer.VisionTransformer.forward`; the model's own pooling) with
+        ``text_emb[j]``. ``images [B, C, H, W]``, ``image_index [N]`` long, ``keep [N, n]`` bool,
+        ``text_emb [N, D]``. The value of a coalition without patches is 0 (``v(empty) = 0``, METHOD
+        5) and such rows are not encoded. ``compact`` drops the masked tokens from the sequences
+        (the same result, less work); rows are sorted by coalition size and encoded ``chunk`` at a
+        time, so rows of similar length share a pass. Returns the dtype of ``text_emb`` (float32 at
+        least).
+        """
+        n = self.grid_size ** 2
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2 or keep.shape[1] != n:
+            raise ValueError(f"coalition_scores: keep must be a bool tensor [N, {n}], got "
+                             f"{getattr(keep, 'dtype', type(keep).__name__)} {list(getattr(keep, 'shape', []))}")
+        N = keep.shape[0]
+        if not isinstance(image_index, torch.Tensor) or image_index.shape != (N,) or image_index.is_floating_point():
+            raise ValueError(f"coalition_scores: image_index must be an integer tensor [N={N}], got "
+                             f"{list(getattr(image_index, 'shape', []))}")
+        if not isinstance(text_emb, torch.Tensor) or text_emb.dim() != 2 or text_emb.shape[0] != N:
+            raise ValueError(f"coalition_scores: text_emb must be [N={N}, D], got {list(getattr(text_emb, 'shape', []))}")
+        if int(chunk) < 1:
+            raise ValueError(f"coalition_scores: chunk must be >= 1, got {chunk!r}")
+        images = self._check_images(images)
+        if N and (int(image_index.min()) < 0 or int(image_index.max()) >= images.shape[0]):
+            raise ValueError(f"coalition_scores: image_index must lie in [0, {images.shape[0]})")
+        out_dtype = torch.promote_types(text_emb.dtype, torch.float32)
+        scores = torch.zeros(N, dtype=out_dtype, device=text_emb.device)
+        cnt = keep.sum(1)
+        rows = (cnt > 0).nonzero(as_tuple=True)[0]
+        rows = rows[cnt[rows].argsort(stable=True)]  # by size: rows of one pass have similar lengths
+        for c0 in range(0, rows.numel(), int(chunk)):
+            r = rows[c0:c0 + int(chunk)]
+            used, local = image_index[r].unique(return_inverse=True)
+            emb, _ = self.visual(images[used], keep=keep[r], image_index=local, compact=compact)
+            scores[r] = (emb.to(out_dtype) * F.normalize(text_emb[r].to(out_dtype), dim=-1)).sum(-1)
+        return scores
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised global text embeddings ``[B, D]``."""
         return self.encode_text_tokens(input_ids, attention_mask)[0]

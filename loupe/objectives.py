@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loupe_kernels import shapley_interaction, shapley_interaction_pooled
+from loupe_kernels.shapley import sample_coalitions
+from loupe_kernels.testing import sample_stats, subset_members
 from loupe_kernels.uansil import UansilPolicy
 
 from . import regions as _regions
 from .config import GAMES, TARGET_RULES, options_from_config
 
-__all__ = ["region_targets", "box_subsets", "game_values", "SceneSpec", "constructed_scene", "LoupeShapleyTerms",
+__all__ = ["region_targets", "box_subsets", "game_values", "coalition_samples", "encoder_interactions",
+           "encoder_subsample", "SceneSpec", "constructed_scene", "LoupeShapleyTerms",
            "tsa_candidates", "fsa_candidates", "phrase_region_interactions", "phrase_contrast", "cross_image_lse", "soft_kl",
            "loupe_losses", "SHAPLEY_TERMS", "term_fn", "build_module"]
 
@@ -64,12 +67,71 @@ def game_values(game: str, masks: torch.Tensor, *, sim: torch.Tensor | None = No
     raise ValueError(f"game must be one of {GAMES}, got {game!r}")
 
 
+#: ``value(game [X] long, keep [X, P] bool) -> [X]``: v of coalitions ``keep`` of game ``game[x]``
+#: (only non-empty coalitions are passed: ``v(empty) = 0``)
+CoalitionValue = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def coalition_samples(value: CoalitionValue, subsets: torch.Tensor, coalitions: torch.Tensor) -> torch.Tensor:
+    """The samples ``G(C) = v(C u S) - sum_{i in S} v(C u {i}) + (s - 1) v(C)`` (METHOD 5) of given
+    coalitions ``C`` ``[G, K, P]`` (disjoint from ``S``), ``subsets [G, P]`` -> ``[G, K]``.
+
+    All ``s + 2`` coalitions of every sample go to ``value`` in one call; identical coalitions of a
+    game are evaluated once, empty ones not at all (``v(empty) = 0``). Returns ``value``'s dtype.
+    """
+    G, K, P = coalitions.shape
+    dev = coalitions.device
+    idx, ok = subset_members(subsets[:, None, :])
+    idx, ok = idx[:, 0], ok[:, 0]  # [G, smax]
+    smax = idx.shape[1]
+    one = F.one_hot(idx, P).bool() & ok[..., None]  # [G, smax, P]
+    rows = torch.cat([coalitions[:, :, None, :], (coalitions | subsets[:, None, :])[:, :, None, :],
+                      coalitions[:, :, None, :] | one[:, None]], dim=2)  # [G, K, 2 + smax, P]
+    slot_ok = torch.cat([torch.ones(G, 2, dtype=torch.bool, device=dev), ok], dim=1)[:, None, :].expand(G, K, -1)
+    game = torch.arange(G, device=dev)[:, None, None].expand(G, K, 2 + smax)
+    use = slot_ok & rows.any(-1)
+    key = torch.cat([game[use][:, None], rows[use].long()], dim=1)
+    vals = None
+    if key.shape[0]:
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        v_u = value(uniq[:, 0], uniq[:, 1:].bool())
+        vals = v_u[inverse]
+    dtype = vals.dtype if vals is not None else torch.float32
+    v = torch.zeros(G, K, 2 + smax, dtype=dtype, device=dev)
+    if vals is not None:
+        v[use] = vals
+    s = subsets.sum(-1).to(dtype)
+    return v[..., 1] + (s - 1)[:, None] * v[..., 0] - v[..., 2:].sum(-1)
+
+
+def encoder_interactions(value: CoalitionValue, subsets: torch.Tensor, player_mask: torch.Tensor | None = None, *,
+                         num_samples: int = 8, seed: int = 0, size_schedule: str = "round_robin",
+                         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled ``I([S])`` of any game given by ``value`` (the masked-encoder game of TSA) [ours].
+
+    ``subsets [G, P]`` bool (one S per game), ``player_mask [G, P]``. The coalitions are the pinned
+    draw of :func:`loupe_kernels.shapley.sample_coalitions` (the ones every backend of the fused
+    games draws for this seed), the samples :func:`coalition_samples`; returns ``(estimate [G],
+    stderr [G])``: the mean of the ``num_samples`` samples and its standard error from their sample
+    variance, as the fused ops do.
+    """
+    G, P = subsets.shape
+    if G == 0:
+        z = torch.zeros(0, dtype=torch.float32, device=subsets.device)
+        return z, z.clone()
+    C = sample_coalitions(subsets[:, None, :], player_mask=player_mask, num_samples=num_samples, seed=seed,
+                          size_schedule=size_schedule, backend=backend)[:, 0]  # [G, K, P]
+    samples = coalition_samples(value, subsets, C)
+    return sample_stats(samples, samples.dtype)
+
+
 def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor | None,
                    boxes: torch.Tensor, h: int, w: int, *, rule: str = "redundancy",
                    game: str = "maxsim", num_samples: int = 32, seed: int = 0,
                    text_emb: torch.Tensor | None = None, center: bool = True, backend: str | None = None,
                    valid: torch.Tensor | None = None, sample: torch.Tensor | None = None,
-                   fill: torch.Tensor | None = None,
+                   fill: torch.Tensor | None = None, value: CoalitionValue | None = None,
+                   player_mask: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TSA region targets of candidate boxes (METHOD 6, settled in docs/METHOD-notes.md), detached.
 
@@ -92,11 +154,22 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
     ``valid [B, M]`` marks real boxes (others get target 0, stderr 0); ``sample [B, M]`` the games
     to sample (default: every valid one); the others take their interaction from ``fill [B, M]``
     (UANSIL's prediction) with stderr 0. Only sampled games reach the sampler.
+
+    ``game="encoder"`` [ours] plays the masked-encoder game: ``value(image [X], keep [X, n]) -> [X]``
+    (e.g. :meth:`loupe.model.LoupeModel.coalition_scores` against each image's caption) gives the
+    value of the patch coalitions ``keep`` of image ``image[x]``; ``player_mask [B, n]`` marks the
+    players (the valid patches; default all); ``patches``, ``words`` and ``center`` are not used.
+    Its samples come from :func:`encoder_interactions`.
     """
     if rule not in TARGET_RULES:
         raise ValueError(f"rule must be one of {TARGET_RULES}, got {rule!r}")
     if game not in GAMES:
         raise ValueError(f"game must be one of {GAMES}, got {game!r}")
+    if game == "encoder":
+        if value is None:
+            raise ValueError("region_targets: the encoder game needs value (the coalition scores)")
+        return _encoder_targets(value, boxes, h, w, rule=rule, num_samples=num_samples, seed=seed, backend=backend,
+                                valid=valid, sample=sample, fill=fill, player_mask=player_mask)
     patches, words = patches.detach(), words.detach()
     subsets = box_subsets(boxes, h, w)
     B, M = subsets.shape[:2]
@@ -148,6 +221,82 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
         red = red - (v_in + v_out - v_all)
     zero = torch.zeros_like(red)
     return torch.where(valid, red, zero), torch.where(valid, se_red, zero), torch.where(valid, inter, zero)
+
+
+def _encoder_targets(value: CoalitionValue, boxes: torch.Tensor, h: int, w: int, *, rule: str, num_samples: int,
+                     seed: int, backend: str | None, valid: torch.Tensor | None, sample: torch.Tensor | None,
+                     fill: torch.Tensor | None, player_mask: torch.Tensor | None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`region_targets` of the masked-encoder game (same outputs and rules)."""
+    subsets = box_subsets(boxes, h, w)
+    B, M, n = subsets.shape
+    dev = subsets.device
+    valid = torch.ones(B, M, dtype=torch.bool, device=dev) if valid is None else valid
+    sample = valid if sample is None else (sample & valid)
+    pm = torch.ones(B, n, dtype=torch.bool, device=dev) if player_mask is None else player_mask.to(dev).bool()
+    if tuple(pm.shape) != (B, n):
+        raise ValueError(f"region_targets: player_mask must be [B={B}, n={n}], got {list(pm.shape)}")
+    size = subsets.sum(-1)
+    if bool((valid & (size < 2)).any()):
+        raise ValueError("region_targets: every box needs at least 2 patches")
+    if bool((valid[..., None] & subsets & ~pm[:, None, :]).any()):
+        raise ValueError("region_targets: a box holds patches that player_mask marks invalid")
+    inter = torch.zeros(B, M, dtype=torch.float32, device=dev)
+    se = torch.zeros(B, M, dtype=torch.float32, device=dev)
+    if fill is not None:
+        inter = torch.where(valid & ~sample, fill.detach().float(), inter)
+    gb, gm = sample.nonzero(as_tuple=True)
+    if gb.numel():
+        i_s, se_s = encoder_interactions(lambda g, keep: value(gb[g], keep), subsets[gb, gm], pm[gb],
+                                         num_samples=num_samples, seed=seed, backend=backend)
+        inter[gb, gm] = i_s.float()
+        se[gb, gm] = se_s.float()
+    sm1 = (size - 1).clamp(min=1).to(inter.dtype)
+    red = -inter / sm1
+    se_red = se / sm1
+    if rule == "redundancy_minus_outside":  # exact: v(S) + v(N\S) - v(N), for the valid boxes only
+        vb, vm = valid.nonzero(as_tuple=True)
+        r_out = torch.zeros(B, M, dtype=torch.float32, device=dev)
+        if vb.numel():
+            s_in = subsets[vb, vm]
+            s_out = pm[vb] & ~s_in
+            imgs = vb.unique()
+            keep = torch.cat([s_in, s_out, pm[imgs]], dim=0)
+            game = torch.cat([vb, vb, imgs])
+            nonempty = keep.any(-1)
+            vals = torch.zeros(keep.shape[0], dtype=torch.float32, device=dev)
+            if bool(nonempty.any()):
+                vals[nonempty] = value(game[nonempty], keep[nonempty]).float()
+            G = vb.numel()
+            v_all = torch.zeros(B, dtype=torch.float32, device=dev)
+            v_all[imgs] = vals[2 * G:]
+            r_out[vb, vm] = vals[:G] + vals[G:2 * G] - v_all[vb]
+        red = red - r_out
+    zero = torch.zeros_like(red)
+    return torch.where(valid, red, zero), torch.where(valid, se_red, zero), torch.where(valid, inter, zero)
+
+
+def encoder_subsample(valid: torch.Tensor, images: int, boxes: int, gen: torch.Generator) -> torch.Tensor:
+    """``[B, M]`` bool: the games of the masked-encoder TSA game played at this step [ours]: up to
+    ``boxes`` valid boxes (uniformly at random) in each of up to ``images`` images (uniformly at
+    random among the images with at least 2 valid boxes)."""
+    B, M = valid.shape
+    dev = valid.device
+    out = torch.zeros(B, M, dtype=torch.bool, device=dev)
+    if B == 0 or M == 0:
+        return out
+    u = torch.rand(B + B * M, generator=gen)
+    ok = (valid.sum(-1) >= 2).cpu()
+    img_key = torch.where(ok, u[:B], torch.full((B,), 2.0))
+    k = min(int(images), int(ok.sum()))
+    if k == 0:
+        return out
+    chosen = img_key.topk(k, largest=False).indices.to(dev)
+    box_key = torch.where(valid, u[B:].reshape(B, M).to(dev), torch.full((B, M), 2.0, device=dev))
+    kb = min(int(boxes), M)
+    kv, bi = box_key[chosen].topk(kb, dim=1, largest=False)
+    out[chosen[:, None].expand(-1, kb), bi] = kv < 1.5
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -503,12 +652,33 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
                                out["text_emb"].detach().float()[:, None].expand(B, Mp, D), geo.float(),
                                (size / n)[..., None], torch.zeros(B, Mp, 1, device=dev)], dim=-1)
             pol = policy(feats.reshape(B * Mp, -1))
-        sample = valid if pol is None else (valid & pol["sample"].reshape(B, Mp))
         fill = None if pol is None else pol["mu"].detach().reshape(B, Mp)
-        t, se, inter = region_targets(patches, words, wmask, boxes, g, g, rule=opts.tsa_rule, game=opts.tsa_game,
-                                      num_samples=opts.num_samples, seed=_seed_of(batch, 1),
-                                      text_emb=out["text_emb"], center=opts.tsa_center, backend=model.config.kernel_backend,
-                                      valid=valid, sample=sample, fill=fill)
+        cand_valid = valid
+        if opts.tsa_game == "encoder":
+            # a subsample of games is played; the others take UANSIL's mean where the policy skips
+            # them (confident), else they are left out of L_TSA for this step
+            sample = valid & encoder_subsample(valid, opts.encoder_images, opts.encoder_boxes, gen)
+            if pol is not None:
+                valid = sample | (valid & ~pol["sample"].reshape(B, Mp))
+            else:
+                valid = sample
+            images = batch["images"]
+            text = out["text_emb"].detach()
+            pmask = out.get("patch_mask")
+
+            def value(image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+                return model.coalition_scores(images, image, keep, text[image]).float()
+
+            t, se, inter = region_targets(patches, words, wmask, boxes, g, g, rule=opts.tsa_rule, game="encoder",
+                                          num_samples=opts.encoder_samples, seed=_seed_of(batch, 1),
+                                          backend=model.config.kernel_backend, valid=valid, sample=sample,
+                                          fill=fill, value=value, player_mask=pmask)
+        else:
+            sample = valid if pol is None else (valid & pol["sample"].reshape(B, Mp))
+            t, se, inter = region_targets(patches, words, wmask, boxes, g, g, rule=opts.tsa_rule, game=opts.tsa_game,
+                                          num_samples=opts.num_samples, seed=_seed_of(batch, 1),
+                                          text_emb=out["text_emb"], center=opts.tsa_center,
+                                          backend=model.config.kernel_backend, valid=valid, sample=sample, fill=fill)
         z = _standardise(t, valid, opts.min_spread)
         kl = soft_kl(z / opts.tau_i, o, valid)
         rows = valid.sum(-1) >= 2
@@ -521,8 +691,10 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         mse = (se * samp).sum(-1) / samp.sum(-1).clamp(min=1)
         ok_rows = rows & (std_t > 0) & (samp.sum(-1) > 0)
         res["diag_tsa_rel_stderr"] = float((mse[ok_rows] / std_t[ok_rows]).mean()) if bool(ok_rows.any()) else float("nan")
-        n_games += int(valid.sum())
+        n_games += int(cand_valid.sum())
         n_sampled += int(sample.sum())
+        if opts.tsa_game == "encoder":  # the share of candidate games with a target (played or filled)
+            res["diag_tsa_target_share"] = float(valid.sum() / cand_valid.sum().clamp(min=1))
         if pol is not None:
             sv = sample.reshape(-1)
             # the sampler's stderr of I itself (se is the stderr of R = -I / (|S| - 1))

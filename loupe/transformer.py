@@ -91,18 +91,80 @@ class VisionTransformer(nn.Module):
         self.norm_post = nn.LayerNorm(W)
         self.proj = nn.Linear(W, cfg.embed_dim, bias=False)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, *, keep: torch.Tensor | None = None,
+                image_index: torch.Tensor | None = None, compact: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image embedding [N, D], patch tokens [N, n, D])``, normalised.
+
+        Without ``keep``: one row per image (``N = B``). With ``keep [N, n]`` bool, row ``j`` encodes
+        image ``image_index[j]`` (default: ``j``) as if only its patches with ``keep[j]`` existed: the
+        other patch tokens are masked out of every layer's attention as keys ([CLS] is always kept;
+        combined with the local-attention mask when configured), so they cannot influence the kept
+        tokens, [CLS] or the pooled embedding at all. The patch embedding runs once per image and is
+        expanded to the rows (no pixels are copied). ``vision_pool="mean"`` pools over the kept
+        patches (a row without a kept patch then gets a zero embedding). Patch tokens outside
+        ``keep`` are returned as zeros. ``compact=True`` computes the same thing on shorter
+        sequences: each row holds only [CLS] and its kept patches (in grid order, padded to the
+        longest row and key-masked), which saves the work on the dropped tokens [ours].
+        """
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, n, W]
-        cls = self.class_embedding.to(x.dtype)[None, None].expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = x + self.positional_embedding[1:].to(x.dtype)
+        cls0 = self.class_embedding.to(x.dtype) + self.positional_embedding[0].to(x.dtype)
+        if keep is None:
+            x = torch.cat([cls0[None, None].expand(x.shape[0], 1, -1), x], dim=1)
+            x = self.norm_pre(x)
+            for blk in self.blocks:
+                x = blk(x, self.attn_mask)
+            x = self.proj(self.norm_post(x))  # the same norm + projection for all
+            cls, patches = x[:, 0], x[:, 1:]
+            if self.pool == "mean":  # the image embedding is the mean of its (projected) patch tokens [ours]
+                cls = patches.mean(1)
+            return F.normalize(cls, dim=-1), F.normalize(patches, dim=-1)
+        N, n = keep.shape
+        if n != x.shape[1] or keep.dtype != torch.bool:
+            raise ValueError(f"VisionTransformer: keep must be a bool tensor [N, {x.shape[1]}], got "
+                             f"{keep.dtype} {list(keep.shape)}")
+        if image_index is None:
+            if x.shape[0] != N:
+                raise ValueError(f"VisionTransformer: keep has {N} rows but there are {x.shape[0]} images "
+                                 "(pass image_index)")
+        else:
+            x = x[image_index]  # [N, n, W]: the patch embeddings of each row's image
+        if compact:
+            cnt = keep.sum(1)
+            k = int(cnt.max()) if N else 0
+            order = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :k]  # kept patches first, in grid order
+            present = torch.arange(k, device=keep.device)[None] < cnt[:, None]  # [N, k]
+            x = x.gather(1, order[..., None].expand(N, k, x.shape[-1]))
+            pos = torch.cat([torch.zeros(N, 1, dtype=order.dtype, device=order.device), order + 1], dim=1)
+            keys = torch.cat([torch.ones(N, 1, dtype=torch.bool, device=keep.device), present], dim=1)
+        else:
+            pos = None
+            keys = torch.cat([torch.ones(N, 1, dtype=torch.bool, device=keep.device), keep], dim=1)
+        x = torch.cat([cls0[None, None].expand(N, 1, -1), x], dim=1)
+        L = x.shape[1]
+        mask = keys[:, None, None, :]  # [N, 1, 1, L]: keys that take part
+        if self.attn_mask is not None:
+            local = self.attn_mask if pos is None else self.attn_mask[pos[:, :, None], pos[:, None, :]][:, None]
+            mask = mask & local
+        # a masked-out (or padding) query may see no key under the local mask: let it see itself (its
+        # row never reaches a kept token, [CLS] or the pooling)
+        mask = mask | torch.eye(L, dtype=torch.bool, device=x.device)
         x = self.norm_pre(x)
         for blk in self.blocks:
-            x = blk(x, self.attn_mask)
-        x = self.proj(self.norm_post(x))  # the same norm + projection for all
-        cls, patches = x[:, 0], x[:, 1:]
-        if self.pool == "mean":  # the image embedding is the mean of its (projected) patch tokens [ours]
-            cls = patches.mean(1)
-        return F.normalize(cls, dim=-1), F.normalize(patches, dim=-1)
+            x = blk(x, mask)
+        x = self.proj(self.norm_post(x))
+        cls, toks = x[:, 0], x[:, 1:]
+        inside = keep if pos is None else present
+        toks = torch.where(inside[..., None], F.normalize(toks, dim=-1), torch.zeros_like(toks))
+        if self.pool == "mean":
+            w = inside.to(x.dtype)[..., None]
+            cls = (x[:, 1:] * w).sum(1) / w.sum(1).clamp(min=1)
+        if pos is not None:  # back to grid positions
+            full = toks.new_zeros(N, n, toks.shape[-1])
+            full.scatter_(1, order[..., None].expand_as(toks), toks)
+            toks = torch.where(keep[..., None], full, torch.zeros_like(full))
+        return F.normalize(cls, dim=-1), toks
 
 
 def center_words(tokens: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
