@@ -61,6 +61,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("detection.box_score_only.map50", "detection mAP@0.5, ranked by box score alone"),
     ("grounding.test.map_diagnostics.box_area_ratio", "chosen / true box area, median, x100 (test)"),
     ("grounding.test.map_diagnostics.patch_pair_cos", "patch-pair cosine x100 (test)"),
+    ("grounding.test.map_diagnostics.top_patch_share", "top-patch share x100 (test; register collapse when high)"),
     ("retrieval.i2t_r1", "retrieval i2t R@1"),
     ("retrieval.t2i_r1", "retrieval t2i R@1"),
     ("retrieval.i2t_r5", "retrieval i2t R@5"),
@@ -163,6 +164,7 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("grounding.acc50", "Acc@0.5 (test)"),
     ("grounding.pointing", "pointing (test)"),
     ("retrieval.i2t_r1", "i2t R@1"),
+    ("grounding.test.map_diagnostics.top_patch_share", "top-patch share (test)"),
 )
 
 
