@@ -54,8 +54,10 @@ inline void check_int(int64_t v, const char* what) {
   TORCH_CHECK(v >= 0 && v <= INT32_MAX, "token_region_similarity (cuda): ", what, " = ", v, " is out of range");
 }
 
+// allow_tf32: fp32 on tensor cores in one TF32 pass (the Python wrapper passes
+// torch.backends.cuda.matmul.allow_tf32); false: 3xTF32, about fp32 accuracy.
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qm, const at::Tensor& km,
-                                bool pairwise) {
+                                bool pairwise, bool allow_tf32) {
   check_cuda(q, "query", q);
   check_cuda(k, "key", q);
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(2) == k.size(2),
@@ -76,14 +78,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const size_t ws_bytes = loupe_trs_forward_workspace(dt, int(Bq), int(Bk), int(Lq), pairwise ? 1 : 0);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
   const cudaError_t e = loupe_trs_forward(q.data_ptr(), k.data_ptr(), dt, qmp, kmp, int(Bq), int(Bk), int(Lq), int(Lk),
-                                          int(D), pairwise ? 1 : 0, ws.data_ptr(), out.data_ptr(),
+                                          int(D), pairwise ? 1 : 0, allow_tf32 ? 1 : 0, ws.data_ptr(), out.data_ptr(),
                                           amax.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(e == cudaSuccess, "token_region_similarity (cuda) forward: ", cudaGetErrorString(e));
   return {out, amax};
 }
 
-// d_query is always a deterministic gather; d_key adds in a fixed order when `deterministic`, else with
-// shared-memory atomics (faster; the rounding may vary between runs).
+// d_query is always a deterministic gather; d_key is grouped per key row and summed in a fixed order
+// when `deterministic` (the Python default), else added with shared-memory atomics (the rounding may vary).
 std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& qm, const at::Tensor& amax, bool pairwise, bool deterministic) {
   check_cuda(q, "query", q);
@@ -103,7 +105,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
   const uint8_t* qmp = mask_ptr(qm, "query_mask", Bq, Lq, q);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k);
-  const size_t ws_bytes = loupe_trs_backward_workspace(dt, int(Bq), int(Bk), int(Lk), int(D));
+  const size_t ws_bytes = loupe_trs_backward_workspace(dt, int(Bq), int(Bk), int(Lq), int(Lk), int(D),
+                                                     pairwise ? 1 : 0, deterministic ? 1 : 0);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
   if (D == 0) return {dq, dk};
   const cudaError_t e = loupe_trs_backward(grad.data_ptr(), q.data_ptr(), k.data_ptr(), dt, qmp,

@@ -2,8 +2,9 @@
 
 Backends: ``cuda`` (compiled CUDA extension), ``triton`` (Triton kernels), ``cpu`` (compiled C++
 extension) and ``reference`` (plain PyTorch). Automatic choice: CPU tensors -> cpu > reference;
-CUDA tensors -> cuda > triton > reference. The Triton interpreter (``TRITON_INTERPRET=1``) is
-used only when ``backend="triton"`` is asked for explicitly on CPU tensors.
+CUDA tensors -> the order of ``AUTO_TABLE`` for (op, dtype, shape class) where the op passes them,
+else cuda > triton > reference. The Triton interpreter (``TRITON_INTERPRET=1``) is used only when
+``backend="triton"`` is asked for explicitly on CPU tensors.
 
 A missing, broken or mismatched extension never breaks the import: the backend is marked
 unavailable with the reason, and the first automatic fallback warns once.
@@ -22,6 +23,74 @@ import torch
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """Preferred backend order on CUDA tensors for one (op, dtype, shape class), and where it comes from:
+    ``measured`` names the run it was read from (a ``benchmarks/gpu.sh`` result: device, date, file);
+    ``None`` means provisional, reasoned from the kernels' code, never timed."""
+    order: tuple[str, ...]
+    why: str
+    measured: str | None = None
+
+    @property
+    def source(self) -> str:
+        return f"measured ({self.measured})" if self.measured else "provisional (not measured)"
+
+
+# Automatic choice on CUDA tensors per (op, dtype, shape class); "*" matches any dtype. The op computes
+# its shape class (token_region_similarity: ``_shape_class``). To fill an entry from measurements, time
+# both backends with ``benchmarks/gpu.sh`` (same device, same run), put the faster first and set
+# ``measured="<device>, <date>, benchmarks/RESULTS.md"``. Nothing below has been timed yet: no GPU.
+_TRS = "token_region_similarity"
+AUTO_TABLE: dict[tuple[str, str, str], AutoChoice] = {
+    # shape class "fast": pairwise, D % 8 == 0 (16-bit) or D % 4 == 0 (fp32), any D (D streamed in chunks)
+    (_TRS, "bfloat16", "fast"): AutoChoice(
+        ("cuda", "triton", "reference"),
+        "cuda fast kernel: query tile resident (or D streamed in chunks), key rows streamed with cp.async, "
+        "WMMA 128x64 tiles"),
+    (_TRS, "float16", "fast"): AutoChoice(
+        ("cuda", "triton", "reference"), "as bfloat16"),
+    (_TRS, "float32", "fast"): AutoChoice(
+        ("cuda", "triton", "reference"),
+        "cuda fast kernel on tensor cores: 3xTF32 WMMA (one-pass TF32 when torch allows TF32), "
+        "the same 3-pass precision as Triton's tf32x3 dot"),
+    # "generic": odd D, or an unaligned width; "pairs": pairwise=False (aligned pairs only)
+    (_TRS, "float32", "generic"): AutoChoice(
+        ("triton", "cuda", "reference"),
+        "cuda takes its FMA kernel here (no tensor cores); Triton runs tf32x3 dots"),
+    (_TRS, "float32", "pairs"): AutoChoice(
+        ("triton", "cuda", "reference"), "as float32 generic: the cuda fast kernel is pairwise-only"),
+    (_TRS, "bfloat16", "generic"): AutoChoice(
+        ("triton", "cuda", "reference"),
+        "cuda takes its generic WMMA kernel (Q and K reloaded element by element per 64 features)"),
+    (_TRS, "float16", "generic"): AutoChoice(("triton", "cuda", "reference"), "as bfloat16 generic"),
+    (_TRS, "bfloat16", "pairs"): AutoChoice(("triton", "cuda", "reference"), "as bfloat16 generic"),
+    (_TRS, "float16", "pairs"): AutoChoice(("triton", "cuda", "reference"), "as bfloat16 generic"),
+    (_TRS, "float64", "*"): AutoChoice(
+        ("cuda", "triton", "reference"), "fp64 is no target; cuda's FMA kernel, as before"),
+}
+
+
+def auto_choice(op: str, dtype: torch.dtype | None = None, shape_class: str | None = None) -> AutoChoice | None:
+    """The ``AUTO_TABLE`` entry for (op, dtype, shape class) on CUDA tensors, or None (default order)."""
+    if dtype is None:
+        return None
+    name = str(dtype).replace("torch.", "")
+    for key in ((op, name, shape_class), (op, name, "*"), (op, "*", shape_class), (op, "*", "*")):
+        if key in AUTO_TABLE:
+            return AUTO_TABLE[key]
+    return None
+
+
+def auto_table_lines() -> list[str]:
+    """``AUTO_TABLE`` as text (printed by ``python -m loupe_kernels.env``)."""
+    lines = []
+    for (op, dt, shape), ch in AUTO_TABLE.items():
+        lines.append(f"  {op} {dt:<8} {shape:<7} {' > '.join(ch.order):<28} {ch.source}: {ch.why}")
+    lines.append(f"  any other op or dtype            {' > '.join(AUTO_ORDER['cuda']):<28} default order")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -123,11 +192,13 @@ def _warn_once(key: str, msg: str) -> None:
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device,
-                    supported: Iterable[str]) -> str:
+                    supported: Iterable[str], *, dtype: torch.dtype | None = None,
+                    shape_class: str | None = None) -> str:
     """Pick the backend for one call of ``op`` on tensors on ``device``.
 
     ``supported`` are the backends that implement this op. An explicit ``backend`` must be known,
-    implemented and available (ValueError otherwise); ``None`` picks automatically.
+    implemented and available (ValueError otherwise); ``None`` picks automatically: on CUDA tensors
+    in the order of ``AUTO_TABLE`` for (op, dtype, shape_class) when there is an entry.
     """
     supported = tuple(supported)
     dev = "cuda" if device.type == "cuda" else "cpu"
@@ -148,7 +219,12 @@ def resolve_backend(op: str, backend: str | None, device: torch.device,
         return backend
     if dev not in AUTO_ORDER:
         return "reference"
-    for cand in AUTO_ORDER[dev]:
+    order = AUTO_ORDER[dev]
+    if dev == "cuda":
+        choice = auto_choice(op, dtype, shape_class)
+        if choice is not None:
+            order = choice.order
+    for cand in order:
         if cand not in supported:
             continue
         st = backend_status(cand)

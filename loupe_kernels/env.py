@@ -1,4 +1,5 @@
-"""``python -m loupe_kernels.env``: which backends work in this environment, and why not."""
+"""``python -m loupe_kernels.env``: which backends work in this environment, and why not,
+and the automatic backend choice per op, dtype and shape class (measured or provisional)."""
 from __future__ import annotations
 
 import platform
@@ -7,7 +8,7 @@ import sys
 import torch
 
 from . import __version__
-from ._backends import BACKENDS, backend_status
+from ._backends import BACKENDS, auto_table_lines, backend_status
 from ._common import debug_enabled
 
 
@@ -24,6 +25,9 @@ def report() -> str:
     for name in BACKENDS:
         st = backend_status(name)
         lines.append(f"  {name:<10} {'yes' if st.available else 'no ':<4} {st.reason}")
+    lines.append("automatic choice on CPU tensors: cpu > reference")
+    lines.append("automatic choice on CUDA tensors (op, dtype, shape class -> order; the first available wins):")
+    lines.extend(auto_table_lines())
     return "\n".join(lines)
 
 

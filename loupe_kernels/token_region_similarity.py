@@ -33,13 +33,26 @@ Contract
     derivative ...")``; only the reference is twice differentiable.
 - Under ``torch.autocast`` (cpu or cuda) fp16/fp32 inputs are cast to the autocast dtype first.
 - Backends: ``cpu`` (C++), ``triton`` (tiled ``tl.dot`` with a running max over key tiles),
-  ``cuda`` (torch-free kernels in ``csrc/cuda/token_region_similarity.cu``; its backward is
-  deterministic when ``torch.use_deterministic_algorithms(True)`` is on), ``reference`` (plain
-  PyTorch, materialises all scores). ``backend=None`` chooses automatically.
+  ``cuda`` (torch-free kernels in ``csrc/cuda/token_region_similarity.cu``), ``reference`` (plain
+  PyTorch, materialises all scores). ``backend=None`` chooses automatically: cpu > reference on CPU
+  tensors; on CUDA tensors per dtype and shape class from ``loupe_kernels._backends.AUTO_TABLE``
+  (printed, with whether each entry is measured, by ``python -m loupe_kernels.env``).
+- fp32 on the ``cuda`` backend (pairwise, D % 4 == 0, 16-byte aligned inputs, sm_80+): tensor cores
+  with a 3xTF32 split (``x = hi + lo``, ``hi = tf32(x)``, ``lo = tf32(x - hi)``; ``q.k ~ hi.hi + hi.lo +
+  lo.hi`` accumulated in fp32): about fp32 accuracy (a few fp32 ulps of ``|q| |k|``), checked by a host
+  emulation in ``tests/kernels/test_tf32_split_numerics.py``. When
+  ``torch.backends.cuda.matmul.allow_tf32`` is True it runs one TF32 pass instead (about 1e-3
+  relative, as torch's own fp32 matmuls then). Other fp32 shapes run exact fp32 FMA.
+- Backward on ``cuda``: d_query is a gather (deterministic). d_key is deterministic by default: the
+  forward's arg-max entries are grouped per key row (a stable counting sort) and each key row is
+  summed over its entries in ascending (query item, token) order. ``LOUPE_KERNELS_ATOMIC_DKEY=1``
+  picks the faster shared-memory-atomic d_key (rounding may vary between runs), unless
+  ``torch.use_deterministic_algorithms(True)`` is on.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -175,13 +188,31 @@ def _triton_backward(grad, query, key, qm, amax, pairwise):
 
 
 def _cuda_forward(query, key, qm, km, pairwise):
-    return extension("cuda").trs_forward(query, key, qm, km, pairwise)
+    # fp32 on tensor cores: one TF32 pass only when torch allows TF32 for matmuls, else 3xTF32
+    return extension("cuda").trs_forward(query, key, qm, km, pairwise,
+                                         bool(torch.backends.cuda.matmul.allow_tf32))
+
+
+def _cuda_deterministic_dkey() -> bool:
+    """Deterministic d_key (the default, for training) unless LOUPE_KERNELS_ATOMIC_DKEY=1 asks for the
+    atomic one and torch's deterministic mode is off."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("LOUPE_KERNELS_ATOMIC_DKEY", "0") != "1"
 
 
 def _cuda_backward(grad, query, key, qm, amax, pairwise):
-    # deterministic (no atomics) when torch.use_deterministic_algorithms(True) is on
     return extension("cuda").trs_backward(grad.contiguous(), query, key, qm, amax, pairwise,
-                                          torch.are_deterministic_algorithms_enabled())
+                                          _cuda_deterministic_dkey())
+
+
+def _shape_class(query: torch.Tensor, pairwise: bool) -> str:
+    """Shape class of a call for the automatic backend choice (``_backends.AUTO_TABLE``): ``pairs``
+    (pairwise=False), ``fast`` (pairwise and D a multiple of 16 bytes: the cuda fast kernel's shapes)
+    or ``generic``."""
+    if not pairwise:
+        return "pairs"
+    D = query.shape[2]
+    vec = 16 // query.element_size()
+    return "fast" if D > 0 and D % vec == 0 else "generic"
 
 
 KERNELS: dict[str, tuple[Callable, Callable]] = {
@@ -256,7 +287,8 @@ def token_region_similarity(query: torch.Tensor, key: torch.Tensor, query_mask: 
     """Masked max-sim of every query item against every key item (see the module docstring)."""
     qm, km = _validate(query, key, query_mask, key_mask, pairwise)
     query, key = _autocast_inputs(query, key)
-    chosen = resolve_backend(OP, backend, query.device, supported=("reference", *KERNELS))
+    chosen = resolve_backend(OP, backend, query.device, supported=("reference", *KERNELS), dtype=query.dtype,
+                             shape_class=_shape_class(query, pairwise))
     if chosen == "reference":
         return token_region_similarity_reference(query, key, qm, km, pairwise=pairwise)
     out, _ = _trs_forward_op(query, key, qm, km, pairwise, chosen)
@@ -324,7 +356,8 @@ def token_region_similarity_dual(query: torch.Tensor, key: torch.Tensor, query_m
     """
     qm, km = _validate(query, key, query_mask, key_mask, True)
     query, key = _autocast_inputs(query, key)
-    chosen = resolve_backend(OP, backend, query.device, supported=("reference", *KERNELS))
+    chosen = resolve_backend(OP, backend, query.device, supported=("reference", *KERNELS), dtype=query.dtype,
+                             shape_class=_shape_class(query, True))
     if chosen in DUAL_KERNELS:
         out, _, out2, _ = _trs_dual_op(query, key, qm, km, chosen)
         return out, out2

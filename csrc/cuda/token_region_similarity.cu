@@ -1,26 +1,30 @@
 // Token-region similarity on CUDA (METHOD section 3). Torch-free: raw pointers and launchers.
 //
-// Forward, fp16/bf16 pairwise (the training shape; D % 8 == 0, D <= 256, sm_80+): fwd_fast_kernel.
-// A block keeps 128 query rows (q viewed as [Bq*Lq, D]) in shared memory and streams the key tokens of
-// a chunk of key items (contiguous rows of k viewed as [Bk*Lk, D]) in 64-row tiles, double-buffered
-// with cp.async; 4 warps compute the 128 x 64 score tile with WMMA (fp32 accumulation), the tile is
-// staged key-major in shared memory and thread r scans row r in ascending key order, keeping a running
-// (max, arg-max) per key item (a strictly larger score replaces: ties keep the lowest key index) and
-// writing it when the scan reaches the next item. Only one score tile per block ever exists.
-// Forward, other cases (fp32/fp64, pairwise = 0, odd D): one block per (tile of 64 query rows, chunk
-// of 8 key items, or one query item when pairwise = 0); per key item the 64 x 64 score tiles come from
-// WMMA (fp16/bf16) or a register-tiled FMA loop (fp32/fp64), 256 threads each hold 4 rows x 4 keys and
-// a 16-lane butterfly gives the tile's row (max, lowest arg-max).
+// Forward, pairwise with D a multiple of 16 bytes (fp16/bf16: D % 8 == 0; fp32: D % 4 == 0), 16-byte
+// aligned inputs, sm_80+ (the training shape): fwd_fast_kernel. A block keeps 128 query rows (q viewed
+// as [Bq*Lq, D]) in shared memory and streams the key tokens of a chunk of key items (contiguous rows
+// of k viewed as [Bk*Lk, D]) in 64-row tiles, double-buffered with cp.async; when the query tile does
+// not fit beside the key tiles (large D), D is walked in chunks and both are streamed per chunk, so every
+// D takes this kernel. 4 warps compute the 128 x 64 score tile with WMMA (fp32 accumulation; fp32
+// input as 3xTF32, or one TF32 pass when the caller allows TF32), the tile is staged key-major in shared
+// memory and thread r scans row r in ascending key order, keeping a running (max, arg-max) per key item
+// (a strictly larger score replaces: ties keep the lowest key index) and writing it when the scan
+// reaches the next item. Only one score tile per block ever exists.
+// Forward, other cases (fp64, pairwise = 0, other D, unaligned): one block per (tile of 64 query rows,
+// chunk of 8 key items, or one query item when pairwise = 0); per key item the 64 x 64 score tiles come
+// from WMMA (fp16/bf16) or a register-tiled FMA loop (fp32/fp64, exact in the input precision), 256
+// threads each hold 4 rows x 4 keys and a 16-lane butterfly gives the tile's row (max, lowest arg-max).
 // Both write per (pair, query token) the row max and arg-max (-1 for an invalid query token or a key
 // item without valid tokens); reduce_rows_kernel sums the row maxima of each pair over the valid query
 // tokens in a fixed order and divides by their count (0 when there are none).
 // Backward, with w(a, b) = g(a, b) / count_a:
 //   d_query[a, j, :] = sum_b w(a, b) k[b, amax(a, b, j), :]: a warp per query row, key items in order
 //     (a gather: deterministic, no atomics);
-//   d_key[b, i, :] = sum_{a, j: amax(a, b, j) = i} w(a, b) q[a, j, :]: deterministic mode: a warp per
-//     (key item, 32 features), each lane owning one feature column of the item (shared memory, or
-//     global memory when Lk is large), (a, j) in order; fast mode: a block of 8 warps per (key item,
-//     64 features) adding into one shared-memory accumulator with atomics.
+//   d_key[b, i, :] = sum_{a, j: amax(a, b, j) = i} w(a, b) q[a, j, :]: deterministic mode (the default):
+//     the arg-max entries grouped per key row by a stable counting sort (dk_group_kernel), then a warp
+//     per key row sums its own entries in ascending (a, j) order (dk_sum_kernel); each arg-max entry is
+//     read twice and added once. Fast mode: a block of 8 warps per (key item, 64 features) adding into
+//     one shared-memory accumulator with atomics (dk_atomic_kernel).
 #include "cuda/token_region_similarity.h"
 
 #include <cuda_bf16.h>
@@ -30,6 +34,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -139,8 +144,10 @@ __global__ void __launch_bounds__(kThreads) fwd_simt_kernel(const T* __restrict_
                                                             typename AccOf<T>::type* rowmax, int32_t* amax) {
   using A = typename AccOf<T>::type;
   constexpr int kD = 16;
-  __shared__ A Qs[kD][kRows];
-  __shared__ A Ks[kD][kKeys];
+  // feature-major tiles, rows padded by 2: the loads below write (row, dd) with dd fastest, i.e. 16 dd
+  // x 2 rows per warp; a stride of 66 words puts them in 32 distinct banks (64 gave 16-way conflicts)
+  __shared__ A Qs[kD][kRows + 2];
+  __shared__ A Ks[kD][kKeys + 2];
   const RowMap m = row_map(Bq, Bk, Lq, pairwise);
   const int t = threadIdx.x, ty = t / 16, tx = t % 16;
   for (int b = m.b_begin; b < m.b_end; ++b) {
@@ -254,32 +261,65 @@ __global__ void __launch_bounds__(kThreads) fwd_wmma_kernel(const T* __restrict_
 #endif
 }
 
-// ---- fp16 / bf16 pairwise fast path: Q resident in shared memory, K streamed with cp.async -------
+// ---- pairwise fast path: fp16/bf16 (WMMA 16x16x16) and fp32 (WMMA TF32 16x16x8, 3xTF32 or 1xTF32) ----
 // Block: 128 query rows (of q viewed as [Bq*Lq, D]) x a chunk of `items` key items. The chunk's key
 // tokens are contiguous rows of k viewed as [Bk*Lk, D], streamed in tiles of 64 rows (a tile may span
 // two or more key items: no padding of Lk to the tile size), double-buffered with cp.async. 4 warps,
-// warp w owns rows 32w..32w+31 of the 128 x 64 score tile (2 x 4 WMMA 16x16x16 accumulators, fp32).
+// warp w owns rows 32w..32w+31 of the 128 x 64 score tile (2 x 4 WMMA accumulators, fp32).
+// D (issue 20, item 2): when the whole [128, D] query tile fits next to two [64, D] key tiles (D <= ~376
+// for 16-bit, <= ~184 for fp32 at the H100's 227 KiB), it stays resident and only key tiles stream;
+// otherwise D is walked in chunks of dc features (128 for 16-bit, 64 for fp32): every (key tile, D
+// chunk) step streams a [128, dc] query chunk and a [64, dc] key chunk (double-buffered) and the
+// accumulators add the chunks up, so every D takes this kernel with ~135 KiB of shared memory.
+// fp32 (issue 20, item 1): each fragment element x is split into hi = tf32(x), lo = tf32(x - hi) and
+// the tile accumulates hi.lo + lo.hi + hi.hi (3xTF32: about fp32 accuracy; lo.lo, ~2^-22 relative,
+// is dropped), or hi.hi only when kSplit is false (the caller's allow_tf32).
 // The tile goes to shared memory key-major; thread r then scans row r's 64 scores in ascending key
 // order (a strictly larger score replaces: ties keep the lowest key index) and writes (row max,
-// arg-max) of a key item when the scan crosses into the next item. Needs D % 8 == 0, D <= 256,
-// 16-byte aligned q and k, sm_80+ and ~169 KiB of opt-in shared memory (D = 256).
-// D > 256 (issue 20, item 2; not done): Q stays resident for the whole D, so at D = 512 this layout would
-// need ~293 KiB, above the H100's 227 KiB; such D take fwd_wmma_kernel, which reloads Q and K per 64
-// features. A D loop here (Q and K both streamed in D chunks, scores accumulated across chunks) is the
-// planned fix; it needs a GPU to validate and time, so it is not written yet.
+// arg-max) of a key item when the scan crosses into the next item. Needs D % (16 bytes) == 0, 16-byte
+// aligned q and k, sm_80+.
+// Row padding of every shared tile is 16 bytes: the row stride is 4 banks off a multiple of 32, so the
+// 8 rows x 16 bytes that one WMMA fragment load phase reads hit 32 distinct banks.
 constexpr int kFRows = 128;
 constexpr int kFKeys = 64;
 constexpr int kFThreads = 128;
-constexpr int kFMaxD = 256;
 constexpr int kFLdS = kFRows + 4;  // leading dimension of the key-major fp32 score tile
 
-__host__ __device__ inline int fast_ldq(int D) { return ((D + 15) / 16) * 16 + 8; }
-__host__ __device__ inline size_t fast_smem_bytes(int D) {
-  const size_t ldq = static_cast<size_t>(fast_ldq(D));
-  return (kFRows + 2 * kFKeys) * ldq * 2 + static_cast<size_t>(kFKeys) * kFLdS * sizeof(float) + kFKeys;
+template <typename T> struct FastTraits {  // fp16 / bf16
+  static constexpr int kK = 16;       // WMMA k-step
+  static constexpr int kVec = 8;      // elements per 16-byte copy
+  static constexpr int kChunk = 128;  // D chunk when the query tile cannot stay resident
+};
+template <> struct FastTraits<float> {
+  static constexpr int kK = 8;
+  static constexpr int kVec = 4;
+  static constexpr int kChunk = 64;
+};
+
+struct FastPlan {
+  int dc = 0;       // features per chunk (D when the query tile is resident)
+  int ld = 0;       // row stride of the shared tiles, elements
+  size_t smem = 0;  // dynamic shared memory, bytes
+};
+
+// Shared-memory plan of fwd_fast_kernel<T> for D: resident query tile when it fits smem_optin, else D chunks.
+template <typename T>
+FastPlan fast_plan(int D, size_t smem_optin) {
+  using Tr = FastTraits<T>;
+  const size_t tail = static_cast<size_t>(kFKeys) * kFLdS * sizeof(float) + kFKeys;  // S + Ms
+  const int pad = 16 / static_cast<int>(sizeof(T));
+  FastPlan p;
+  p.dc = D;
+  p.ld = (D + Tr::kK - 1) / Tr::kK * Tr::kK + pad;
+  p.smem = static_cast<size_t>(kFRows + 2 * kFKeys) * p.ld * sizeof(T) + tail;
+  if (p.smem <= smem_optin || D <= Tr::kChunk) return p;
+  p.dc = Tr::kChunk;
+  p.ld = Tr::kChunk + pad;
+  p.smem = static_cast<size_t>(2 * kFRows + 2 * kFKeys) * p.ld * sizeof(T) + tail;
+  return p;
 }
 
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // used only by the sm_80+ kernel body
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // used only by the sm_80+ kernel bodies
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
@@ -289,26 +329,124 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+
+using FastAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+using FastAccTf32 = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
+template <typename T> struct FastAccOf { using type = FastAcc; };
+template <> struct FastAccOf<float> { using type = FastAccTf32; };
+
+// acc[mi][ni] += Qw[rows 16mi.., cols 0..width) . Kc[keys 16ni.., cols 0..width)^T; Qw = this warp's 32 rows.
+template <typename T, bool kSplit>
+__device__ __forceinline__ void fast_mma(typename FastAccOf<T>::type (&acc)[2][4], const T* Qw, const T* Kc, int ld,
+                                         int width) {
+  using namespace nvcuda;
+#pragma unroll 2
+  for (int kk = 0; kk < width; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) wmma::load_matrix_sync(fa[mi], Qw + (mi * 16) * ld + kk, ld);
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      // B = K^T (d x key): element (d, key) at Kc[key * ld + d], i.e. column-major with ld
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+      wmma::load_matrix_sync(fb, Kc + (ni * 16) * ld + kk, ld);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) wmma::mma_sync(acc[mi][ni], fa[mi], fb, acc[mi][ni]);
+    }
+  }
+}
+
+// hi = tf32(x) in place; lo = tf32(x - hi) (x - hi is exact in fp32). Same fragment type: same layout.
+template <typename Frag>
+__device__ __forceinline__ void tf32_split(Frag& hi, Frag& lo) {
+#pragma unroll
+  for (int e = 0; e < hi.num_elements; ++e) {
+    const float x = hi.x[e];
+    const float h = nvcuda::wmma::__float_to_tf32(x);
+    hi.x[e] = h;
+    lo.x[e] = nvcuda::wmma::__float_to_tf32(x - h);
+  }
+}
+template <typename Frag>
+__device__ __forceinline__ void tf32_round(Frag& f) {
+#pragma unroll
+  for (int e = 0; e < f.num_elements; ++e) f.x[e] = nvcuda::wmma::__float_to_tf32(f.x[e]);
+}
+
+template <>
+__device__ __forceinline__ void fast_mma<float, true>(FastAccTf32 (&acc)[2][4], const float* Qw, const float* Kc,
+                                                      int ld, int width) {
+  using namespace nvcuda;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  for (int kk = 0; kk < width; kk += 8) {
+    FragA ah[2], al[2];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      wmma::load_matrix_sync(ah[mi], Qw + (mi * 16) * ld + kk, ld);
+      tf32_split(ah[mi], al[mi]);
+    }
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      FragB bh, bl;
+      wmma::load_matrix_sync(bh, Kc + (ni * 16) * ld + kk, ld);
+      tf32_split(bh, bl);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {  // the small terms first, the large one last
+        wmma::mma_sync(acc[mi][ni], ah[mi], bl, acc[mi][ni]);
+        wmma::mma_sync(acc[mi][ni], al[mi], bh, acc[mi][ni]);
+        wmma::mma_sync(acc[mi][ni], ah[mi], bh, acc[mi][ni]);
+      }
+    }
+  }
+}
+
+template <>
+__device__ __forceinline__ void fast_mma<float, false>(FastAccTf32 (&acc)[2][4], const float* Qw, const float* Kc,
+                                                       int ld, int width) {
+  using namespace nvcuda;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+#pragma unroll 2
+  for (int kk = 0; kk < width; kk += 8) {
+    FragA fa[2];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      wmma::load_matrix_sync(fa[mi], Qw + (mi * 16) * ld + kk, ld);
+      tf32_round(fa[mi]);
+    }
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      FragB fb;
+      wmma::load_matrix_sync(fb, Kc + (ni * 16) * ld + kk, ld);
+      tf32_round(fb);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) wmma::mma_sync(acc[mi][ni], fa[mi], fb, acc[mi][ni]);
+    }
+  }
+}
 #endif
 
-template <typename T>
+// kSplit: fp32 only, 3xTF32 (true) or one TF32 pass (false); ignored for 16-bit types.
+template <typename T, bool kSplit>
 __global__ void __launch_bounds__(kFThreads, 1) fwd_fast_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                                 const uint8_t* __restrict__ qm,
                                                                 const uint8_t* __restrict__ km, int Bq, int Bk,
-                                                                int Lq, int Lk, int D, int items,
+                                                                int Lq, int Lk, int D, int items, int dc, int ld,
                                                                 float* __restrict__ rowmax,
                                                                 int32_t* __restrict__ amax) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
+  using Tr = FastTraits<T>;
   extern __shared__ __align__(128) unsigned char fast_smem[];
-  const int DP = ((D + 15) / 16) * 16;  // D rounded up to the WMMA k-step; columns D..DP-1 are zero
-  const int ldq = DP + 8;               // padded row (elements): rows stay 32-byte aligned
-  const int vec = D / 8;                // 16-byte chunks per row
-  T* Qs = reinterpret_cast<T*>(fast_smem);            // [kFRows][ldq]
-  T* Ks0 = Qs + static_cast<size_t>(kFRows) * ldq;      // [kFKeys][ldq], buffer 0
-  T* Ks1 = Ks0 + static_cast<size_t>(kFKeys) * ldq;     // [kFKeys][ldq], buffer 1
-  float* S = reinterpret_cast<float*>(Ks1 + static_cast<size_t>(kFKeys) * ldq);  // [kFKeys][kFLdS]
-  uint8_t* Ms = reinterpret_cast<uint8_t*>(S + kFKeys * kFLdS);                  // [kFKeys] key validity
+  const int nch = (D + dc - 1) / dc;  // D chunks per key tile; 1: the query tile is resident
+  const bool stream_q = nch > 1;
+  T* Qs0 = reinterpret_cast<T*>(fast_smem);                                // [kFRows][ld]
+  T* Qs1 = Qs0 + (stream_q ? static_cast<size_t>(kFRows) * ld : 0);       // second query buffer (streamed)
+  T* Ks0 = Qs1 + static_cast<size_t>(kFRows) * ld;                         // [kFKeys][ld], buffer 0
+  T* Ks1 = Ks0 + static_cast<size_t>(kFKeys) * ld;                         // [kFKeys][ld], buffer 1
+  float* S = reinterpret_cast<float*>(Ks1 + static_cast<size_t>(kFKeys) * ld);  // [kFKeys][kFLdS]
+  uint8_t* Ms = reinterpret_cast<uint8_t*>(S + kFKeys * kFLdS);                // [kFKeys] key validity
   const int tid = threadIdx.x, warp = tid / 32;
   const int64_t rows = static_cast<int64_t>(Bq) * Lq;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kFRows;
@@ -316,30 +454,28 @@ __global__ void __launch_bounds__(kFThreads, 1) fwd_fast_kernel(const T* __restr
   const int b_end = min(Bk, b_begin + items);
   const int64_t kr_begin = static_cast<int64_t>(b_begin) * Lk, kr_end = static_cast<int64_t>(b_end) * Lk;
   const int ntiles = static_cast<int>((kr_end - kr_begin + kFKeys - 1) / kFKeys);
-  const T zero = zero_of<T>();
+  const int64_t nsteps = static_cast<int64_t>(ntiles) * nch;
 
-  // zero the padding columns D..DP-1 of Qs, Ks0, Ks1 (256 contiguous rows of ldq; cp.async never writes them)
-  if (DP > D) {
-    const int pad = DP - D;
-    for (int e = tid; e < (kFRows + 2 * kFKeys) * pad; e += kFThreads) Qs[(e / pad) * ldq + D + e % pad] = zero;
-  }
-  // query rows of this block (rows past Bq*Lq are zero)
-  for (int e = tid; e < kFRows * vec; e += kFThreads) {
-    const int r = e / vec, c = (e % vec) * 8;
-    T* dst = Qs + r * ldq + c;
-    if (row0 + r < rows) cp_async16(dst, q + (row0 + r) * D + c);
-    else *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-  }
-  auto load_keys = [&](int t, T* Kb) {  // key rows kr_begin + 64t .. + 63 (rows past the chunk are zero)
-    const int64_t base = kr_begin + static_cast<int64_t>(t) * kFKeys;
-    for (int e = tid; e < kFKeys * vec; e += kFThreads) {
-      const int r = e / vec, c = (e % vec) * 8;
-      T* dst = Kb + r * ldq + c;
-      if (base + r < kr_end) cp_async16(dst, k + (base + r) * D + c);
-      else *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+  // rows r0.. r0+nrows-1 (zero at and past rend), columns c0.. c0+w-1 of a [*, D] matrix into dst[r][0..w),
+  // zeros in columns w.. up to the next k-step (w is a multiple of the 16-byte vector: at most one vector)
+  auto load_tile = [&](T* dst, const T* src, int64_t r0, int64_t rend, int nrows, int c0, int w) {
+    const int wv = (w + Tr::kK - 1) / Tr::kK * (Tr::kK / Tr::kVec);  // vectors per row, k-step padding included
+    for (int e = tid; e < nrows * wv; e += kFThreads) {
+      const int r = e / wv, c = (e % wv) * Tr::kVec;
+      T* d = dst + static_cast<size_t>(r) * ld + c;
+      if (r0 + r < rend && c < w) cp_async16(d, src + (r0 + r) * D + c0 + c);
+      else *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
     }
   };
-  load_keys(0, Ks0);
+  // step s = (key tile s / nch, D chunk s % nch) into buffer s & 1
+  auto load_step = [&](int64_t s) {
+    const int t = static_cast<int>(s / nch), c0 = static_cast<int>(s % nch) * dc;
+    const int w = min(dc, D - c0);
+    load_tile((s & 1) ? Ks1 : Ks0, k, kr_begin + static_cast<int64_t>(t) * kFKeys, kr_end, kFKeys, c0, w);
+    if (stream_q) load_tile((s & 1) ? Qs1 : Qs0, q, row0, rows, kFRows, c0, w);
+  };
+  if (!stream_q) load_tile(Qs0, q, row0, rows, kFRows, 0, D);  // resident query tile, with step 0's group
+  load_step(0);
   cp_async_commit();
 
   // running (max, arg-max) of this thread's row against the current key item
@@ -362,37 +498,34 @@ __global__ void __launch_bounds__(kFThreads, 1) fwd_fast_kernel(const T* __restr
     arg = -1;
   };
 
-  for (int t = 0; t < ntiles; ++t) {
-    const T* Kc = (t & 1) ? Ks1 : Ks0;
-    if (t + 1 < ntiles) {  // the other buffer was last read by tile t-1's MMA, finished before its 2nd barrier
-      load_keys(t + 1, (t & 1) ? Ks0 : Ks1);
+  typename FastAccOf<T>::type acc[2][4];
+  for (int64_t s = 0; s < nsteps; ++s) {
+    // The buffers of step s + 1 were last read by step s - 1's MMA, which every thread finished before
+    // step s - 1's closing barrier (the chunk barrier or the score-tile barrier below).
+    if (s + 1 < nsteps) {
+      load_step(s + 1);
       cp_async_commit();
-      cp_async_wait<1>();  // everything but tile t+1 has landed (this thread's copies)
+      cp_async_wait<1>();  // everything but step s+1 has landed (this thread's copies)
     } else {
       cp_async_wait<0>();
     }
-    __syncthreads();  // tile t (and Q) visible to all; every thread is done with the previous S and Ms
+    __syncthreads();  // step s (and a resident Q) visible to all; every thread is done with S and Ms
+    const int t = static_cast<int>(s / nch), c = static_cast<int>(s % nch);
     const int64_t base = kr_begin + static_cast<int64_t>(t) * kFKeys;
-    if (tid < kFKeys) Ms[tid] = (base + tid < kr_end && km[base + tid]) ? 1 : 0;
-
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+    if (c == 0) {
+      if (tid < kFKeys) Ms[tid] = (base + tid < kr_end && km[base + tid]) ? 1 : 0;
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) wmma::fill_fragment(acc[mi][ni], 0.f);
-#pragma unroll 2
-    for (int kk = 0; kk < DP; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) wmma::load_matrix_sync(fa[mi], Qs + (warp * 32 + mi * 16) * ldq + kk, ldq);
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        // B = K^T (d x key): element (d, key) at Kc[key * ldq + d], i.e. column-major with ld = ldq
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fb, Kc + (ni * 16) * ldq + kk, ldq);
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) wmma::mma_sync(acc[mi][ni], fa[mi], fb, acc[mi][ni]);
-      }
+        for (int ni = 0; ni < 4; ++ni) wmma::fill_fragment(acc[mi][ni], 0.f);
+    }
+    const int w = min(dc, D - c * dc);
+    const int width = (w + Tr::kK - 1) / Tr::kK * Tr::kK;
+    const T* Qc = (stream_q && (s & 1)) ? Qs1 : Qs0;
+    fast_mma<T, kSplit>(acc, Qc + static_cast<size_t>(warp * 32) * ld, (s & 1) ? Ks1 : Ks0, ld, width);
+    if (c + 1 < nch) {
+      __syncthreads();  // this step's buffers are refilled by the load issued at step s + 1
+      continue;
     }
     // key-major store: score (row r, key c) at S[c * kFLdS + r], so that the row scan below is conflict-free
 #pragma unroll
@@ -405,21 +538,21 @@ __global__ void __launch_bounds__(kFThreads, 1) fwd_fast_kernel(const T* __restr
 
     // scan row tid in ascending key order, one segment per key item present in this tile
     const int n = static_cast<int>(min(static_cast<int64_t>(kFKeys), kr_end - base));
-    int c = 0;
-    while (c < n) {
-      if (base + c == next_b) {  // item cur is complete
+    int col = 0;
+    while (col < n) {
+      if (base + col == next_b) {  // item cur is complete
         finish(cur);
         ++cur;
         next_b += Lk;
       }
-      const int seg = static_cast<int>(min(static_cast<int64_t>(n), next_b - base));  // > c
+      const int seg = static_cast<int>(min(static_cast<int64_t>(n), next_b - base));  // > col
       const int i0 = static_cast<int>(base - (next_b - Lk));  // key index of column 0 within item cur
 #pragma unroll 8
-      for (; c < seg; ++c) {
-        const float v = S[c * kFLdS + tid];
-        if (Ms[c] && (arg < 0 || v > best)) {
+      for (; col < seg; ++col) {
+        const float v = S[col * kFLdS + tid];
+        if (Ms[col] && (arg < 0 || v > best)) {
           best = v;
-          arg = i0 + c;
+          arg = i0 + col;
         }
       }
     }
@@ -508,44 +641,123 @@ __global__ void __launch_bounds__(kDqWarps * 32) dq_kernel(const T* __restrict__
   }
 }
 
-// d_key, deterministic: one warp per (key item b, 32 features); lane l owns feature column d of the
-// item's Lk rows, in shared memory (SHARED) or in the global workspace, and adds the (a, j) terms in
-// order (the warp loads 32 arg-maxes at once and broadcasts them with a shuffle).
-template <typename T, bool SHARED>
-__global__ void __launch_bounds__(32) dk_kernel(const T* __restrict__ grad, const T* __restrict__ q,
-                                                const int32_t* __restrict__ amax,
-                                                const typename AccOf<T>::type* __restrict__ inv, int Bq, int Bk,
-                                                int Lq, int Lk, int D, int pairwise,
-                                                typename AccOf<T>::type* __restrict__ ws, T* __restrict__ dk) {
-  using A = typename AccOf<T>::type;
+// d_key, deterministic (issue 20, item 6): the forward's arg-max entries are grouped per key row by a
+// stable counting sort, then every key row is summed over its own entries.
+// dk_group_kernel: one warp per key item b walks its N = (pairwise ? Bq : 1) * Lq entries t (entry t is
+// query row e = a * Lq + j, arg-max i = amax(a, b, j)) twice in ascending t, 32 at a time: pass 1
+// counts the entries of every key row i, a warp scan turns the counts into segment starts, pass 2 writes
+// e at start[i] + (entries of row i met before it) and advances start[i]. Within a 32-entry step the
+// lanes with the same i (__match_any_sync) take consecutive slots in lane order and only the lowest of
+// them updates start[i], so no two lanes ever write the same word (no atomics) and every segment lists
+// its entries in ascending t, i.e. ascending (a, j): the order is fixed by construction. Afterwards
+// seg[b * Lk + i] is the end of row i's segment in ent[b * N ...] (its start: seg[... i - 1], or 0).
+// The counters live in shared memory when Lk ints fit (SMEM), else in seg itself.
+__device__ __forceinline__ int dk_entry_argmax(const int32_t* amax, int b, int t, int N, int Bk, int Lq, int pairwise) {
+  if (t >= N) return -1;
+  if (!pairwise) return amax[static_cast<size_t>(b) * Lq + t];
+  const int a = t / Lq, j = t % Lq;
+  return amax[(static_cast<size_t>(a) * Bk + b) * Lq + j];
+}
+
+__global__ void __launch_bounds__(32) dk_group_kernel(const int32_t* __restrict__ amax, int Bq, int Bk, int Lq, int Lk,
+                                                      int pairwise, int use_smem, int32_t* __restrict__ seg,
+                                                      int32_t* __restrict__ ent) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int b = blockIdx.x;
   const int lane = threadIdx.x;
-  const int d = blockIdx.y * 32 + lane;
-  const bool live = d < D;  // dead lanes stay for the shuffles but touch no memory
-  A* col = SHARED ? reinterpret_cast<A*>(smem_raw) + lane : ws + static_cast<size_t>(b) * Lk * D + (live ? d : 0);
-  const size_t stride = SHARED ? 32 : static_cast<size_t>(D);
-  if (live)
-    for (int i = 0; i < Lk; ++i) col[i * stride] = 0;
-  const int a_begin = pairwise ? 0 : b, a_end = pairwise ? Bq : b + 1;
-  for (int a = a_begin; a < a_end; ++a) {
-    const size_t pair = pairwise ? static_cast<size_t>(a) * Bk + b : static_cast<size_t>(a);
-    const A w = to_acc(grad[pair]) * inv[a];
-    if (w == A(0)) continue;  // uniform across the warp
-    const int32_t* am = amax + pair * Lq;
-    const T* qa = q + static_cast<size_t>(a) * Lq * D + (live ? d : 0);
-    for (int j0 = 0; j0 < Lq; j0 += 32) {
-      const int mine = j0 + lane < Lq ? am[j0 + lane] : -1;
-      const int n = min(32, Lq - j0);
-      for (int jj = 0; jj < n; ++jj) {
-        const int i = __shfl_sync(0xffffffffu, mine, jj);
-        if (i >= 0 && live) col[i * stride] += w * to_acc(qa[static_cast<size_t>(j0 + jj) * D]);
+  const unsigned lt = (1u << lane) - 1u;  // lanes below this one
+  const int N = (pairwise ? Bq : 1) * Lq;
+  int32_t* cnt = use_smem ? reinterpret_cast<int32_t*>(smem_raw) : seg + static_cast<size_t>(b) * Lk;
+  int32_t* out = ent + static_cast<size_t>(b) * N;
+  const int e_off = pairwise ? 0 : b * Lq;  // entry t is query row e_off + t
+  for (int i = lane; i < Lk; i += 32) cnt[i] = 0;
+  __syncwarp();
+  // pass 1: counts (each distinct i of a step is added by one lane: its lowest peer)
+  for (int t0 = 0; t0 < N; t0 += 32) {
+    const int i = dk_entry_argmax(amax, b, t0 + lane, N, Bk, Lq, pairwise);
+    const unsigned peers = __match_any_sync(0xffffffffu, i);
+    if (i >= 0 && (peers & lt) == 0) cnt[i] += __popc(peers);
+    __syncwarp();
+  }
+  // exclusive scan: cnt[i] = first slot of row i
+  int carry = 0;
+  for (int i0 = 0; i0 < Lk; i0 += 32) {
+    const int v = i0 + lane < Lk ? cnt[i0 + lane] : 0;
+    int incl = v;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int u = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += u;
+    }
+    if (i0 + lane < Lk) cnt[i0 + lane] = carry + incl - v;
+    carry += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  __syncwarp();
+  // pass 2: stable scatter; afterwards cnt[i] is the end of row i's segment
+  for (int t0 = 0; t0 < N; t0 += 32) {
+    const int i = dk_entry_argmax(amax, b, t0 + lane, N, Bk, Lq, pairwise);
+    const unsigned peers = __match_any_sync(0xffffffffu, i);
+    const int slot = i >= 0 ? cnt[i] + __popc(peers & lt) : 0;
+    __syncwarp();  // every peer has read cnt[i] before its leader advances it
+    if (i >= 0) {
+      out[slot] = e_off + t0 + lane;
+      if ((peers & lt) == 0) cnt[i] += __popc(peers);
+    }
+    __syncwarp();
+  }
+  if (use_smem)
+    for (int i = lane; i < Lk; i += 32) seg[static_cast<size_t>(b) * Lk + i] = cnt[i];
+}
+
+// dk_sum_kernel: one warp per key row (b, i); lane l owns features d0 + l + 32s (s < 8) of each 256-feature
+// chunk and adds w(a, b) q[a, j, d] over the row's segment in its (ascending (a, j)) order: each output
+// element is one lane's sequential sum in a fixed order, so the result is bit-identical across runs.
+constexpr int kDkSumWarps = 8;
+template <typename T>
+__global__ void __launch_bounds__(kDkSumWarps * 32) dk_sum_kernel(const T* __restrict__ grad, const T* __restrict__ q,
+                                                                  const typename AccOf<T>::type* __restrict__ inv,
+                                                                  const int32_t* __restrict__ seg,
+                                                                  const int32_t* __restrict__ ent, int Bq, int Bk,
+                                                                  int Lq, int Lk, int D, int pairwise,
+                                                                  T* __restrict__ dk) {
+  using A = typename AccOf<T>::type;
+  const int lane = threadIdx.x % 32;
+  const int64_t krow = static_cast<int64_t>(blockIdx.x) * kDkSumWarps + threadIdx.x / 32;
+  if (krow >= static_cast<int64_t>(Bk) * Lk) return;  // whole warp; no barriers below
+  const int b = static_cast<int>(krow / Lk), i = static_cast<int>(krow % Lk);
+  const int N = (pairwise ? Bq : 1) * Lq;
+  const int32_t* list = ent + static_cast<size_t>(b) * N;
+  const int p_begin = i > 0 ? seg[krow - 1] : 0, p_end = seg[krow];
+  for (int d0 = 0; d0 < D; d0 += 256) {
+    A acc[8];
+#pragma unroll
+    for (int s = 0; s < 8; ++s) acc[s] = A(0);
+    for (int p0 = p_begin; p0 < p_end; p0 += 32) {
+      // 32 entries at once: their query rows and weights, then added one by one in order
+      int e_mine = 0;
+      A w_mine = A(0);
+      if (p0 + lane < p_end) {
+        e_mine = list[p0 + lane];
+        const int a = e_mine / Lq;
+        const size_t pair = pairwise ? static_cast<size_t>(a) * Bk + b : static_cast<size_t>(a);
+        w_mine = to_acc(grad[pair]) * inv[a];
+      }
+      const int n = min(32, p_end - p0);
+      for (int u = 0; u < n; ++u) {
+        const int e = __shfl_sync(0xffffffffu, e_mine, u);
+        const A w = __shfl_sync(0xffffffffu, w_mine, u);
+        if (w == A(0)) continue;  // uniform across the warp
+        const T* qr = q + static_cast<size_t>(e) * D + d0 + lane;
+#pragma unroll
+        for (int s = 0; s < 8; ++s)
+          if (d0 + lane + 32 * s < D) acc[s] += w * to_acc(qr[32 * s]);
       }
     }
+    T* o = dk + static_cast<size_t>(krow) * D + d0 + lane;
+#pragma unroll
+    for (int s = 0; s < 8; ++s)
+      if (d0 + lane + 32 * s < D) o[32 * s] = from_acc<T>(acc[s]);
   }
-  if (!live) return;
-  T* out = dk + static_cast<size_t>(b) * Lk * D + d;
-  for (int i = 0; i < Lk; ++i) out[static_cast<size_t>(i) * D] = from_acc<T>(col[i * stride]);
 }
 
 // d_key, fast (not deterministic): a block of 8 warps per (key item b, 64 features); warp w takes the
@@ -626,43 +838,59 @@ dim3 tile_grid(int Bq, int Bk, int Lq, int pairwise) {
   return dim3(static_cast<unsigned>(static_cast<size_t>(Bq) * ((Lq + kRows - 1) / kRows)), 1);
 }
 
+// Launches fwd_fast_kernel<T, kSplit> when the call qualifies (sm_80+, pairwise, D a multiple of 16 bytes,
+// 16-byte aligned q and k, the plan's shared memory within the device's opt-in limit); false otherwise.
+template <typename T, bool kSplit>
+bool launch_fast(const T* q, const T* k, const uint8_t* qm, const uint8_t* km, int Bq, int Bk, int Lq, int Lk, int D,
+                 int pairwise, float* rowmax, int32_t* amax, const DeviceInfo& dev, cudaStream_t stream,
+                 cudaError_t* err) {
+  const bool aligned = reinterpret_cast<uintptr_t>(q) % 16 == 0 && reinterpret_cast<uintptr_t>(k) % 16 == 0;
+  if (!(dev.major >= 8 && pairwise && Lk > 0 && D > 0 && D % FastTraits<T>::kVec == 0 && aligned)) return false;
+  const FastPlan plan = fast_plan<T>(D, static_cast<size_t>(dev.smem_optin));
+  if (plan.smem > static_cast<size_t>(dev.smem_optin)) return false;
+  // about 3136 key rows (49 tiles of 64 at Lk = 196) per block: the query tile is loaded once per chunk
+  int items = std::max(1, std::min(Bk, 3136 / Lk));
+  if ((Bk + items - 1) / items > 65535) items = (Bk + 65534) / 65535;
+  const dim3 grid(static_cast<unsigned>((static_cast<int64_t>(Bq) * Lq + kFRows - 1) / kFRows),
+                  static_cast<unsigned>((Bk + items - 1) / items));
+  *err = cudaFuncSetAttribute(fwd_fast_kernel<T, kSplit>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(plan.smem));
+  if (*err == cudaSuccess)
+    fwd_fast_kernel<T, kSplit><<<grid, kFThreads, plan.smem, stream>>>(q, k, qm, km, Bq, Bk, Lq, Lk, D, items,
+                                                                      plan.dc, plan.ld, rowmax, amax);
+  return true;
+}
+
 template <typename T>
 cudaError_t forward_t(const T* q, const T* k, const uint8_t* qm, const uint8_t* km, int Bq, int Bk, int Lq,
-                      int Lk, int D, int pairwise, void* ws, T* out, int32_t* amax, cudaStream_t stream) {
+                      int Lk, int D, int pairwise, int allow_tf32, void* ws, T* out, int32_t* amax,
+                      cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   A* rowmax = static_cast<A*>(ws);
   if (Bq > 0 && Lq > 0 && Bk > 0) {
     const DeviceInfo dev = device_info();
-    bool fast = false;
+    bool launched = false;
+    cudaError_t e = cudaSuccess;
     if constexpr (sizeof(T) == 2) {
-      // the WMMA kernels are compiled for sm_80 and newer (bf16 fragments, cp.async)
-      const bool aligned = reinterpret_cast<uintptr_t>(q) % 16 == 0 && reinterpret_cast<uintptr_t>(k) % 16 == 0;
-      const size_t smem = fast_smem_bytes(D);
-      fast = dev.major >= 8 && pairwise && Lk > 0 && D > 0 && D % 8 == 0 && D <= kFMaxD && aligned &&
-             smem <= static_cast<size_t>(dev.smem_optin);
-      if (fast) {
-        // about 3136 key rows (49 tiles of 64 at Lk = 196) per block: the query tile is loaded once per chunk
-        int items = std::max(1, std::min(Bk, 3136 / Lk));
-        if ((Bk + items - 1) / items > 65535) items = (Bk + 65534) / 65535;
-        const dim3 grid(static_cast<unsigned>((static_cast<int64_t>(Bq) * Lq + kFRows - 1) / kFRows),
-                        static_cast<unsigned>((Bk + items - 1) / items));
-        cudaError_t e = cudaFuncSetAttribute(fwd_fast_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(smem));
-        if (e != cudaSuccess) return e;
-        fwd_fast_kernel<T><<<grid, kFThreads, smem, stream>>>(q, k, qm, km, Bq, Bk, Lq, Lk, D, items, rowmax, amax);
-      } else if (dev.major >= 8) {
+      launched = launch_fast<T, false>(q, k, qm, km, Bq, Bk, Lq, Lk, D, pairwise, rowmax, amax, dev, stream, &e);
+      if (!launched && dev.major >= 8) {  // the WMMA kernels are compiled for sm_80 and newer
         const dim3 grid = tile_grid(Bq, Bk, Lq, pairwise);
         if (grid.y > 65535) return cudaErrorInvalidConfiguration;
         fwd_wmma_kernel<T><<<grid, kThreads, 0, stream>>>(q, k, qm, km, Bq, Bk, Lq, Lk, D, pairwise, rowmax, amax);
-        fast = true;  // launched
+        launched = true;
       }
+    } else if constexpr (std::is_same<T, float>::value) {
+      launched = allow_tf32
+                     ? launch_fast<float, false>(q, k, qm, km, Bq, Bk, Lq, Lk, D, pairwise, rowmax, amax, dev, stream, &e)
+                     : launch_fast<float, true>(q, k, qm, km, Bq, Bk, Lq, Lk, D, pairwise, rowmax, amax, dev, stream, &e);
     }
-    if (!fast) {
+    if (e != cudaSuccess) return e;
+    if (!launched) {
       const dim3 grid = tile_grid(Bq, Bk, Lq, pairwise);
       if (grid.y > 65535) return cudaErrorInvalidConfiguration;
       fwd_simt_kernel<T><<<grid, kThreads, 0, stream>>>(q, k, qm, km, Bq, Bk, Lq, Lk, D, pairwise, rowmax, amax);
     }
-    const cudaError_t e = cudaGetLastError();
+    e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
   const size_t pairs = pairwise ? static_cast<size_t>(Bq) * Bk : static_cast<size_t>(Bq);
@@ -679,7 +907,6 @@ cudaError_t backward_t(const T* grad, const T* q, const T* k, const uint8_t* qm,
   using A = typename AccOf<T>::type;
   if (D == 0) return cudaSuccess;
   A* inv = static_cast<A*>(ws);
-  A* colws = inv + (Bq > 0 ? Bq : 1);
   if (Bq > 0) {
     inv_count_kernel<T><<<(Bq + 255) / 256, 256, 0, stream>>>(qm, Bq, Lq, inv);
     if (Lq > 0) {
@@ -700,14 +927,16 @@ cudaError_t backward_t(const T* grad, const T* q, const T* k, const uint8_t* qm,
       }
       dk_atomic_kernel<T><<<grid, kDkWarps * 32, smem_atomic, stream>>>(grad, q, amax, inv, Bq, Bk, Lq, Lk, D,
                                                                          pairwise, dk);
-    } else {
-      const dim3 grid(static_cast<unsigned>(Bk), static_cast<unsigned>((D + 31) / 32));
-      const size_t smem = static_cast<size_t>(Lk) * 32 * sizeof(A);
-      if (smem <= 48 * 1024) {
-        dk_kernel<T, true><<<grid, 32, smem, stream>>>(grad, q, amax, inv, Bq, Bk, Lq, Lk, D, pairwise, colws, dk);
-      } else {
-        dk_kernel<T, false><<<grid, 32, 0, stream>>>(grad, q, amax, inv, Bq, Bk, Lq, Lk, D, pairwise, colws, dk);
-      }
+    } else {  // grouped by key row (the workspace holds seg and ent: see loupe_trs_backward_workspace)
+      int32_t* seg = reinterpret_cast<int32_t*>(inv + (Bq > 0 ? Bq : 1));
+      int32_t* ent = seg + static_cast<size_t>(Bk) * Lk;
+      const size_t smem = static_cast<size_t>(Lk) * sizeof(int32_t);
+      const int use_smem = smem <= 48 * 1024 ? 1 : 0;
+      dk_group_kernel<<<static_cast<unsigned>(Bk), 32, use_smem ? smem : 0, stream>>>(amax, Bq, Bk, Lq, Lk, pairwise,
+                                                                                     use_smem, seg, ent);
+      const int64_t krows = static_cast<int64_t>(Bk) * Lk;
+      dk_sum_kernel<T><<<static_cast<unsigned>((krows + kDkSumWarps - 1) / kDkSumWarps), kDkSumWarps * 32, 0,
+                         stream>>>(grad, q, inv, seg, ent, Bq, Bk, Lq, Lk, D, pairwise, dk);
     }
   }
   return cudaGetLastError();
@@ -720,30 +949,36 @@ size_t loupe_trs_forward_workspace(int dtype, int Bq, int Bk, int Lq, int pairwi
   return (rows > 0 ? rows : 1) * acc_size(dtype);
 }
 
-size_t loupe_trs_backward_workspace(int dtype, int Bq, int Bk, int Lk, int D) {
-  const size_t cols = static_cast<size_t>(Lk) * 32 * acc_size(dtype) > 48 * 1024
-                          ? static_cast<size_t>(Bk) * Lk * D : 0;
-  return (static_cast<size_t>(Bq > 0 ? Bq : 1) + cols) * acc_size(dtype);
+size_t loupe_trs_backward_workspace(int dtype, int Bq, int Bk, int Lq, int Lk, int D, int pairwise,
+                                    int deterministic) {
+  (void)D;
+  size_t bytes = static_cast<size_t>(Bq > 0 ? Bq : 1) * acc_size(dtype);  // inv
+  // the grouped d_key: always when deterministic, and when the atomic accumulator may not fit (> 48 KiB)
+  if (deterministic || static_cast<size_t>(Lk) * kDkCols * acc_size(dtype) > 48 * 1024) {
+    const size_t N = static_cast<size_t>(pairwise ? Bq : 1) * Lq;
+    bytes += (static_cast<size_t>(Bk) * Lk + static_cast<size_t>(Bk) * N) * sizeof(int32_t);  // seg + ent
+  }
+  return bytes;
 }
 
 cudaError_t loupe_trs_forward(const void* q, const void* k, int dtype, const uint8_t* qm, const uint8_t* km,
-                              int Bq, int Bk, int Lq, int Lk, int D, int pairwise, void* workspace, void* out,
-                              int32_t* amax, cudaStream_t stream) {
+                              int Bq, int Bk, int Lq, int Lk, int D, int pairwise, int allow_tf32, void* workspace,
+                              void* out, int32_t* amax, cudaStream_t stream) {
   if (Bq < 0 || Bk < 0 || Lq < 0 || Lk < 0 || D < 0) return cudaErrorInvalidValue;
   if (!pairwise && Bq != Bk) return cudaErrorInvalidValue;
   switch (dtype) {
     case LOUPE_F32:
       return forward_t(static_cast<const float*>(q), static_cast<const float*>(k), qm, km, Bq, Bk, Lq, Lk, D,
-                       pairwise, workspace, static_cast<float*>(out), amax, stream);
+                       pairwise, allow_tf32, workspace, static_cast<float*>(out), amax, stream);
     case LOUPE_F64:
       return forward_t(static_cast<const double*>(q), static_cast<const double*>(k), qm, km, Bq, Bk, Lq, Lk, D,
-                       pairwise, workspace, static_cast<double*>(out), amax, stream);
+                       pairwise, allow_tf32, workspace, static_cast<double*>(out), amax, stream);
     case LOUPE_F16:
       return forward_t(static_cast<const __half*>(q), static_cast<const __half*>(k), qm, km, Bq, Bk, Lq, Lk, D,
-                       pairwise, workspace, static_cast<__half*>(out), amax, stream);
+                       pairwise, allow_tf32, workspace, static_cast<__half*>(out), amax, stream);
     case LOUPE_BF16:
       return forward_t(static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(k), qm, km, Bq, Bk,
-                       Lq, Lk, D, pairwise, workspace, static_cast<__nv_bfloat16*>(out), amax, stream);
+                       Lq, Lk, D, pairwise, allow_tf32, workspace, static_cast<__nv_bfloat16*>(out), amax, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -774,4 +1009,21 @@ cudaError_t loupe_trs_backward(const void* grad, const void* q, const void* k, i
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+size_t loupe_trs_fast_smem_bytes(int dtype, int D, int smem_optin, int* d_chunk) {
+  FastPlan p;
+  int vec = 0;
+  switch (dtype) {
+    case LOUPE_F32: p = fast_plan<float>(D, static_cast<size_t>(smem_optin)); vec = FastTraits<float>::kVec; break;
+    case LOUPE_F16: p = fast_plan<__half>(D, static_cast<size_t>(smem_optin)); vec = FastTraits<__half>::kVec; break;
+    case LOUPE_BF16:
+      p = fast_plan<__nv_bfloat16>(D, static_cast<size_t>(smem_optin));
+      vec = FastTraits<__nv_bfloat16>::kVec;
+      break;
+    default: break;
+  }
+  const bool ok = vec > 0 && D > 0 && D % vec == 0 && p.smem <= static_cast<size_t>(smem_optin);
+  if (d_chunk) *d_chunk = ok ? p.dc : 0;
+  return ok ? p.smem : 0;
 }

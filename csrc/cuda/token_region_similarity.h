@@ -15,20 +15,28 @@ size_t loupe_trs_forward_workspace(int dtype, int Bq, int Bk, int Lq, int pairwi
 
 // q [Bq, Lq, D], k [Bk, Lk, D] (dtype, contiguous); qm [Bq, Lq], km [Bk, Lk] (uint8 0/1).
 // pairwise = 1: out [Bq, Bk], amax [Bq, Bk, Lq]; pairwise = 0 (Bq == Bk): out [Bq], amax [Bq, Lq].
-// out has the input dtype; fp16/bf16 use tensor cores (WMMA, sm_80+) with fp32 accumulation, fp32 and
-// fp64 accumulate in their own precision (FMA). The current device must be the one of the pointers.
+// out has the input dtype; fp16/bf16 use tensor cores (WMMA, sm_80+) with fp32 accumulation. fp32,
+// pairwise, D % 4 == 0, 16-byte aligned, sm_80+: tensor cores, 3xTF32 (about fp32 accuracy) or, when
+// allow_tf32 != 0, one TF32 pass (10-bit mantissa products); other fp32 calls and fp64 use exact FMA in
+// their own precision. The current device must be the one of the pointers.
 cudaError_t loupe_trs_forward(const void* q, const void* k, int dtype, const uint8_t* qm, const uint8_t* km,
-                              int Bq, int Bk, int Lq, int Lk, int D, int pairwise, void* workspace, void* out,
-                              int32_t* amax, cudaStream_t stream);
+                              int Bq, int Bk, int Lq, int Lk, int D, int pairwise, int allow_tf32, void* workspace,
+                              void* out, int32_t* amax, cudaStream_t stream);
 
-// Bytes of the workspace the backward needs.
-size_t loupe_trs_backward_workspace(int dtype, int Bq, int Bk, int Lk, int D);
+// Dynamic shared memory (bytes) the pairwise fast forward kernel asks for at width D and dtype on a device
+// whose per-block opt-in limit is smem_optin, and its D chunk (D itself when the query tile stays resident);
+// 0 bytes when such a call does not take the fast kernel (dtype, D % (16 bytes), or the limit). Host-only.
+size_t loupe_trs_fast_smem_bytes(int dtype, int D, int smem_optin, int* d_chunk);
+
+// Bytes of the workspace the backward needs (the same deterministic flag as the backward call).
+size_t loupe_trs_backward_workspace(int dtype, int Bq, int Bk, int Lq, int Lk, int D, int pairwise, int deterministic);
 
 // grad [Bq, Bk] or [Bq] (dtype); amax from the forward. dq [Bq, Lq, D], dk [Bk, Lk, D] (dtype), written
 // in full. d_query is a gather (one warp per query token, key items in order: always deterministic).
-// d_key: deterministic != 0 -> every element is accumulated by one thread in a fixed (a, j) order;
-// deterministic == 0 -> 8 warps per key item add into shared memory with atomics (faster, the
-// rounding may differ between runs).
+// d_key: deterministic != 0 -> the arg-max entries are grouped per key row by a stable counting sort
+// and every element is one thread's sum over its row's entries in ascending (a, j) order (bit-identical
+// across runs); deterministic == 0 -> 8 warps per key item add into shared memory with atomics (the
+// rounding may differ between runs; the grouped path when that accumulator exceeds the opt-in limit).
 cudaError_t loupe_trs_backward(const void* grad, const void* q, const void* k, int dtype, const uint8_t* qm,
                                const int32_t* amax, int Bq, int Bk, int Lq, int Lk, int D, int pairwise,
                                int deterministic, void* workspace, void* dq, void* dk, cudaStream_t stream);

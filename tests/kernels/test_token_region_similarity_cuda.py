@@ -5,13 +5,13 @@ Runs only where a CUDA device and the built CUDA extension exist (skipped otherw
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
 
 import loupe_kernels as lk
 from loupe_kernels._backends import backend_status
-from loupe_kernels.token_region_similarity import token_region_similarity_reference
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
@@ -75,21 +75,30 @@ def run(q64, k64, qm, km, pairwise, gout, dtype, backend):
 
 @contextlib.contextmanager
 def deterministic(on: bool):
-    """torch.use_deterministic_algorithms(on) for the block (the cuda backward reads it)."""
+    """Deterministic d_key (the default) or the atomic one (LOUPE_KERNELS_ATOMIC_DKEY=1 with torch's
+    deterministic mode off) for the block."""
     before = torch.are_deterministic_algorithms_enabled()
+    env = os.environ.get("LOUPE_KERNELS_ATOMIC_DKEY")
     torch.use_deterministic_algorithms(on)
+    os.environ["LOUPE_KERNELS_ATOMIC_DKEY"] = "0" if on else "1"
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+        if env is None:
+            os.environ.pop("LOUPE_KERNELS_ATOMIC_DKEY", None)
+        else:
+            os.environ["LOUPE_KERNELS_ATOMIC_DKEY"] = env
 
 
 # Bq, Lq, Bk, Lk, D. Kernel paths (fp16/bf16, pairwise): D % 8 == 0 and D <= 256 -> the fast kernel
 # (query tile resident, key rows streamed across items: Lk = 7 puts many items in one 64-row tile,
 # Lk = 130 and 196 straddle tiles, Bq*Lq > 128 gives several row tiles); odd D -> the generic WMMA
-# kernel; fp32/fp64 and pairwise=False -> the generic kernels.
+# kernel; fp32 with D % 4 == 0 -> the fast kernel on tensor cores (3xTF32); fp64 and pairwise=False ->
+# the generic kernels. D = 520 and 1028: the query tile does not stay resident, D is streamed in chunks
+# (128 features for 16-bit, 64 for fp32) with a partial last chunk.
 SHAPES = [(3, 5, 3, 7, 11), (4, 70, 4, 13, 17), (5, 3, 6, 70, 33), (9, 32, 7, 196, 64), (6, 40, 9, 7, 24),
-          (3, 50, 5, 130, 256)]
+          (3, 50, 5, 130, 256), (3, 40, 4, 70, 520), (2, 20, 3, 33, 1028)]
 EXACT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
