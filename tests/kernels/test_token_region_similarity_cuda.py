@@ -91,12 +91,13 @@ def deterministic(on: bool):
             os.environ["LOUPE_KERNELS_ATOMIC_DKEY"] = env
 
 
-# Bq, Lq, Bk, Lk, D. Kernel paths (fp16/bf16, pairwise): D % 8 == 0 and D <= 256 -> the fast kernel
+# Bq, Lq, Bk, Lk, D. Kernel paths (fp16/bf16, pairwise): D % 8 == 0 -> the fast kernel
 # (query tile resident, key rows streamed across items: Lk = 7 puts many items in one 64-row tile,
 # Lk = 130 and 196 straddle tiles, Bq*Lq > 128 gives several row tiles); odd D -> the generic WMMA
 # kernel; fp32 with D % 4 == 0 -> the fast kernel on tensor cores (3xTF32); fp64 and pairwise=False ->
-# the generic kernels. D = 520 and 1028: the query tile does not stay resident, D is streamed in chunks
-# (128 features for 16-bit, 64 for fp32) with a partial last chunk.
+# the generic kernels. D = 520 (all three) and 1028 (fp32; 16-bit takes the generic kernel, 1028 % 8 != 0):
+# the query tile does not stay resident, D is streamed in chunks (128 features for 16-bit, 64 for fp32)
+# with a partial last chunk (8 and 4 features).
 SHAPES = [(3, 5, 3, 7, 11), (4, 70, 4, 13, 17), (5, 3, 6, 70, 33), (9, 32, 7, 196, 64), (6, 40, 9, 7, 24),
           (3, 50, 5, 130, 256), (3, 40, 4, 70, 520), (2, 20, 3, 33, 1028)]
 EXACT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
