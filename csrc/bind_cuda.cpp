@@ -101,14 +101,19 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
                        : (grad.dim() == 1 && grad.size(0) == Bq), "token_region_similarity (cuda) backward: grad shape");
   TORCH_CHECK(amax.scalar_type() == at::kInt && amax.numel() == (pairwise ? Bq * Bk * Lq : Bq * Lq),
               "token_region_similarity (cuda) backward: argmax must be the int32 arg-max of the forward");
+  TORCH_CHECK(pairwise || Bq == Bk, "token_region_similarity (cuda) backward: pairwise=False needs Bq == Bk");
+  // the launcher's int arithmetic, as in the forward (the grouped d_key indexes Bq*Lq entries per key item)
+  check_int(Bq * Lq, "Bq*Lq");
+  check_int(Bk * Lk, "Bk*Lk");
+  check_int(D, "D");
   const int dt = dtype_code(q);
   const uint8_t* qmp = mask_ptr(qm, "query_mask", Bq, Lq, q);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k);
+  if (D == 0) return {dq, dk};  // before the workspace: the grouped d_key's is as large as argmax
   const size_t ws_bytes = loupe_trs_backward_workspace(dt, int(Bq), int(Bk), int(Lq), int(Lk), int(D),
                                                      pairwise ? 1 : 0, deterministic ? 1 : 0);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
-  if (D == 0) return {dq, dk};
   const cudaError_t e = loupe_trs_backward(grad.data_ptr(), q.data_ptr(), k.data_ptr(), dt, qmp,
                                            amax.data_ptr<int32_t>(), int(Bq), int(Bk), int(Lq), int(Lk), int(D),
                                            pairwise ? 1 : 0, deterministic ? 1 : 0, ws.data_ptr(), dq.data_ptr(),

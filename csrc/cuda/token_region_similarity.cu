@@ -203,6 +203,9 @@ __global__ void __launch_bounds__(kThreads) fwd_wmma_kernel(const T* __restrict_
   constexpr int kD = 64;    // features per shared-memory stage
   constexpr int kLd = 72;   // padded leading dimension (multiple of 8 elements, rows 32-byte aligned)
   constexpr int kLdS = 68;  // padded leading dimension of the fp32 score tile
+  // WMMA: ldm a multiple of 16 bytes, fragment pointers (16-row / 16-column steps) 256-bit aligned
+  static_assert((kLd * sizeof(T)) % 16 == 0 && (16 * kLd * sizeof(T)) % 32 == 0, "fwd_wmma_kernel: ldm");
+  static_assert((kLdS * sizeof(float)) % 16 == 0 && (16 * kLdS * sizeof(float)) % 32 == 0, "fwd_wmma_kernel: ldm");
   __shared__ __align__(32) T Qs[kRows][kLd];
   __shared__ __align__(32) T Ks[kKeys][kLd];
   __shared__ __align__(32) float S[kRows][kLdS];
@@ -302,20 +305,46 @@ struct FastPlan {
   size_t smem = 0;  // dynamic shared memory, bytes
 };
 
+// Byte offsets of fwd_fast_kernel's shared tiles: [Qs0][Qs1 when the query is streamed][Ks0][Ks1][S][Ms].
+// The one definition of the layout: the kernel carves its dynamic shared memory with it and the host plan
+// sizes the allocation with it (loupe_trs_fast_layout exposes it to the host-side tests).
+struct FastOffsets {
+  size_t q0, q1, k0, k1, s, ms, end;
+};
+__host__ __device__ __forceinline__ FastOffsets fast_offsets(int ld, int elem_bytes, bool stream_q) {
+  const size_t qt = static_cast<size_t>(kFRows) * ld * elem_bytes, kt = static_cast<size_t>(kFKeys) * ld * elem_bytes;
+  FastOffsets o;
+  o.q0 = 0;
+  o.q1 = stream_q ? qt : 0;
+  o.k0 = o.q1 + qt;
+  o.k1 = o.k0 + kt;
+  o.s = o.k1 + kt;
+  o.ms = o.s + static_cast<size_t>(kFKeys) * kFLdS * sizeof(float);
+  o.end = o.ms + kFKeys;
+  return o;
+}
+
+// WMMA needs ldm a multiple of 16 bytes and 256-bit aligned fragment pointers: the score tile's rows
+// (kFLdS floats; fragments start at multiples of 16 rows / 16 columns) and the fixed tiles of fwd_wmma_kernel.
+static_assert((kFLdS * sizeof(float)) % 16 == 0 && (16 * kFLdS * sizeof(float)) % 32 == 0, "score tile ldm");
+static_assert(kFLdS % 8 == 4, "score tile: 4 banks off a multiple of 32 words");
+
 // Shared-memory plan of fwd_fast_kernel<T> for D: resident query tile when it fits smem_optin, else D chunks.
+// ld = (width rounded up to the k-step) + 16 bytes: a multiple of 16 bytes (WMMA ldm) whose 32-bit word
+// count is 4 mod 8, so 16 rows of a tile are 256-bit aligned and a fragment load hits 32 distinct banks.
 template <typename T>
 FastPlan fast_plan(int D, size_t smem_optin) {
   using Tr = FastTraits<T>;
-  const size_t tail = static_cast<size_t>(kFKeys) * kFLdS * sizeof(float) + kFKeys;  // S + Ms
+  static_assert(Tr::kChunk % Tr::kK == 0 && Tr::kK % Tr::kVec == 0 && Tr::kVec * sizeof(T) == 16, "fast traits");
   const int pad = 16 / static_cast<int>(sizeof(T));
   FastPlan p;
   p.dc = D;
   p.ld = (D + Tr::kK - 1) / Tr::kK * Tr::kK + pad;
-  p.smem = static_cast<size_t>(kFRows + 2 * kFKeys) * p.ld * sizeof(T) + tail;
+  p.smem = fast_offsets(p.ld, sizeof(T), false).end;
   if (p.smem <= smem_optin || D <= Tr::kChunk) return p;
   p.dc = Tr::kChunk;
   p.ld = Tr::kChunk + pad;
-  p.smem = static_cast<size_t>(2 * kFRows + 2 * kFKeys) * p.ld * sizeof(T) + tail;
+  p.smem = fast_offsets(p.ld, sizeof(T), true).end;
   return p;
 }
 
@@ -441,12 +470,13 @@ __global__ void __launch_bounds__(kFThreads, 1) fwd_fast_kernel(const T* __restr
   extern __shared__ __align__(128) unsigned char fast_smem[];
   const int nch = (D + dc - 1) / dc;  // D chunks per key tile; 1: the query tile is resident
   const bool stream_q = nch > 1;
-  T* Qs0 = reinterpret_cast<T*>(fast_smem);                                // [kFRows][ld]
-  T* Qs1 = Qs0 + (stream_q ? static_cast<size_t>(kFRows) * ld : 0);       // second query buffer (streamed)
-  T* Ks0 = Qs1 + static_cast<size_t>(kFRows) * ld;                         // [kFKeys][ld], buffer 0
-  T* Ks1 = Ks0 + static_cast<size_t>(kFKeys) * ld;                         // [kFKeys][ld], buffer 1
-  float* S = reinterpret_cast<float*>(Ks1 + static_cast<size_t>(kFKeys) * ld);  // [kFKeys][kFLdS]
-  uint8_t* Ms = reinterpret_cast<uint8_t*>(S + kFKeys * kFLdS);                // [kFKeys] key validity
+  const FastOffsets lay = fast_offsets(ld, sizeof(T), stream_q);  // the host plan sized the allocation with it
+  T* Qs0 = reinterpret_cast<T*>(fast_smem + lay.q0);      // [kFRows][ld]
+  T* Qs1 = reinterpret_cast<T*>(fast_smem + lay.q1);      // second query buffer (streamed), else Qs0
+  T* Ks0 = reinterpret_cast<T*>(fast_smem + lay.k0);      // [kFKeys][ld], buffer 0
+  T* Ks1 = reinterpret_cast<T*>(fast_smem + lay.k1);      // [kFKeys][ld], buffer 1
+  float* S = reinterpret_cast<float*>(fast_smem + lay.s);  // [kFKeys][kFLdS]
+  uint8_t* Ms = fast_smem + lay.ms;                        // [kFKeys] key validity
   const int tid = threadIdx.x, warp = tid / 32;
   const int64_t rows = static_cast<int64_t>(Bq) * Lq;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kFRows;
@@ -815,8 +845,8 @@ int grid_1d(size_t n, int threads) {
 size_t acc_size(int dtype) { return dtype == LOUPE_F64 ? sizeof(double) : sizeof(float); }
 
 struct DeviceInfo {
-  int major = 0;
-  int smem_optin = 0;  // bytes of shared memory a block may opt in to
+  int major = 0;                // 0 when unknown: no sm_80+ kernel is launched
+  int smem_optin = 48 * 1024;   // bytes of shared memory a block may opt in to (48 KiB: every device)
 };
 
 DeviceInfo device_info() {
@@ -918,7 +948,9 @@ cudaError_t backward_t(const T* grad, const T* q, const T* k, const uint8_t* qm,
   if (Bk > 0 && Lk > 0) {
     const size_t smem_atomic = static_cast<size_t>(Lk) * kDkCols * sizeof(A);
     const DeviceInfo dev = deterministic ? DeviceInfo{} : device_info();
-    if (!deterministic && smem_atomic <= static_cast<size_t>(dev.smem_optin)) {
+    // atomic only where it fits: <= 48 KiB always (no grouped workspace is allocated then: see
+    // loupe_trs_backward_workspace), above that up to the device's opt-in limit
+    if (!deterministic && (smem_atomic <= 48 * 1024 || smem_atomic <= static_cast<size_t>(dev.smem_optin))) {
       const dim3 grid(static_cast<unsigned>(Bk), static_cast<unsigned>((D + kDkCols - 1) / kDkCols));
       if (smem_atomic > 48 * 1024) {
         const cudaError_t e = cudaFuncSetAttribute(dk_atomic_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1009,6 +1041,42 @@ cudaError_t loupe_trs_backward(const void* grad, const void* q, const void* k, i
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+int loupe_trs_fast_layout(int dtype, int D, int smem_optin, LoupeTrsFastLayout* out) {
+  FastPlan p;
+  int vec = 0, k_step = 0, elem = 0;
+  switch (dtype) {
+    case LOUPE_F32:
+      p = fast_plan<float>(D, static_cast<size_t>(smem_optin));
+      vec = FastTraits<float>::kVec, k_step = FastTraits<float>::kK, elem = 4;
+      break;
+    case LOUPE_F16:
+      p = fast_plan<__half>(D, static_cast<size_t>(smem_optin));
+      vec = FastTraits<__half>::kVec, k_step = FastTraits<__half>::kK, elem = 2;
+      break;
+    case LOUPE_BF16:
+      p = fast_plan<__nv_bfloat16>(D, static_cast<size_t>(smem_optin));
+      vec = FastTraits<__nv_bfloat16>::kVec, k_step = FastTraits<__nv_bfloat16>::kK, elem = 2;
+      break;
+    default: break;
+  }
+  const bool ok = vec > 0 && D > 0 && D % vec == 0 && p.smem <= static_cast<size_t>(smem_optin);
+  if (!out) return ok ? 1 : 0;
+  *out = LoupeTrsFastLayout{};
+  if (!ok) return 0;
+  const FastOffsets o = fast_offsets(p.ld, elem, (D + p.dc - 1) / p.dc > 1);
+  out->d_chunk = p.dc;
+  out->ld = p.ld;
+  out->elem_bytes = elem;
+  out->vec = vec;
+  out->k_step = k_step;
+  out->rows = kFRows;
+  out->keys = kFKeys;
+  out->ld_scores = kFLdS;
+  out->q0 = o.q0, out->q1 = o.q1, out->k0 = o.k0, out->k1 = o.k1, out->scores = o.s, out->key_mask = o.ms;
+  out->bytes = p.smem;
+  return 1;
 }
 
 size_t loupe_trs_fast_smem_bytes(int dtype, int D, int smem_optin, int* d_chunk) {

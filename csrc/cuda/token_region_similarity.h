@@ -28,6 +28,22 @@ cudaError_t loupe_trs_forward(const void* q, const void* k, int dtype, const uin
 // 0 bytes when such a call does not take the fast kernel (dtype, D % (16 bytes), or the limit). Host-only.
 size_t loupe_trs_fast_smem_bytes(int dtype, int D, int smem_optin, int* d_chunk);
 
+// The shared-memory layout behind that plan (host-only; the kernel carves its memory with the same
+// function), for the host-side checks of the WMMA rules and of the index arithmetic: returns 1 and fills
+// *out when the call takes the fast kernel, else 0 (and *out zeroed).
+struct LoupeTrsFastLayout {
+  int d_chunk;       // features per D chunk (D when the query tile is resident)
+  int ld;            // row stride of the query and key tiles, elements
+  int elem_bytes;    // bytes per element of q and k
+  int vec;           // elements per 16-byte cp.async copy
+  int k_step;        // WMMA k-step (16 for fp16/bf16, 8 for TF32)
+  int rows, keys;    // query rows per block, key rows per tile
+  int ld_scores;     // row stride of the key-major fp32 score tile, floats
+  size_t q0, q1, k0, k1, scores, key_mask;  // byte offsets; q1 == q0 when the query tile is resident
+  size_t bytes;      // dynamic shared memory of the launch
+};
+int loupe_trs_fast_layout(int dtype, int D, int smem_optin, LoupeTrsFastLayout* out);
+
 // Bytes of the workspace the backward needs (the same deterministic flag as the backward call).
 size_t loupe_trs_backward_workspace(int dtype, int Bq, int Bk, int Lq, int Lk, int D, int pairwise, int deterministic);
 
