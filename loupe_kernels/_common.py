@@ -26,13 +26,24 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["FLOAT_DTYPES", "POOLED_NORM_EPS", "MAX_SAMPLES", "work_dtype", "work_max_exponent", "to_work",
+__all__ = ["tf32_allowed", "FLOAT_DTYPES", "POOLED_NORM_EPS", "MAX_SAMPLES", "work_dtype", "work_max_exponent", "to_work",
            "sample_stats", "check_int", "set_debug", "debug_enabled", "host_checks", "check", "max_abs",
            "check_finite", "pow2_scale", "no_second_derivative", "triton_loader", "triton_acc"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 POOLED_NORM_EPS = 1e-12  # the pooled Shapley game: normalize(z) = z / max(||z||, eps) (METHOD section 5)
 MAX_SAMPLES = 1 << 20   # the Shapley ops' bound on num_samples (K): 2^20 = 1,048,576 samples per subset
+
+
+def tf32_allowed() -> bool:
+    """Whether torch allows TF32 for fp32 matmuls. torch >= 2.9 has ``fp32_precision`` ("tf32" after
+    ``allow_tf32 = True``, ``set_float32_matmul_precision("high")`` or the new API itself); reading the
+    legacy ``allow_tf32`` raises RuntimeError once the new API was used, so it is read only without it."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
 
 
 def work_dtype(dt: torch.dtype) -> torch.dtype:

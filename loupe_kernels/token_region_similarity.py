@@ -58,8 +58,8 @@ from typing import Callable
 import torch
 
 from ._backends import extension, resolve_backend
-from ._common import (FLOAT_DTYPES, check, check_finite, no_second_derivative, to_work, triton_loader, work_dtype,
-                      work_max_exponent)
+from ._common import (FLOAT_DTYPES, check, check_finite, no_second_derivative, tf32_allowed, to_work, triton_loader,
+                      work_dtype, work_max_exponent)
 
 __all__ = ["token_region_similarity", "token_region_similarity_dual", "TokenRegionSimilarity",
            "token_region_similarity_reference"]
@@ -187,20 +187,9 @@ def _triton_backward(grad, query, key, qm, amax, pairwise):
     return _triton().backward(grad, query, key, qm, amax, pairwise)
 
 
-def _tf32_allowed() -> bool:
-    """Whether torch allows TF32 for fp32 matmuls. torch >= 2.9 has ``fp32_precision`` ("tf32" after
-    ``allow_tf32 = True``, ``set_float32_matmul_precision("high")`` or the new API itself); reading the
-    legacy ``allow_tf32`` raises RuntimeError once the new API was used, so it is read only without it."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is not None:
-        return precision == "tf32"
-    return bool(matmul.allow_tf32)
-
-
 def _cuda_forward(query, key, qm, km, pairwise):
     # fp32 on tensor cores: one TF32 pass only when torch allows TF32 for matmuls, else 3xTF32
-    return extension("cuda").trs_forward(query, key, qm, km, pairwise, _tf32_allowed())
+    return extension("cuda").trs_forward(query, key, qm, km, pairwise, tf32_allowed())
 
 
 def _cuda_deterministic_dkey() -> bool:

@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import triton_acc, work_dtype
+from ._common import tf32_allowed, triton_acc, work_dtype
 
 __all__ = ["forward", "backward"]
 
@@ -339,7 +339,7 @@ def _precision(dt: torch.dtype) -> str:
     """fp32: three-pass TF32 on tensor cores (about fp32 accuracy), or plain TF32 when PyTorch allows
     TF32 matmuls; fp16/bf16 ignore it; fp64 needs IEEE."""
     if dt == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+        return "tf32" if tf32_allowed() else "tf32x3"
     return "ieee"
 
 

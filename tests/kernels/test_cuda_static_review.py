@@ -14,7 +14,7 @@ csrc/cuda/token_region_similarity.cu) that need no GPU.
    race detector on every shared byte (a read needs the write visible before the last barrier; a write
    needs every earlier read before the last barrier) and the scores computed exactly (quantized inputs),
    compared with the exact arg-max (ties: lowest key index) and row maxima.
-3. ``_tf32_allowed``: torch's TF32 setting read without the RuntimeError the legacy flag raises once the
+3. ``tf32_allowed`` (cuda and triton): torch's TF32 setting read without the RuntimeError the legacy flag raises once the
    new ``fp32_precision`` API was used.
 
 It checks the index arithmetic and the synchronisation protocol as written, not the hardware: the kernel
@@ -23,6 +23,7 @@ itself has only been compiled here.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -424,7 +425,7 @@ def test_emulation_detects_a_missing_barrier(table):
 # ---- torch's TF32 flag ---------------------------------------------------------------------------
 
 def test_tf32_flag_reads_the_new_api_without_raising():
-    from loupe_kernels.token_region_similarity import _tf32_allowed
+    from loupe_kernels._common import tf32_allowed as _tf32_allowed
 
     matmul = torch.backends.cuda.matmul
     if getattr(matmul, "fp32_precision", None) is None:
@@ -434,6 +435,9 @@ def test_tf32_flag_reads_the_new_api_without_raising():
         for setting, want in (("tf32", True), ("ieee", False)):
             matmul.fp32_precision = setting
             assert _tf32_allowed() is want
+            if importlib.util.find_spec("triton") is not None:  # Triton's fp32 precision reads the same flag
+                from loupe_kernels import triton_token_region_similarity as T
+                assert T._precision(torch.float32) == ("tf32" if want else "tf32x3")
     finally:
         matmul.fp32_precision = before
     assert _tf32_allowed() is (matmul.fp32_precision == "tf32")
