@@ -14,6 +14,12 @@ therefore alternates CLIP and LOUPE steps and records the ratio of their medians
 the process's thread count (wall time) and at one thread (thread CPU time, which other processes
 barely move).
 
+``loupe_encoder`` (issue 19 item 1): ``tsa_game="encoder"`` at its default subsample (2 images x 3
+boxes, K=8 samples of s + 2 masked encoder passes); target <= 2x a CLIP step (speedup >= 0.5). It
+records the share of the step spent in the masked encoder passes (``value_share``) and the
+coalitions encoded. ``test_bench_step_encoder_pairs`` alternates CLIP, LOUPE and LOUPE-encoder steps
+(wall time and one-thread CPU time, as ``test_bench_step_pairs``).
+
 ``test_bench_step_vit_grid`` (issue 22): the same CLIP / LOUPE pair at batch 2 with the ``ViT-B-16``
 preset, at its 14x14 grid (11025 candidate boxes) and at the 16x16 grid of ``ViT-L-14`` (18496).
 """
@@ -41,16 +47,16 @@ def _batch(step: int):
             "seed": step, "step": step}
 
 
-def _setup(objective: str, warm: bool, threshold: float = 0.5, policy: bool = False):
+def _setup(objective: str, warm: bool, threshold: float = 0.5, policy: bool = False, game: str = "maxsim"):
     torch.manual_seed(0)
     model = LoupeModel(LoupeConfig(objective=objective))
     if objective == "loupe":
         mod = model.loss_modules["tsa"]
         if policy:
             mod.options = ObjectiveOptions(uansil=True, uansil_warmup=1 if warm else 10 ** 9,
-                                              uansil_threshold=threshold)
+                                              uansil_threshold=threshold, tsa_game=game)
         else:
-            mod.options = ObjectiveOptions()
+            mod.options = ObjectiveOptions(tsa_game=game)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, opt
 
@@ -77,18 +83,39 @@ class _SamplerTimer:
         return inner
 
 
-@pytest.mark.parametrize("variant", ["clip", "loupe", "loupe_no_uansil", "loupe_uansil_skip"])
+class _ValueTimer:
+    """Time and coalitions of :meth:`LoupeModel.coalition_scores` (the masked encoder passes)."""
+
+    def __init__(self):
+        self.t, self.rows, self.tokens = 0.0, 0, 0
+
+    def wrap(self, fn):
+        def inner(model, images, image_index, keep, text_emb, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(model, images, image_index, keep, text_emb, **k)
+            finally:
+                self.t += time.perf_counter() - t0
+                self.rows += int(keep.any(-1).sum())
+                self.tokens += int(keep.sum())
+        return inner
+
+
+@pytest.mark.parametrize("variant", ["clip", "loupe", "loupe_no_uansil", "loupe_uansil_skip", "loupe_encoder"])
 def test_bench_step(benchmark, variant, monkeypatch):
     objective = "clip" if variant == "clip" else "loupe"
     model, opt = _setup(objective, warm=(variant == "loupe_uansil_skip"),
                         threshold=1e6 if variant == "loupe_uansil_skip" else 0.5,
-                        policy=variant in ("loupe_no_uansil", "loupe_uansil_skip"))
+                        policy=variant in ("loupe_no_uansil", "loupe_uansil_skip"),
+                        game="encoder" if variant == "loupe_encoder" else "maxsim")
     batches = [_batch(s) for s in range(3)]
     for s in range(2):  # warm-up (and the UANSIL running statistics)
         _step(model, opt, batches[s])
     timer = _SamplerTimer()
     monkeypatch.setattr(lo, "shapley_interaction", timer.wrap(lo.shapley_interaction))
     monkeypatch.setattr(lo, "shapley_interaction_pooled", timer.wrap(lo.shapley_interaction_pooled))
+    values = _ValueTimer()
+    monkeypatch.setattr(LoupeModel, "coalition_scores", values.wrap(LoupeModel.coalition_scores))
     calls = {"n": 0}
     last = {}
 
@@ -98,7 +125,9 @@ def test_bench_step(benchmark, variant, monkeypatch):
 
     benchmark.group = f"loupe step / B={B} K=32 M'=16 / fwd+bwd+AdamW"
     benchmark.extra_info["variant"] = variant
-    if variant != "clip":
+    if variant == "loupe_encoder":
+        benchmark.extra_info["target"] = {"vs": "clip", "min_speedup": 1 / 2.0}
+    elif variant != "clip":
         benchmark.extra_info["target"] = {"vs": "clip", "min_speedup": 1 / 1.5}
     benchmark.pedantic(run, rounds=3, iterations=1)
     if variant != "clip":
@@ -109,6 +138,13 @@ def test_bench_step(benchmark, variant, monkeypatch):
         benchmark.extra_info["tsa_rel_stderr"] = out["diag_tsa_rel_stderr"]
         print(f"\n{variant}: step {step_time:.3f} s, sampling share {benchmark.extra_info['sampling_share']:.3f}, "
               f"fraction sampled {out['uansil_fraction_sampled']:.3f}, tsa rel. stderr {out['diag_tsa_rel_stderr']:.3f}")
+        if values.rows:
+            benchmark.extra_info["value_share"] = values.t / calls["n"] / step_time
+            benchmark.extra_info["coalitions_per_step"] = values.rows / calls["n"]
+            benchmark.extra_info["mean_coalition_patches"] = values.tokens / max(1, values.rows)
+            print(f"{variant}: masked encoder passes {benchmark.extra_info['value_share']:.3f} of the step, "
+                  f"{values.rows / calls['n']:.0f} coalitions per step of "
+                  f"{benchmark.extra_info['mean_coalition_patches']:.1f} patches on average")
 
 
 def _median(xs):
@@ -157,6 +193,50 @@ def test_bench_step_pairs(benchmark):
     print(f"\nalternating pairs: loupe/clip = {wall:.3f} (wall, {threads} threads; clip {r['clip']}, "
           f"loupe {r['loupe']}), {cpu1:.3f} (thread CPU time, 1 thread; clip {r['clip_1t']}, "
           f"loupe {r['loupe_1t']})")
+
+
+def test_bench_step_encoder_pairs(benchmark):
+    """CLIP, LOUPE (max-sim game) and LOUPE with the masked-encoder game (issue 19 item 1, default
+    subsample), alternating; target: LOUPE-encoder <= 2x CLIP."""
+    pairs = {"clip": _setup("clip", warm=False), "loupe": _setup("loupe", warm=False),
+             "encoder": _setup("loupe", warm=False, game="encoder")}
+    batches = [_batch(s) for s in range(3)]
+    for s in range(2):
+        for pair in pairs.values():
+            _step(*pair, batches[s])
+    names = list(pairs)
+    times: dict[str, list[float]] = {k + sfx: [] for k in names for sfx in ("", "_1t")}
+
+    def timed(pair, clock):
+        t0 = clock()
+        _step(*pair, batches[2])
+        return clock() - t0
+
+    def run():
+        r = len(times["clip"])
+        for name in names[r % 3:] + names[:r % 3]:  # rotate the order
+            times[name].append(timed(pairs[name], time.perf_counter))
+
+    benchmark.group = f"loupe step / B={B} / fwd+bwd+AdamW / alternating clip, loupe, loupe-encoder"
+    benchmark.extra_info["variant"] = "clip+loupe+encoder"
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for r in range(3):
+            for name in names[r % 3:] + names[:r % 3]:
+                times[name + "_1t"].append(timed(pairs[name], time.thread_time))
+    finally:
+        torch.set_num_threads(threads)
+    ratios = {f"{k}_over_clip{sfx}": _median(times[k + sfx]) / _median(times["clip" + sfx])
+              for k in ("loupe", "encoder") for sfx in ("", "_1t")}
+    benchmark.extra_info.update({**ratios, "goal": "encoder/clip <= 2", "threads": threads,
+                                 "times": {k: [round(t, 4) for t in v] for k, v in times.items()}})
+    r = benchmark.extra_info["times"]
+    print(f"\nalternating: encoder/clip = {ratios['encoder_over_clip']:.3f}, loupe/clip = {ratios['loupe_over_clip']:.3f} "
+          f"(wall, {threads} threads; clip {r['clip']}, loupe {r['loupe']}, encoder {r['encoder']}); "
+          f"encoder/clip = {ratios['encoder_over_clip_1t']:.3f}, loupe/clip = {ratios['loupe_over_clip_1t']:.3f} "
+          f"(thread CPU time, 1 thread; clip {r['clip_1t']}, loupe {r['loupe_1t']}, encoder {r['encoder_1t']})")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ class ObjectiveOptions:
     # s + 2 masked encoder passes each. The other boxes take UANSIL's mean where the skip policy
     # lets them (uansil on, warm, calibrated, confident), else they are left out of L_TSA that step
     encoder_images: int = 2
-    encoder_boxes: int = 4
+    encoder_boxes: int = 3
     encoder_samples: int = 8
     tsa_rule: str = "redundancy"    # or "redundancy_minus_outside"
     tsa_center: bool = True

@@ -168,7 +168,7 @@ class LoupeModel(nn.Module):
 
     @torch.no_grad()
     def coalition_scores(self, images: torch.Tensor, image_index: torch.Tensor, keep: torch.Tensor,
-                         text_emb: torch.Tensor, *, compact: bool = True, chunk: int = 256) -> torch.Tensor:
+                         text_emb: torch.Tensor, *, compact: bool = True, chunk: int = 64) -> torch.Tensor:
         """Image-text score of many coalitions of patches: ``[N]``, no gradient.
 
         Row ``j``: the cosine of the embedding of image ``image_index[j]`` encoded with only the patches

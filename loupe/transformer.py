@@ -143,13 +143,12 @@ class VisionTransformer(nn.Module):
             keys = torch.cat([torch.ones(N, 1, dtype=torch.bool, device=keep.device), keep], dim=1)
         x = torch.cat([cls0[None, None].expand(N, 1, -1), x], dim=1)
         L = x.shape[1]
-        mask = keys[:, None, None, :]  # [N, 1, 1, L]: keys that take part
+        mask = keys[:, None, None, :]  # [N, 1, 1, L]: keys that take part ([CLS] always: no empty row)
         if self.attn_mask is not None:
             local = self.attn_mask if pos is None else self.attn_mask[pos[:, :, None], pos[:, None, :]][:, None]
-            mask = mask & local
-        # a masked-out (or padding) query may see no key under the local mask: let it see itself (its
-        # row never reaches a kept token, [CLS] or the pooling)
-        mask = mask | torch.eye(L, dtype=torch.bool, device=x.device)
+            # a masked-out (or padding) query may see no key under the local mask: let it see itself
+            # (its row never reaches a kept token, [CLS] or the pooling)
+            mask = (mask & local) | torch.eye(L, dtype=torch.bool, device=x.device)
         x = self.norm_pre(x)
         for blk in self.blocks:
             x = blk(x, mask)
