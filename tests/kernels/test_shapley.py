@@ -176,6 +176,33 @@ def test_sample_coalitions_identical_across_backends():
         assert not (C & subsets[:, :, None, :]).any(), "a member of S was drawn into C"
 
 
+@pytest.mark.skipif(not HAS_CPU, reason="the C++ CPU extension is not built")
+@pytest.mark.parametrize("schedule", ["uniform", "round_robin"])
+def test_cpu_draw_across_word_groups(schedule):
+    """The cpu draw makes the stream's words 32 at a time (player t reads word 1 + t) and stops at a
+    group's start when the walk is done: pools of 30..65 players put the end of the walk and the
+    group boundaries (t = 31, 63) at every relative position; every coalition must equal the
+    reference's, which reads one word at a time."""
+    gen = torch.Generator().manual_seed(4)
+    for P in (1, 2, 30, 31, 32, 33, 62, 63, 64, 65, 97):
+        pm = torch.ones(2, P, dtype=torch.bool)
+        pm[1, 3::7] = False
+        subsets = torch.zeros(2, 3, P, dtype=torch.bool)
+        subsets[:, 0, P - 1] = True
+        subsets[:, 1, 0] = True
+        subsets[:, 2, P // 2] = True
+        subsets &= pm[:, None, :]
+        subsets[:, :, 1 if P > 1 else 0] |= ~subsets.any(-1)   # player 1 is valid in both games
+        kw = dict(player_mask=pm, num_samples=40, seed=int(torch.randint(0, 2**62, (1,), generator=gen)),
+                  size_schedule=schedule)
+        C = lk.sample_coalitions(subsets, backend="cpu", **kw)
+        assert torch.equal(C, lk.sample_coalitions(subsets, backend="reference", **kw)), P
+        # the full range of sizes occurs, so the forced tail and the early stop are both exercised
+        sizes = C.sum(-1)
+        if P >= 30:
+            assert int(sizes.min()) == 0 and bool((sizes == (pm[:, None, None, :] & ~subsets[:, :, None, :]).sum(-1)).any())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_invalid_players_never_drawn_and_determinism(backend):
     gen = torch.Generator().manual_seed(1)

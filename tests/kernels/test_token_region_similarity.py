@@ -192,6 +192,124 @@ def test_cpu_backward_deterministic():
         assert torch.equal(dq, runs[0][0]) and torch.equal(dk, runs[0][1])
 
 
+# ------------------------------------------------------------------------------------------------
+# cpu: shapes that cross the kernel's blocks (issue 20). Score tiles of 512 KiB, several per task and
+# a short last one; arg-max searched 64 keys at a time, then an 8-wide tail; backward blocks of
+# 256-512 KiB of rows with short last blocks; 64-wide register chunks of D and their remainders.
+# Quantized inputs: every score exact in any summation order, so the arg-max (ties included) is
+# defined exactly and must equal the reference's first maximal index.
+# ------------------------------------------------------------------------------------------------
+BLOCK_CASES = [  # dtype, Bq, Lq, Bk, Lk, D
+    (torch.float32, 40, 5, 24, 131, 75),    # 2 key chunks per task; Lk = 2*64 + 3; D = 64 + 8 + 3
+    (torch.float64, 40, 9, 25, 70, 300),    # 3 key chunks; backward: several blocks on both sides
+    (torch.float32, 9, 3, 7, 8, 64),        # Lk and D exactly one block, no tail
+]
+
+
+def _reference_argmax(q, k, qm, km):
+    scores = torch.einsum("aqd,bkd->abqk", q.double(), k.double())
+    best = scores.masked_fill(~km[None, :, None, :], float("-inf")).max(dim=-1).indices.to(torch.int32)
+    live = qm[:, None, :] & km.any(dim=1)[None, :, None]
+    return torch.where(live, best, torch.full_like(best, -1))
+
+
+def _block_case(dtype, Bq, Lq, Bk, Lk, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = quantized((Bq, Lq, D), gen).to(dtype)
+    k = quantized((Bk, Lk, D), gen).to(dtype)
+    # exact duplicates of a key token: within one 64-key block, across blocks, and into the tail
+    k[:, Lk - 1] = k[:, 0]
+    k[:, Lk // 2] = k[:, 1]
+    qm, km = random_masks(Bq, Lq, Bk, Lk, gen)
+    km[:, 0] = km[:, Lk - 1] = True
+    km[:, 1] = km[:, Lk // 2] = True
+    if Bk > 4:
+        km[3] = False
+        km[3, Lk - 1] = True   # the only valid key of item 3 is the last one (tail, or end of a block)
+    if Bk > 5 and Lk > 64:
+        km[4] = False
+        km[4, 64] = True       # the only valid key of item 4 opens the second block
+    if Bq > 2:
+        qm[2] = True           # a query item with every token valid
+    return q, k, qm, km
+
+
+@pytest.mark.skipif("cpu" not in lk.available_backends(), reason="cpu backend not built")
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cpu_blocked_forward_argmax_and_ties(case):
+    dtype, *shape = case
+    q, k, qm, km = _block_case(dtype, *shape, seed=sum(shape))
+    out, amax = torch.ops.loupe_kernels.trs_forward(q, k, qm, km, True, "cpu")
+    want_amax = _reference_argmax(q, k, qm, km)
+    assert torch.equal(amax, want_amax)
+    Lk = shape[3]
+    live = qm.any(dim=1)
+    # a duplicated key wins only through its first copy; the duplicates do win somewhere
+    others = [b for b in range(shape[2]) if b not in (3, 4)]
+    assert not ((amax[:, others] == Lk - 1) | (amax[:, others] == Lk // 2)).any()
+    assert ((amax == 0) | (amax == 1)).any()
+    # an item whose only valid key is the last one, or opens the second 64-key block
+    if shape[2] > 4:
+        assert (amax[live][:, 3][qm[live]] == Lk - 1).all()
+    if shape[2] > 5 and Lk > 64:
+        assert (amax[live][:, 4][qm[live]] == 64).all()
+    # the sums of maxima are exact; the division by the count rounds (the kernel multiplies by 1/count)
+    exact = token_region_similarity_reference(q.double(), k.double(), qm, km)
+    eps = torch.finfo(dtype).eps
+    assert ((out.double() - exact).abs() <= 2 * eps * exact.abs()).all()
+    # aligned pairs take the same arg-max on the diagonal
+    n = min(q.shape[0], k.shape[0])
+    out_a, amax_a = torch.ops.loupe_kernels.trs_forward(q[:n], k[:n], qm[:n], km[:n], False, "cpu")
+    idx = torch.arange(n)
+    assert torch.equal(amax_a, want_amax[idx, idx])
+    assert ((out_a.double() - exact[idx, idx]).abs() <= 2 * eps * exact[idx, idx].abs()).all()
+
+
+@pytest.mark.skipif("cpu" not in lk.available_backends(), reason="cpu backend not built")
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_cpu_blocked_backward_matches_reference(case, pairwise):
+    """Every gradient exact: quantized inputs, dyadic output gradients, and a power-of-two number of
+    valid tokens per query item (so 1/count is exact): any order of summation gives the same bits."""
+    dtype, Bq, Lq, Bk, Lk, D = case
+    if not pairwise:
+        Bk = Bq
+    q64, k64, _, km = _block_case(torch.float64, Bq, Lq, Bk, Lk, D, seed=Bq + Lk + D)
+    gen = torch.Generator().manual_seed(D)
+    qm = torch.zeros(Bq, Lq, dtype=torch.bool)
+    for a in range(Bq):
+        qm[a, torch.randperm(Lq, generator=gen)[: 1 << (Lq.bit_length() - 1)]] = True
+    qm[1] = False
+    gout = torch.randint(-8, 9, (Bq, Bk) if pairwise else (Bq,), generator=gen).double() / 8
+    gout.view(-1)[::5] = 0  # zero weights are skipped, which must not change anything
+
+    def grads(backend, dt):
+        q = q64.to(dt, copy=True).requires_grad_()
+        k = k64.to(dt, copy=True).requires_grad_()
+        lk.token_region_similarity(q, k, qm, km, pairwise=pairwise, backend=backend).backward(gout.to(dt))
+        return q.grad, k.grad
+
+    want = grads("reference", torch.float64)
+    got = grads("cpu", dtype)
+    assert want[0].abs().max() > 0 and want[1].abs().max() > 0
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.to(dtype))
+
+
+@pytest.mark.skipif("cpu" not in lk.available_backends(), reason="cpu backend not built")
+@pytest.mark.parametrize("case", BLOCK_CASES[:2], ids=lambda c: "-".join(map(str, c)))
+def test_cpu_blocked_dual_matches_single_directions(case):
+    dtype, *shape = case
+    q, k, qm, km = _block_case(dtype, *shape, seed=3 + sum(shape))
+    s1, a1, s2, a2 = torch.ops.loupe_kernels.trs_dual_forward(q, k, qm, km, "cpu")
+    assert torch.equal(a1, _reference_argmax(q, k, qm, km))
+    assert torch.equal(a2, _reference_argmax(k, q, km, qm))
+    eps = torch.finfo(dtype).eps
+    for got, exact in ((s1, token_region_similarity_reference(q.double(), k.double(), qm, km)),
+                       (s2, token_region_similarity_reference(k.double(), q.double(), km, qm))):
+        assert ((got.double() - exact).abs() <= 2 * eps * exact.abs()).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     gen = torch.Generator().manual_seed(9)
