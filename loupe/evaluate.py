@@ -87,6 +87,9 @@ class EvalOptions:
     num_examples: int = 8             # grounding examples in the figure
     progress: bool = True
     device: str | None = None
+    # word tokens centred on their caption (LoupeConfig.text_center_words) at evaluation: None = as
+    # trained; True/False = post hoc (e.g. FILIP's best variant: trained without, evaluated with)
+    center_words: bool | None = None
 
 
 def _size_bucket(ds, index: int, boxes: torch.Tensor, image_size: int) -> list[str]:
@@ -441,8 +444,24 @@ def _retrieval(enc: dict) -> dict:
 
 def evaluate_model(model, opts: EvalOptions | None = None, *, log_path: str | None = None,
                    figures_dir: str | None = None) -> dict:
-    """Evaluate a loaded :class:`loupe.model.LoupeModel` (with ``model.tokenizer``) -> nested dict."""
+    """Evaluate a loaded :class:`loupe.model.LoupeModel` (with ``model.tokenizer``) -> nested dict.
+    ``opts.center_words`` overrides the model's word centring for the evaluation only."""
     opts = opts or EvalOptions()
+    if opts.center_words is not None and not isinstance(opts.center_words, bool):
+        raise ValueError(f"EvalOptions.center_words must be None or a bool, got {opts.center_words!r}")
+    trained = bool(getattr(model.config, "text_center_words", False))
+    if opts.center_words is not None:
+        model.config.text_center_words = opts.center_words
+    try:
+        result = _evaluate_model(model, opts, log_path=log_path, figures_dir=figures_dir)
+    finally:
+        model.config.text_center_words = trained
+    result["text_center_words"] = {"trained": trained, "evaluated": trained if opts.center_words is None
+                                   else opts.center_words}
+    return result
+
+
+def _evaluate_model(model, opts: EvalOptions, *, log_path: str | None, figures_dir: str | None) -> dict:
     if getattr(model, "tokenizer", None) is None:
         raise CheckpointError("evaluate_model: the model has no tokenizer (load it with loupe.load)")
     dtype = opts.dataset_type or "synthetic"
@@ -559,6 +578,8 @@ def main(argv=None) -> int:
                     help="seed of the evaluation scenes (default: --seed); use one no development run read")
     ap.add_argument("--validation", action="store_true",
                     help="measure on the validation streams (for choosing defaults; docs/PROTOCOL.md)")
+    ap.add_argument("--center-words", choices=("trained", "on", "off"), default="trained",
+                    help="word tokens centred on their caption: as trained, or on/off post hoc")
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--device", default=None)
@@ -576,7 +597,8 @@ def main(argv=None) -> int:
                                   num_hard=a.num_hard, num_relation=a.num_relation, eval_seed=a.eval_seed,
                                   validation=a.validation,
                                   batch_size=a.batch_size, max_dets=a.max_dets, figures=not a.no_figures,
-                                  progress=not a.no_progress, device=a.device)
+                                  progress=not a.no_progress, device=a.device,
+                                  center_words={"trained": None, "on": True, "off": False}[a.center_words])
     except CheckpointError as e:
         print(f"loupe.evaluate: error: {e}", file=sys.stderr)
         return 2

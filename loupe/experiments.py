@@ -201,18 +201,26 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
             dataset_type: str = "synthetic", train_size: int | None = None, model_config: str | None = None,
             objectives: Sequence[str] = OBJECTIVES, procs: int = 1, reuse: bool = False,
             eval_opts: dict | None = None, train_extra: Sequence[str] = (), eval_seed_offset: int | None = None,
-            log=print) -> dict:
-    """Train and evaluate every (objective, seed); write ``compare.md`` and ``compare.json`` to ``out``."""
-    for o in objectives:
+            post_hoc_centring: Sequence[str] = (), log=print) -> dict:
+    """Train and evaluate every (objective, seed); write ``compare.md`` and ``compare.json`` to ``out``.
+    The objectives in ``post_hoc_centring`` are evaluated with word tokens centred on their caption
+    (``EvalOptions.center_words=True``) whatever they were trained with (FILIP's best variant)."""
+    for o in list(objectives) + list(post_hoc_centring):
         if o not in OBJECTIVES:
             raise ValueError(f"compare: unknown objective {o!r}; expected some of {OBJECTIVES}")
+    for o in post_hoc_centring:
+        if o not in objectives:
+            raise ValueError(f"compare: post_hoc_centring names {o!r}, which is not compared")
     base = json.loads(model_config) if model_config else None
     arms = {o: (o, base) for o in objectives}
     title = (f"{' / '.join(objectives)} on {dataset_type}: {steps} steps, batch {batch_size}, seeds "
              f"{list(seeds)}" + (f", model {model_config}" if model_config else ""))
+    if post_hoc_centring:
+        title += f"; evaluated with post-hoc word centring: {', '.join(post_hoc_centring)}"
     return run_arms(out, arms, "compare", title, seeds=seeds, steps=steps, batch_size=batch_size,
                     dataset_type=dataset_type, train_size=train_size, procs=procs, reuse=reuse,
-                    eval_opts=eval_opts, train_extra=train_extra, eval_seed_offset=eval_seed_offset, log=log)
+                    eval_opts=eval_opts, train_extra=train_extra, eval_seed_offset=eval_seed_offset,
+                    arm_eval={o: {"center_words": True} for o in post_hoc_centring}, log=log)
 
 
 def ablate(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batch_size: int = 64,
@@ -237,11 +245,12 @@ def ablate(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batc
 def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, title: str, *,
              seeds: Sequence[int], steps: int, batch_size: int, dataset_type: str, train_size: int | None,
              procs: int, reuse: bool, eval_opts: dict | None, train_extra: Sequence[str],
-             eval_seed_offset: int | None = None, log=print) -> dict:
+             eval_seed_offset: int | None = None, arm_eval: dict[str, dict] | None = None, log=print) -> dict:
     """Train and evaluate every (arm, seed): ``arms[label] = (objective, LoupeConfig overrides)``.
     Writes ``<name>.md`` and ``<name>.json`` to ``out``; runs live in ``out/<dataset>/<label>-seed<s>``.
     ``eval_seed_offset``: each run is evaluated on the scenes of seed ``offset + training seed``
-    (docs/PROTOCOL.md: 100), which excludes a fixed ``eval_opts["eval_seed"]``."""
+    (docs/PROTOCOL.md: 100), which excludes a fixed ``eval_opts["eval_seed"]``. ``arm_eval[label]``:
+    evaluation options of that arm only (on top of ``eval_opts``)."""
     if not seeds:
         raise ValueError(f"{name}: at least one seed")
     if eval_seed_offset is not None:
@@ -274,7 +283,7 @@ def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, titl
                 if p.returncode != 0 or saved_step(run_dir) != steps:
                     raise RuntimeError(f"{name}: training {label} seed {seed} failed (exit {p.returncode}); "
                                        f"see {os.path.join(run_dir, 'train.out')}")
-            opts = dict(eval_opts or {})
+            opts = {**(eval_opts or {}), **((arm_eval or {}).get(label) or {})}
             if eval_seed_offset is not None:
                 opts["eval_seed"] = eval_seed_offset + seed
             rec["eval_seed"] = opts["eval_seed"] if opts.get("eval_seed") is not None else seed
@@ -342,6 +351,9 @@ def main(argv=None) -> int:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common_args(c, 400, "runs/compare")
     c.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    c.add_argument("--post-hoc-centring", nargs="+", default=[], choices=OBJECTIVES, metavar="OBJECTIVE",
+                   help="evaluate these objectives with word tokens centred on their caption, whatever they were "
+                        "trained with (FILIP's best variant: trained without --model-config centring)")
     b = sub.add_parser("ablate", help="LOUPE at its defaults against the same run with one part taken out",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common_args(b, 600, "runs/ablate")
@@ -361,7 +373,7 @@ def main(argv=None) -> int:
                              "eval_seed": a.eval_seed, "validation": a.validation, "figures": not a.no_figures,
                              "progress": False})
     if a.cmd == "compare":
-        res = compare(a.out, objectives=a.objectives, **common)
+        res = compare(a.out, objectives=a.objectives, post_hoc_centring=a.post_hoc_centring, **common)
     else:
         res = ablate(a.out, variants=a.variants, **common)
     print(res["table"])

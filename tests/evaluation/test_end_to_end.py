@@ -13,6 +13,7 @@ from loupe import data as ldata
 from loupe import checkpoint, report
 from loupe import evaluate as E
 from loupe.ground import ground
+from loupe.checkpoint import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -238,3 +239,21 @@ def test_cli_evaluate_and_ground(ckpt, tmp_path):
         (r,) = [json.loads(x) for x in p.stdout.strip().splitlines()]
         assert r["known_words"] == 0 and r["unknown_words"] >= 1 and r["box"] is not None
         assert "holds no word the model knows" in p.stderr
+
+
+def test_post_hoc_word_centring_is_the_centred_pointing_of_the_trained_model(tmp_path, make_checkpoint):
+    ck = make_checkpoint(tmp_path / "nocentre", text_center_words=False)
+    kw = dict(num_test=24, num_compositional=0, num_single=8, num_hard=0, num_relation=0, figures=False,
+              progress=False)
+    plain = E.evaluate_checkpoint(ck, None, **kw)
+    post = E.evaluate_checkpoint(ck, None, center_words=True, **kw)
+    assert plain["text_center_words"] == {"trained": False, "evaluated": False}
+    assert post["text_center_words"] == {"trained": False, "evaluated": True}
+    # the plain run's post-hoc column is what the centred evaluation measures as its main figure
+    assert post["grounding"]["pointing"] == pytest.approx(plain["grounding"]["pointing_word_centred"], abs=1e-12)
+    assert post["grounding"]["test"] != plain["grounding"]["test"]
+    model, _ = load_checkpoint(ck, "cpu")
+    E.evaluate_model(model, E.EvalOptions(center_words=True, **kw))
+    assert model.config.text_center_words is False  # the override is for the evaluation only
+    with pytest.raises(ValueError, match="center_words"):
+        E.evaluate_model(model, E.EvalOptions(center_words="yes", **kw))

@@ -123,3 +123,10 @@ def test_eval_seed_offset_is_checked(tmp_path):
         X.compare(str(tmp_path), objectives=["clip"], eval_seed_offset=-1)
     with pytest.raises(SystemExit):
         X.main(["compare", "--eval-seed", "3", "--eval-seed-offset", "100", "--out", str(tmp_path)])
+
+
+def test_post_hoc_centring_names_a_compared_objective(tmp_path):
+    with pytest.raises(ValueError, match="not compared"):
+        X.compare(str(tmp_path), objectives=["clip"], post_hoc_centring=["filip"])
+    with pytest.raises(ValueError, match="unknown objective"):
+        X.compare(str(tmp_path), objectives=["clip"], post_hoc_centring=["blip"])
