@@ -1,9 +1,43 @@
 // Declarations of the C++ CPU kernels bound in csrc/bind_cpu.cpp.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <vector>
 
 namespace loupe {
+
+// Chunks of [0, n) handed out one at a time to the threads of one parallel region (dynamic
+// scheduling). at::parallel_for splits a range evenly in advance, so on a shared machine a thread
+// that loses its core holds up the whole call; here the other threads take its remaining chunks.
+// Which thread runs a chunk never changes a result: every chunk owns its outputs.
+class ChunkQueue {
+ public:
+  ChunkQueue(int64_t n, int64_t chunk) : n_(n), chunk_(std::max<int64_t>(1, chunk)) {}
+  bool claim(int64_t& lo, int64_t& hi) {
+    lo = next_.fetch_add(chunk_, std::memory_order_relaxed);
+    if (lo >= n_) return false;
+    hi = std::min(n_, lo + chunk_);
+    return true;
+  }
+  int64_t chunks() const { return (n_ + chunk_ - 1) / chunk_; }
+
+ private:
+  const int64_t n_, chunk_;
+  std::atomic<int64_t> next_{0};
+};
+
+// worker(queue) runs once on each thread of one region (once in all when already inside a parallel
+// region); it sets up its scratch, then claims chunks until none is left.
+template <typename Worker>
+void parallel_chunks(int64_t n, int64_t chunk, const Worker& worker) {
+  ChunkQueue queue(n, chunk);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), queue.chunks()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(queue); });
+}
 
 // Token-region similarity (METHOD section 3). Inputs contiguous, float32 or float64; masks bool.
 // Returns {out [Bq, Bk] (pairwise) or [B], argmax int32 [Bq, Bk, Lq] or [B, Lq] (-1 = none)}.

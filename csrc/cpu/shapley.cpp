@@ -1,6 +1,6 @@
 // Fused Shapley coalition sampling on the CPU (METHOD section 5).
 //
-// One task per (game g, subset m), run by at::parallel_for. Each task draws its K coalitions from
+// One task per (game g, subset m), chunks of tasks claimed by the threads (parallel_chunks). Each task draws its K coalitions from
 // the pinned Philox4x32-10 counter (k, m, g, b) in registers (selection sampling over the pool of
 // valid players outside S: O(players) integer work, stopped as soon as the size is reached or the
 // rest is forced), and evaluates one sample with one pass over the coalition: the masked max over
@@ -467,13 +467,17 @@ void maxsim_kernel(const at::Tensor& sim, const at::Tensor& qm, const at::Tensor
                        est.data_ptr<T>(), se.data_ptr<T>(), sim.size(1), sim.size(2), subsets.size(1),
                        subsets.size(2), K, query_players, seed, schedule};
   const bool avx2 = use_avx2();
-  at::parallel_for(0, G * x.M, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  parallel_chunks(G * x.M, std::clamp<int64_t>(G * x.M / (8 * threads), 1, 16), [&](ChunkQueue& queue) {
     MaxsimScratch w;
     std::vector<T> cols, mC, sS;            // cols[i * nq + jj] = sim[g, qrow[jj], i]
+    int64_t lo, hi;
+    while (queue.claim(lo, hi)) {
 #ifdef LOUPE_SH_X86
-    if (avx2) return maxsim_tasks_avx2<T>(x, lo, hi, w, cols, mC, sS);
+      if (avx2) { maxsim_tasks_avx2<T>(x, lo, hi, w, cols, mC, sS); continue; }
 #endif
-    maxsim_tasks_base<T>(x, lo, hi, w, cols, mC, sS);
+      maxsim_tasks_base<T>(x, lo, hi, w, cols, mC, sS);
+    }
   });
   (void)avx2;
 }

@@ -325,7 +325,7 @@ void forward_pairwise(const at::Tensor& q, const at::Tensor& k, const bool* qm, 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rows_target = 256;
   int64_t ta = std::clamp<int64_t>(rows_target / std::max<int64_t>(1, Lq), 1, Bq);
-  ta = std::min(ta, std::max<int64_t>(1, (Bq + 2 * threads - 1) / (2 * threads)));
+  ta = std::min(ta, std::max<int64_t>(1, (Bq + 4 * threads - 1) / (4 * threads)));   // >= 4 tasks per thread
   const int64_t tile_elems = kTileBytes / int64_t(sizeof(T));
   const int64_t cb = std::clamp<int64_t>(tile_elems / std::max<int64_t>(1, ta * Lq * Lk), 1, Bk);
   const int64_t n_tasks = (Bq + ta - 1) / ta;
@@ -335,10 +335,12 @@ void forward_pairwise(const at::Tensor& q, const at::Tensor& k, const bool* qm, 
                 out.data_ptr<T>(), amax.data_ptr<int32_t>(),
                 out2 ? out2->data_ptr<T>() : nullptr, amax2 ? amax2->data_ptr<int32_t>() : nullptr};
   const bool avx2 = use_avx2();
-  at::parallel_for(0, n_tasks, 1, [&](int64_t t_lo, int64_t t_hi) {
+  parallel_chunks(n_tasks, 1, [&](ChunkQueue& queue) {
     at::Tensor buf = at::empty({ta * Lq, cb * Lk}, q.options());
     std::vector<T> cm(ctx.out2p ? Lk : 0);
     std::vector<int32_t> ci(ctx.out2p ? Lk : 0);
+    int64_t t_lo, t_hi;
+    while (queue.claim(t_lo, t_hi))
     for (int64_t t = t_lo; t < t_hi; ++t) {
       const int64_t a0 = t * ta, na = std::min(ta, Bq - a0);
       const at::Tensor qa = q2.narrow(0, a0 * Lq, na * Lq);
@@ -476,6 +478,18 @@ LOUPE_TRS_INLINE void gather_dispatch(T* dst, const T* const* src, const T* w, i
   gather_rows<T>(dst, src, w, n, D);
 }
 
+// query items per d_query block (their rows ~kDstBlockBytes), key items per d_key block (likewise)
+template <typename T>
+int64_t dquery_block(const BwdCtx<T>& c) {
+  const int64_t row_bytes = std::max<int64_t>(1, c.D * int64_t(sizeof(T)));
+  return std::max<int64_t>(1, kDstBlockBytes / (row_bytes * std::max<int64_t>(1, c.Lq)));
+}
+template <typename T>
+int64_t dkey_block(const BwdCtx<T>& c) {
+  const int64_t row_bytes = std::max<int64_t>(1, c.D * int64_t(sizeof(T)));
+  return std::max<int64_t>(1, kDstBlockBytes / (row_bytes * std::max<int64_t>(1, c.Lk)));
+}
+
 // d_query of query items [lo, hi): tiles of query items (their d_query rows, ~kDstBlockBytes) by key
 // items (their rows, ~kSrcBlockBytes); per query token the tile's arg-max key rows are summed in
 // registers, key items ascending.
@@ -484,7 +498,7 @@ LOUPE_TRS_INLINE void dquery_body(const BwdCtx<T>& c, int64_t lo, int64_t hi, co
   const int64_t Lq = c.Lq, Lk = c.Lk, D = c.D, cols = c.cols;
   const int64_t row_bytes = std::max<int64_t>(1, D * int64_t(sizeof(T)));
   const int64_t CB = c.pairwise ? std::clamp<int64_t>(kSrcBlockBytes / (row_bytes * std::max<int64_t>(1, Lk)), 1, cols) : 1;
-  const int64_t AB = std::max<int64_t>(1, kDstBlockBytes / (row_bytes * std::max<int64_t>(1, Lq)));
+  const int64_t AB = dquery_block<T>(c);
   for (int64_t a0 = lo; a0 < hi; a0 += AB) {
     const int64_t a1 = std::min(hi, a0 + AB);
     for (int64_t c0 = 0; c0 < cols; c0 += CB) {
@@ -517,7 +531,7 @@ template <typename T>
 LOUPE_TRS_INLINE void dkey_body(const BwdCtx<T>& c, int64_t lo, int64_t hi) {
   const int64_t Lq = c.Lq, Lk = c.Lk, D = c.D, cols = c.cols;
   const int64_t row_bytes = std::max<int64_t>(1, D * int64_t(sizeof(T)));
-  const int64_t BB = std::max<int64_t>(1, kDstBlockBytes / (row_bytes * std::max<int64_t>(1, Lk)));
+  const int64_t BB = dkey_block<T>(c);
   const int64_t AB = c.pairwise ? std::max<int64_t>(1, kSrcBlockBytes / (row_bytes * std::max<int64_t>(1, Lq))) : 1;
   for (int64_t b0 = lo; b0 < hi; b0 += BB) {
     const int64_t b1 = std::min(hi, b0 + BB);
@@ -643,20 +657,29 @@ std::vector<at::Tensor> trs_backward_cpu(const at::Tensor& grad_out, const at::T
     const BwdCtx<T> c{g.data_ptr<T>(), inv.data(), query.data_ptr<T>(), key.data_ptr<T>(), dq.data_ptr<T>(),
                       dk.data_ptr<T>(), ap, Bq, Bk, Lq, Lk, D, pairwise ? Bk : 1, pairwise};
     // d_query: gather of the arg-max keys; each thread owns its query items.
-    at::parallel_for(0, Bq, 1, [&](int64_t lo, int64_t hi) {
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t qchunk = std::min(dquery_block<T>(c), std::max<int64_t>(1, (Bq + 4 * threads - 1) / (4 * threads)));
+    parallel_chunks(Bq, qchunk, [&](ChunkQueue& queue) {
       std::vector<const T*> src(size_t(std::max<int64_t>(1, c.cols)));
       std::vector<T> wv(src.size());
+      int64_t lo, hi;
+      while (queue.claim(lo, hi)) {
 #ifdef LOUPE_TRS_X86
-      if (avx2) return dquery_avx2<T>(c, lo, hi, src.data(), wv.data());
+        if (avx2) { dquery_avx2<T>(c, lo, hi, src.data(), wv.data()); continue; }
 #endif
-      dquery_base<T>(c, lo, hi, src.data(), wv.data());
+        dquery_base<T>(c, lo, hi, src.data(), wv.data());
+      }
     });
     // d_key: scatter; each thread owns its key items and visits (a, j) in a fixed order.
-    at::parallel_for(0, Bk, 1, [&](int64_t lo, int64_t hi) {
+    const int64_t kchunk = std::min(dkey_block<T>(c), std::max<int64_t>(1, (Bk + 4 * threads - 1) / (4 * threads)));
+    parallel_chunks(Bk, kchunk, [&](ChunkQueue& queue) {
+      int64_t lo, hi;
+      while (queue.claim(lo, hi)) {
 #ifdef LOUPE_TRS_X86
-      if (avx2) return dkey_avx2<T>(c, lo, hi);
+        if (avx2) { dkey_avx2<T>(c, lo, hi); continue; }
 #endif
-      dkey_base<T>(c, lo, hi);
+        dkey_base<T>(c, lo, hi);
+      }
     });
   });
   (void)avx2;
