@@ -525,35 +525,85 @@ LOUPE_TRS_INLINE void dquery_body(const BwdCtx<T>& c, int64_t lo, int64_t hi, co
 }
 
 // d_key of key items [lo, hi): tiles of key items (their d_key rows, ~kDstBlockBytes) by query
-// items (their rows, ~kSrcBlockBytes); each d_key row gets its terms with query items, then
-// tokens, ascending.
+// items (their rows, ~kSrcBlockBytes). Pairwise: per key item, the tile's terms (a, j) are sorted by
+// their arg-max key i (a counting sort, stable), and each d_key row sums its terms in registers;
+// aligned: added directly. Either way each d_key row gets its terms with query items, then tokens,
+// ascending.
 template <typename T>
-LOUPE_TRS_INLINE void dkey_body(const BwdCtx<T>& c, int64_t lo, int64_t hi) {
+struct DkeyScratch {
+  std::vector<int64_t> start;    // [Lk + 1] bucket offsets
+  std::vector<int32_t> key;      // the arg-max key of each term, in (a, j) order
+  std::vector<const T*> src, src_sorted;
+  std::vector<T> w, w_sorted;
+};
+
+template <typename T, bool kAvx2>
+LOUPE_TRS_INLINE void dkey_body(const BwdCtx<T>& c, int64_t lo, int64_t hi, DkeyScratch<T>& sc) {
   const int64_t Lq = c.Lq, Lk = c.Lk, D = c.D, cols = c.cols;
   const int64_t row_bytes = std::max<int64_t>(1, D * int64_t(sizeof(T)));
   const int64_t BB = dkey_block<T>(c);
-  const int64_t AB = c.pairwise ? std::max<int64_t>(1, kSrcBlockBytes / (row_bytes * std::max<int64_t>(1, Lq))) : 1;
+  if (!c.pairwise) {   // aligned: one query item per key item (a = b)
+    for (int64_t b = lo; b < hi; ++b) {
+      if (c.inv[b] == T(0)) continue;
+      const T w = c.gp[b] * c.inv[b];
+      if (w == T(0)) continue;
+      const int32_t* arow = c.ap + b * Lq;
+      for (int64_t j = 0; j < Lq; ++j) {
+        const int32_t i = arow[j];
+        if (i < 0) continue;
+        T* dst = c.dkp + (b * Lk + i) * D;
+        const T* s = c.qp + (b * Lq + j) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dst[d] += w * s[d];
+      }
+    }
+    return;
+  }
+  const int64_t AB = std::max<int64_t>(1, kSrcBlockBytes / (row_bytes * std::max<int64_t>(1, Lq)));
+  const size_t cap = size_t(std::min(AB, c.Bq) * Lq);
+  sc.start.resize(size_t(Lk + 1));
+  sc.key.resize(cap);
+  sc.src.resize(cap);
+  sc.src_sorted.resize(cap);
+  sc.w.resize(cap);
+  sc.w_sorted.resize(cap);
   for (int64_t b0 = lo; b0 < hi; b0 += BB) {
     const int64_t b1 = std::min(hi, b0 + BB);
-    const int64_t a_end = c.pairwise ? c.Bq : 1;   // aligned: one query item per key item (a = b)
-    for (int64_t x0 = 0; x0 < a_end; x0 += AB) {
-      const int64_t x1 = std::min(a_end, x0 + AB);
+    for (int64_t a0 = 0; a0 < c.Bq; a0 += AB) {
+      const int64_t a1 = std::min(c.Bq, a0 + AB);
       for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t x = x0; x < x1; ++x) {
-          const int64_t a = c.pairwise ? x : b;
+        int64_t n = 0;
+        std::fill(sc.start.begin(), sc.start.end(), 0);
+        for (int64_t a = a0; a < a1; ++a) {
           if (c.inv[a] == T(0)) continue;
-          const int64_t cc = c.pairwise ? b : 0;
-          const T w = c.gp[a * cols + cc] * c.inv[a];
+          const T w = c.gp[a * cols + b] * c.inv[a];
           if (w == T(0)) continue;
-          const int32_t* arow = c.ap + (a * cols + cc) * Lq;
+          const int32_t* arow = c.ap + (a * cols + b) * Lq;
           for (int64_t j = 0; j < Lq; ++j) {
             const int32_t i = arow[j];
             if (i < 0) continue;
-            T* dst = c.dkp + (b * Lk + i) * D;
-            const T* s = c.qp + (a * Lq + j) * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) dst[d] += w * s[d];
+            sc.key[n] = i;
+            sc.src[n] = c.qp + (a * Lq + j) * D;
+            sc.w[n] = w;
+            ++sc.start[size_t(i) + 1];
+            ++n;
           }
+        }
+        if (n == 0) continue;
+        for (int64_t i = 0; i < Lk; ++i) sc.start[i + 1] += sc.start[i];
+        for (int64_t e = 0; e < n; ++e) {          // stable: each bucket keeps (a, j) order
+          const int64_t at = sc.start[sc.key[e]]++;
+          sc.src_sorted[at] = sc.src[e];
+          sc.w_sorted[at] = sc.w[e];
+        }
+        // start[i] is now the end of bucket i (= the start of bucket i + 1)
+        int64_t begin = 0;
+        for (int64_t i = 0; i < Lk; ++i) {
+          const int64_t end = sc.start[i];
+          if (end > begin)
+            gather_dispatch<T, kAvx2>(c.dkp + (b * Lk + i) * D, sc.src_sorted.data() + begin, sc.w_sorted.data() + begin,
+                                      end - begin, D);
+          begin = end;
         }
       }
     }
@@ -565,8 +615,8 @@ void dquery_base(const BwdCtx<T>& c, int64_t lo, int64_t hi, const T** src, T* w
   dquery_body<T, false>(c, lo, hi, src, wv);
 }
 template <typename T>
-void dkey_base(const BwdCtx<T>& c, int64_t lo, int64_t hi) {
-  dkey_body<T>(c, lo, hi);
+void dkey_base(const BwdCtx<T>& c, int64_t lo, int64_t hi, DkeyScratch<T>& sc) {
+  dkey_body<T, false>(c, lo, hi, sc);
 }
 #ifdef LOUPE_TRS_X86
 template <typename T>
@@ -574,8 +624,8 @@ LOUPE_TRS_AVX2 void dquery_avx2(const BwdCtx<T>& c, int64_t lo, int64_t hi, cons
   dquery_body<T, true>(c, lo, hi, src, wv);
 }
 template <typename T>
-LOUPE_TRS_AVX2 void dkey_avx2(const BwdCtx<T>& c, int64_t lo, int64_t hi) {
-  dkey_body<T>(c, lo, hi);
+LOUPE_TRS_AVX2 void dkey_avx2(const BwdCtx<T>& c, int64_t lo, int64_t hi, DkeyScratch<T>& sc) {
+  dkey_body<T, true>(c, lo, hi, sc);
 }
 #endif
 
@@ -673,12 +723,13 @@ std::vector<at::Tensor> trs_backward_cpu(const at::Tensor& grad_out, const at::T
     // d_key: scatter; each thread owns its key items and visits (a, j) in a fixed order.
     const int64_t kchunk = std::min(dkey_block<T>(c), std::max<int64_t>(1, (Bk + 4 * threads - 1) / (4 * threads)));
     parallel_chunks(Bk, kchunk, [&](ChunkQueue& queue) {
+      DkeyScratch<T> sc;
       int64_t lo, hi;
       while (queue.claim(lo, hi)) {
 #ifdef LOUPE_TRS_X86
-        if (avx2) { dkey_avx2<T>(c, lo, hi); continue; }
+        if (avx2) { dkey_avx2<T>(c, lo, hi, sc); continue; }
 #endif
-        dkey_base<T>(c, lo, hi);
+        dkey_base<T>(c, lo, hi, sc);
       }
     });
   });
