@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -45,9 +46,12 @@ namespace {
 
 constexpr double kNormEps = 1e-12;
 
+// LOUPE_CPU_BASELINE_ISA=1 (read once per process) keeps the baseline copies: for tests of the
+// code that machines without AVX2 run.
 inline bool use_avx2() {
 #ifdef LOUPE_SH_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         !(std::getenv("LOUPE_CPU_BASELINE_ISA") && std::getenv("LOUPE_CPU_BASELINE_ISA")[0] == '1');
   return ok;
 #else
   return false;

@@ -310,6 +310,65 @@ def test_cpu_blocked_dual_matches_single_directions(case):
         assert ((got.double() - exact).abs() <= 2 * eps * exact.abs()).all()
 
 
+BASELINE_ISA_SCRIPT = """
+import torch, loupe_kernels as lk
+from loupe_kernels.token_region_similarity import token_region_similarity_reference as ref
+torch.manual_seed(0)
+# similarity: quantized inputs (exact scores), ties across 64-key blocks, blocked shapes, float32
+q = torch.randint(-6, 7, (40, 5, 75)).float() / 4
+k = torch.randint(-6, 7, (24, 131, 75)).float() / 4
+k[:, 130] = k[:, 0]
+qm = torch.rand(40, 5) > 0.2
+km = torch.rand(24, 131) > 0.2
+km[:, 0] = km[:, 130] = True
+_, amax = torch.ops.loupe_kernels.trs_forward(q, k, qm, km, True, "cpu")
+s = torch.einsum("aqd,bkd->abqk", q.double(), k.double()).masked_fill(~km[None, :, None, :], float("-inf"))
+want = torch.where(qm[:, None, :], s.max(-1).indices.int(), -1)
+assert torch.equal(amax, want), "arg-max"
+qm = torch.zeros(40, 5, dtype=torch.bool); qm[:, :4] = True
+g = torch.randint(-8, 9, (40, 24)).double() / 8
+def grads(backend, dt):
+    a = q.to(dt, copy=True).requires_grad_(); b = k.to(dt, copy=True).requires_grad_()
+    lk.token_region_similarity(a, b, qm, km, backend=backend).backward(g.to(dt))
+    return a.grad, b.grad
+for x, y in zip(grads("cpu", torch.float32), grads("reference", torch.float64)):
+    assert torch.equal(x, y.float()), "gradient"
+# Shapley: the draw (scalar Philox path) and the max-sim values against the reference
+P = 70
+pm = torch.rand(3, P) > 0.1
+sub = torch.zeros(3, 4, P, dtype=torch.bool)
+for gg in range(3):
+    v = pm[gg].nonzero().flatten()
+    for m in range(4):
+        sub[gg, m, v[torch.randperm(len(v))[: m + 1]]] = True
+for sched in ("uniform", "round_robin"):
+    kw = dict(player_mask=pm, num_samples=30, seed=2**63 + 7, size_schedule=sched)
+    assert torch.equal(lk.sample_coalitions(sub, backend="cpu", **kw), lk.sample_coalitions(sub, backend="reference", **kw))
+sim = torch.randn(3, 6, P, dtype=torch.float64)
+kw = dict(player_mask=pm, num_samples=30, seed=3)
+a = lk.shapley_interaction(sim, sub, backend="cpu", **kw)
+b = lk.shapley_interaction(sim, sub, backend="reference", **kw)
+for x, y in zip(a, b):
+    torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+print("BASELINE_ISA_OK")
+"""
+
+
+@pytest.mark.skipif("cpu" not in lk.available_backends(), reason="cpu backend not built")
+def test_cpu_baseline_isa_copies():
+    """The kernels' baseline-ISA copies (what a machine without AVX2 runs; here forced by
+    LOUPE_CPU_BASELINE_ISA=1 in a fresh process) give the same arg-max, the same exact gradients
+    and the same coalitions as the reference."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LOUPE_CPU_BASELINE_ISA="1")
+    out = subprocess.run([sys.executable, "-c", BASELINE_ISA_SCRIPT], capture_output=True, text=True, env=env,
+                         cwd=os.path.expanduser("~"), timeout=300)
+    assert out.returncode == 0 and "BASELINE_ISA_OK" in out.stdout, out.stderr[-3000:]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     gen = torch.Generator().manual_seed(9)
