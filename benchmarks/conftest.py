@@ -10,7 +10,6 @@ At the end of the session a table of ratios is printed; ``--results-md FILE`` al
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess

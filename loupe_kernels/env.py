@@ -2,6 +2,7 @@
 and the automatic backend choice per op, dtype and shape class (measured or provisional)."""
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -21,6 +22,10 @@ def report() -> str:
         lines.append(f"device 0: {torch.cuda.get_device_name(0)}")
     lines.append(f"debug checks: {'on' if debug_enabled() else 'off'} (LOUPE_KERNELS_DEBUG=1: data checks raise at the "
                  f"call on GPU tensors too, at the cost of a host sync each)")
+    baseline = os.environ.get("LOUPE_CPU_BASELINE_ISA", "0") == "1"
+    cap = torch.backends.cpu.get_cpu_capability()
+    lines.append(f"cpu kernels: {'baseline copies (LOUPE_CPU_BASELINE_ISA=1)' if baseline else 'AVX2+FMA copies where the CPU has them, picked at run time'} "
+                 f"(this CPU, as torch sees it: {cap}; LOUPE_CPU_BASELINE_ISA=1 forces the baseline copies)")
     lines.append("backends:")
     for name in BACKENDS:
         st = backend_status(name)

@@ -1,6 +1,8 @@
 """token_region_similarity: reference and cpu backends against an independent float64 oracle."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -460,6 +462,7 @@ def test_available_backends_and_env_report():
     text = report()
     for b in lk.BACKENDS:
         assert b in text
+    assert "cpu kernels: AVX2+FMA copies" in text or os.environ.get("LOUPE_CPU_BASELINE_ISA") == "1"
 
 
 def test_mismatched_or_missing_extension_degrades_with_reason(monkeypatch):
