@@ -113,7 +113,6 @@ def test_bench_step(benchmark, variant, monkeypatch):
         _step(model, opt, batches[s])
     timer = _SamplerTimer()
     monkeypatch.setattr(lo, "shapley_interaction", timer.wrap(lo.shapley_interaction))
-    monkeypatch.setattr(lo, "shapley_interaction_pooled", timer.wrap(lo.shapley_interaction_pooled))
     values = _ValueTimer()
     monkeypatch.setattr(LoupeModel, "coalition_scores", values.wrap(LoupeModel.coalition_scores))
     calls = {"n": 0}

@@ -28,7 +28,10 @@ DATASET_TYPES: tuple[str, ...] = ("synthetic", "fashion", "emoji", "csv", "webda
 #: Shapley games of L_TSA and the rules that turn interactions into region targets (METHOD 5, 6)
 #: ("encoder" [ours]: the model's image-text score with only a coalition of patches in the image
 #: encoder's attention, loupe.objectives.encoder_interactions)
-GAMES: tuple[str, ...] = ("maxsim", "pooled", "encoder")
+GAMES: tuple[str, ...] = ("maxsim", "encoder")
+#: games removed (measured worse everywhere: docs/METHOD-notes.md, "Retired: the pooled game"); a saved
+#: config naming one raises, naming the commit that still has it
+_RETIRED_GAMES: dict[str, str] = {"pooled": "72b2211 (tag pre-retire-pooled)"}
 TARGET_RULES: tuple[str, ...] = ("redundancy", "redundancy_minus_outside")
 #: sources of the SSIM labels (``ObjectiveOptions.fsa_labels``; the last two for the ablation)
 FSA_LABELS: tuple[str, ...] = ("shapley", "similarity", "uniform")
@@ -209,7 +212,7 @@ class ObjectiveOptions:
     num_samples: int = 32           # K
     tsa_top: int = 8                # M' = tsa_top (by objectness, after NMS) + tsa_random
     tsa_random: int = 8
-    tsa_game: str = "maxsim"        # or "pooled" (not recommended), or "encoder" (docs/METHOD-notes.md)
+    tsa_game: str = "maxsim"        # or "encoder" (docs/METHOD-notes.md)
     # the masked-encoder game (tsa_game="encoder") [ours]: each step plays it on up to encoder_boxes
     # random candidate boxes (>= 2, the target is standardised within an image) of up to
     # encoder_images random images, with encoder_samples samples (K, >= 2 for a standard error) of
@@ -278,6 +281,10 @@ class ObjectiveOptions:
                                  + (" (the TSA target is standardised within an image: one box teaches nothing)"
                                     if name == "encoder_boxes" else "")
                                  + (" (the standard error needs two samples)" if name == "encoder_samples" else ""))
+        if self.tsa_game in _RETIRED_GAMES:
+            raise ValueError(f"loupe_options.tsa_game={self.tsa_game!r} was removed from loupe (it measured worse "
+                             f"everywhere: docs/METHOD-notes.md); `git checkout {_RETIRED_GAMES[self.tsa_game]}` "
+                             f"reproduces runs that used it")
         if self.tsa_game not in GAMES:
             raise ValueError(f"loupe_options.tsa_game must be one of {GAMES}, got {self.tsa_game!r}")
         if self.tsa_rule not in TARGET_RULES:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loupe_kernels import shapley_interaction, shapley_interaction_pooled
+from loupe_kernels import shapley_interaction
 from loupe_kernels.shapley import sample_coalitions
 from loupe_kernels.testing import sample_stats, subset_members
 from loupe_kernels.uansil import UansilPolicy
@@ -46,12 +46,11 @@ def box_subsets(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def game_values(game: str, masks: torch.Tensor, *, sim: torch.Tensor | None = None,
-                query_mask: torch.Tensor | None = None, features: torch.Tensor | None = None,
-                target: torch.Tensor | None = None) -> torch.Tensor:
+                query_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Exact ``v(C)`` for coalitions ``masks [B, M, n]`` (``v(empty) = 0``) -> ``[B, M]`` float.
 
-    ``maxsim``: ``sim [B, L, n]`` with ``query_mask [B, L]``; ``pooled``: ``features [B, n, D]`` and
-    ``target [B, D]``.
+    ``maxsim`` (the fused games; the encoder game's values come from its ``value`` function):
+    ``sim [B, L, n]`` with ``query_mask [B, L]``.
     """
     if game == "maxsim":
         s = sim.float()
@@ -61,10 +60,7 @@ def game_values(game: str, masks: torch.Tensor, *, sim: torch.Tensor | None = No
         qm = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device) if query_mask is None else query_mask
         qf = qm.to(mx.dtype)[:, None, :]
         return (mx * qf).sum(-1) / qf.sum(-1).clamp(min=1)
-    if game == "pooled":
-        pooled = masks.to(features.dtype) @ features  # [B, M, D]
-        return torch.einsum("bmd,bd->bm", F.normalize(pooled.float(), dim=-1), target.float())
-    raise ValueError(f"game must be one of {GAMES}, got {game!r}")
+    raise ValueError(f"game_values: game must be 'maxsim', got {game!r}")
 
 
 #: ``value(game [X] long, keep [X, P] bool) -> [X]``: v of coalitions ``keep`` of game ``game[x]``
@@ -128,7 +124,7 @@ def encoder_interactions(value: CoalitionValue, subsets: torch.Tensor, player_ma
 def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor | None,
                    boxes: torch.Tensor, h: int, w: int, *, rule: str = "redundancy",
                    game: str = "maxsim", num_samples: int = 32, seed: int = 0,
-                   text_emb: torch.Tensor | None = None, center: bool = True, backend: str | None = None,
+                   center: bool = True, backend: str | None = None,
                    valid: torch.Tensor | None = None, sample: torch.Tensor | None = None,
                    fill: torch.Tensor | None = None, value: CoalitionValue | None = None,
                    player_mask: torch.Tensor | None = None,
@@ -137,7 +133,7 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
 
     ``patches [B, n, D]``, ``words [B, L, D]`` (+ ``word_mask``), ``boxes [B, M, 4]`` patch units,
     each valid box of >= 2 patches. The game is the max-sim game of the patches against the
-    caption's words, or the pooled game against ``text_emb [B, D]``. Returns ``(target [B, M],
+    caption's words (or the masked-encoder game, below). Returns ``(target [B, M],
     stderr [B, M], interaction [B, M])``: ``interaction`` is the sampled ``I([S])``, ``stderr`` the
     target's standard error from the sampler. Rules (R = -I / (|S| - 1), the per-pair redundancy):
 
@@ -146,8 +142,8 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
       the box with the rest of the image in the two-player game [S], [N\\S]), exact.
 
     ``center`` (default) plays the game on what is specific to a patch within its image: the
-    max-sim game on ``relu(s_ij - mean_i s_ij)`` (per word, mean over the image's patches), the
-    pooled game on ``x_i - mean_i x_i``. Without it, what every patch shares (the generic words of
+    max-sim game on ``relu(s_ij - mean_i s_ij)`` (per word, mean over the image's patches). Without
+    it, what every patch shares (the generic words of
     a caption, the global context a ViT spreads over all patches) makes every pair of patches
     redundant and the largest boxes win (docs/METHOD-notes.md).
 
@@ -178,21 +174,12 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
     size = subsets.sum(-1)
     if bool((valid & (size < 2)).any()):
         raise ValueError("region_targets: every box needs at least 2 patches")
-    sim = None
-    if game == "maxsim":
-        sim = torch.einsum("bld,bnd->bln", words.float(), patches.float())
-        if center:
-            if word_mask is None:
-                sim = (sim - sim.mean(-1, keepdim=True)).clamp(min=0)
-            else:
-                sim = (sim - sim.mean(-1, keepdim=True)).clamp(min=0) * word_mask[..., None].to(sim.dtype)
-    else:
-        if text_emb is None:
-            raise ValueError("region_targets: the pooled game needs text_emb")
-        text_emb = text_emb.detach().float()
-        patches = patches.float()
-        if center:
-            patches = patches - patches.mean(1, keepdim=True)
+    sim = torch.einsum("bld,bnd->bln", words.float(), patches.float())
+    if center:
+        if word_mask is None:
+            sim = (sim - sim.mean(-1, keepdim=True)).clamp(min=0)
+        else:
+            sim = (sim - sim.mean(-1, keepdim=True)).clamp(min=0) * word_mask[..., None].to(sim.dtype)
     gb, gm = sample.nonzero(as_tuple=True)
     inter = torch.zeros(B, M, dtype=torch.float32, device=subsets.device)
     se = torch.zeros(B, M, dtype=torch.float32, device=subsets.device)
@@ -200,13 +187,9 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
         inter = torch.where(valid & ~sample, fill.detach().float(), inter)
     if gb.numel():
         sub = subsets[gb, gm][:, None, :]
-        if game == "maxsim":
-            qm = None if word_mask is None else word_mask[gb]
-            i_s, se_s = shapley_interaction(sim, sub, query_mask=qm, num_samples=num_samples, seed=seed,
-                                            size_schedule="round_robin", game_index=gb, backend=backend)
-        else:
-            i_s, se_s = shapley_interaction_pooled(patches[gb], text_emb[gb], sub, num_samples=num_samples,
-                                                   seed=seed, size_schedule="round_robin", backend=backend)
+        qm = None if word_mask is None else word_mask[gb]
+        i_s, se_s = shapley_interaction(sim, sub, query_mask=qm, num_samples=num_samples, seed=seed,
+                                        size_schedule="round_robin", game_index=gb, backend=backend)
         inter[gb, gm] = i_s[:, 0].float()
         se[gb, gm] = se_s[:, 0].float()
     sm1 = (size - 1).clamp(min=1).to(inter.dtype)
@@ -214,7 +197,7 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
     se_red = se / sm1
     if rule == "redundancy_minus_outside":
         full = torch.ones_like(subsets[:, :1])
-        kw = dict(sim=sim, query_mask=word_mask, features=patches, target=text_emb)
+        kw = dict(sim=sim, query_mask=word_mask)
         v_in = game_values(game, subsets, **kw)
         v_out = game_values(game, ~subsets, **kw)
         v_all = game_values(game, full, **kw)
@@ -304,12 +287,11 @@ def encoder_subsample(valid: torch.Tensor, images: int, boxes: int, gen: torch.G
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class SceneSpec:
-    """A constructed scene on an 8x8 grid: unit ``patches [64, D]``, caption ``words [L, D]``,
-    ``text_emb [D]`` and the object boxes (patch units, xyxy end-exclusive)."""
+    """A constructed scene on an 8x8 grid: unit ``patches [64, D]``, caption ``words [L, D]`` and the
+    object boxes (patch units, xyxy end-exclusive)."""
 
     patches: torch.Tensor
     words: torch.Tensor
-    text_emb: torch.Tensor
     objects: list[tuple[int, int, int, int]]
 
 
@@ -345,8 +327,7 @@ def constructed_scene(name: str, seed: int = 0, dim: int = 32, grid: int = 8) ->
         for y in range(y0, y1):
             for x in range(x0, x1):
                 patches[y * grid + x] = objs[k]
-    W = torch.stack(words)
-    return SceneSpec(patches.float(), W.float(), F.normalize(W.mean(0), dim=0).float(), objects)
+    return SceneSpec(patches.float(), torch.stack(words).float(), objects)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -677,7 +658,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
             sample = valid if pol is None else (valid & pol["sample"].reshape(B, Mp))
             t, se, inter = region_targets(patches, words, wmask, boxes, g, g, rule=opts.tsa_rule, game=opts.tsa_game,
                                           num_samples=opts.num_samples, seed=_seed_of(batch, 1),
-                                          text_emb=out["text_emb"], center=opts.tsa_center,
+                                          center=opts.tsa_center,
                                           backend=model.config.kernel_backend, valid=valid, sample=sample, fill=fill)
         z = _standardise(t, valid, opts.min_spread)
         kl = soft_kl(z / opts.tau_i, o, valid)

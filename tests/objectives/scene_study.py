@@ -1,6 +1,7 @@
 """Constructed-scene study of the TSA region target (METHOD 6); writes the table of docs/METHOD-notes.md.
 
-Run from the repo root:  python tests/objectives/scene_study.py [--samples 2000] [--game maxsim|pooled]
+Run from the repo root:  python tests/objectives/scene_study.py [--samples 2000]
+(the max-sim game; ``--game pooled`` went with the pooled game: commit 72b2211 has it)
 
 Scenes on an 8x8 patch grid with hand-built unit embeddings (D=32):
 - ``one``: one 3x3 object of identical patches on a neutral background (identical patches);
@@ -18,7 +19,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -29,7 +29,7 @@ from loupe.regions import candidate_boxes  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=2000)
-    ap.add_argument("--game", default="maxsim", choices=("maxsim", "pooled"))
+    ap.add_argument("--game", default="maxsim", choices=("maxsim",))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     g = 8
@@ -44,7 +44,7 @@ def main() -> None:
         for center, rule in rules:
             t = region_targets(spec.patches[None], spec.words[None], None, boxes[None], g, g,
                                rule=rule, game=args.game, num_samples=args.samples, seed=args.seed,
-                               text_emb=spec.text_emb[None], center=center)[0][0]
+                               center=center)[0][0]
             z = (t - t.mean()) / t.std().clamp(min=1e-12)
             best = int(t.argmax())
             obj_idx = [int(((boxes == torch.tensor(b)).all(1)).nonzero()[0]) for b in spec.objects]
@@ -68,7 +68,7 @@ def main() -> None:
         for center, rule in rules:
             t = region_targets(spec.patches[None], spec.words[None], None, boxes[None], g, g, rule=rule,
                                game=args.game, num_samples=args.samples, seed=args.seed,
-                               text_emb=spec.text_emb[None], center=center)[0][0]
+                               center=center)[0][0]
             z = (t - t.mean()) / t.std().clamp(min=1e-12)
             print(f"{name:8s} {('centered ' if center else 'raw ') + rule:35s} object {float(z[same][0]):+6.2f}  "
                   f"sub {float(z[sub].max()):+6.2f}  super {float(z[sup].max()):+6.2f}  "

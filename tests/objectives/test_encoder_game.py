@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import loupe.objectives as lo
 from loupe.config import LoupeConfig, ObjectiveOptions
 from loupe.model import LoupeModel
-from loupe_kernels.testing import exact_shapley_interaction, pooled_values
+from loupe_kernels.testing import (SIZE_SCHEDULES, exact_shapley_interaction, sample_coalitions_reference,
+                                   sample_stats, shapley_from_coalitions)
 
 GRID = 3  # 3x3 patches: 9 players at most
 
@@ -199,34 +200,60 @@ def test_estimator_additive_game_is_exactly_zero():
     assert torch.equal(est, torch.zeros(2, dtype=torch.float64)) and torch.equal(se, torch.zeros(2, dtype=torch.float64))
 
 
-def test_encoder_targets_match_the_fused_pooled_game_on_its_value():
-    """region_targets(game="encoder") with the pooled game's value reproduces the fused pooled game:
-    the same pinned coalitions and the same combination (float32 rounding of the kernel)."""
+def _normalized_sum_values(x: torch.Tensor, t: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """A plain PyTorch game: v(C) = <normalize(sum_{i in C} x_i), t> of coalition masks ``[G, X, n]``
+    (``x [G, n, D]``, ``t [G, D]``) -> ``[G, X]``; v(empty) = 0."""
+    z = masks.to(x.dtype) @ x
+    return (F.normalize(z, dim=-1, eps=1e-12) * t[:, None, :]).sum(-1)
+
+
+def test_encoder_targets_match_the_pinned_draw_on_a_plain_game():
+    """region_targets(game="encoder") with a plain PyTorch value function gives exactly the sampled
+    interaction of the pinned draw computed independently (numpy Philox coalitions, round robin, the
+    sampled games numbered in order, every term evaluated separately), and its rules and filling."""
     g = torch.Generator().manual_seed(7)
     B, n, D = 2, 16, 8
-    patches = torch.randn(B, n, D, generator=g)
-    text = F.normalize(torch.randn(B, D, generator=g), dim=-1)
+    patches = torch.randn(B, n, D, generator=g, dtype=torch.float64)
+    text = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=-1)
     boxes = torch.tensor([[[0, 0, 2, 2], [1, 1, 4, 3], [0, 0, 4, 1]], [[2, 0, 4, 2], [0, 2, 3, 4], [1, 0, 2, 4]]])
     valid = torch.tensor([[True, True, True], [True, False, True]])
     sample = torch.tensor([[True, False, True], [True, False, True]])
     fill = torch.full((B, 3), 0.25)
-    kw = dict(num_samples=32, seed=9, valid=valid, sample=sample, fill=fill)
-    want = lo.region_targets(patches, patches, None, boxes, 4, 4, game="pooled", text_emb=text, center=False, **kw)
+    K, seed = 32, 9
+    kw = dict(num_samples=K, seed=seed, valid=valid, sample=sample, fill=fill)
 
     def value(image, keep):
-        return pooled_values(patches[image].double(), text[image].double(), keep[:, None, :])[:, 0]
+        return _normalized_sum_values(patches[image], text[image], keep[:, None, :])[:, 0]
 
     got = lo.region_targets(patches, patches, None, boxes, 4, 4, game="encoder", value=value, **kw)
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
+    # the oracle: the sampled games in order, one subset each, the pinned draw and the plain samples
+    subsets = lo.box_subsets(boxes, 4, 4)
+    gb, gm = sample.nonzero(as_tuple=True)
+    S = subsets[gb, gm][:, None, :]                                               # [G, 1, n]
+    C = sample_coalitions_reference(S, torch.ones(len(gb), n, dtype=torch.bool), K, seed,
+                                    SIZE_SCHEDULES["round_robin"])
+    samples, _ = shapley_from_coalitions(lambda m: _normalized_sum_values(patches[gb], text[gb], m), S, C)
+    est, se = sample_stats(samples, torch.float64)
+    sm1 = (S[:, 0].sum(-1) - 1).double()
+    assert float(est.abs().max()) > 1e-3                                          # a non-trivial game
+    # the outputs are float32: two roundings (the sampled value, then / (|S| - 1)) of values <= scale
+    scale = float(torch.cat([est, se]).abs().max())
+    tol = 2 * torch.finfo(torch.float32).eps * scale
+    torch.testing.assert_close(got[2][gb, gm].double(), est[:, 0], rtol=0, atol=tol)
+    torch.testing.assert_close(got[0][gb, gm].double(), -est[:, 0] / sm1, rtol=0, atol=tol)
+    torch.testing.assert_close(got[1][gb, gm].double(), se[:, 0] / sm1, rtol=0, atol=tol)
     assert float(got[2][0, 1]) == 0.25 and float(got[1][0, 1]) == 0.0   # filled: UANSIL's mean, no stderr
     assert float(got[0][1, 1]) == 0.0                                     # invalid box
     # the outside rule, exact: R - (v(S) + v(N\S) - v(N))
-    want_o = lo.region_targets(patches, patches, None, boxes, 4, 4, game="pooled", text_emb=text, center=False,
-                               rule="redundancy_minus_outside", **kw)
     got_o = lo.region_targets(patches, patches, None, boxes, 4, 4, game="encoder", value=value,
                               rule="redundancy_minus_outside", **kw)
-    assert torch.allclose(got_o[0], want_o[0], rtol=0, atol=1e-5)
+    full = torch.ones(B, 1, n, dtype=torch.bool)
+    r_out = (_normalized_sum_values(patches, text, subsets) + _normalized_sum_values(patches, text, ~subsets)
+             - _normalized_sum_values(patches, text, full))
+    want_o = torch.where(valid, got[0].double() - r_out, torch.zeros_like(r_out))
+    # float32: the three values (|v| <= 1) rounded, then summed with R: a few roundings of values <= 3 + |R|
+    tol_o = 6 * torch.finfo(torch.float32).eps * (3 + float(got[0].abs().max()))
+    torch.testing.assert_close(got_o[0].double(), want_o, rtol=0, atol=tol_o)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -319,6 +319,12 @@ def test_ua_loss_formula():
 def test_options_validation():
     with pytest.raises(ValueError, match="tsa_game"):
         ObjectiveOptions(tsa_game="nope")
+    # the retired pooled game: a saved config naming it says which commit still has it
+    with pytest.raises(ValueError, match=r"tsa_game='pooled' was removed .*git checkout 72b2211"):
+        ObjectiveOptions(tsa_game="pooled")
+    with pytest.raises(ValueError, match="72b2211"):
+        options_from_config(LoupeConfig.from_dict({**LoupeConfig().to_dict(),
+                                                   "loupe_options": {"tsa_game": "pooled"}}))
     with pytest.raises(ValueError, match="unknown keys"):
         class C:
             loupe_options = {"bogus": 1}
