@@ -23,7 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("trs_dual_forward", &loupe::trs_dual_forward_cpu,
         "token-region similarity in both directions from one score tile (CPU)");
   m.def("shapley_maxsim", &loupe::shapley_maxsim_cpu, "Shapley interaction, max-sim game (CPU)");
-  m.def("shapley_pooled", &loupe::shapley_pooled_cpu, "Shapley interaction, pooled game (CPU)");
   m.def("shapley_coalitions", &loupe::shapley_coalitions_cpu, "coalitions of the pinned draw (CPU)");
   m.def("uil_forward", &loupe::uil_forward_cpu, "uncertainty-weighted interaction loss forward (CPU)");
   m.def("box_objectness", &loupe::box_objectness_cpu,

@@ -173,30 +173,6 @@ std::vector<at::Tensor> maxsim(const at::Tensor& sim, const at::Tensor& query_ma
   return {est, se};
 }
 
-std::vector<at::Tensor> pooled(const at::Tensor& features, const at::Tensor& target, const at::Tensor& subsets,
-                               const at::Tensor& player_mask, int64_t num_samples, int64_t seed, int64_t schedule) {
-  check_common(subsets, player_mask, num_samples, schedule);
-  TORCH_CHECK(features.is_cuda() && features.is_contiguous() && features.dim() == 3,
-              "features must be a contiguous [G, n, D] CUDA tensor");
-  const int64_t G = features.size(0), n = features.size(1), D = features.size(2), M = subsets.size(1);
-  TORCH_CHECK(target.is_cuda() && target.is_contiguous() && target.dim() == 2 && target.size(0) == G &&
-              target.size(1) == D && target.scalar_type() == features.scalar_type() &&
-              target.device() == features.device(),
-              "target must be a contiguous [G, D] CUDA tensor of the dtype and device of features");
-  TORCH_CHECK(subsets.size(0) == G && subsets.size(2) == n, "subsets must be [G, M, n]");
-  TORCH_CHECK(G * M <= INT32_MAX && D <= INT32_MAX && n <= INT32_MAX, "features/subsets too large");
-  const int dtype = dtype_code(features, "shapley_pooled (cuda): features");
-  const c10::cuda::CUDAGuard guard(features.device());
-  const auto opts = features.options().dtype(dtype == LOUPE_F64 ? at::kDouble : at::kFloat);
-  at::Tensor est = at::empty({G, M}, opts), se = at::empty({G, M}, opts);
-  const cudaError_t e = loupe_shapley_pooled(
-      features.data_ptr(), target.data_ptr(), dtype, u8(subsets, "subsets"), u8(player_mask, "player_mask"), int(G),
-      int(M), int(n), int(D), int(num_samples), static_cast<uint64_t>(seed), int(schedule), est.data_ptr(),
-      se.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(e == cudaSuccess, "shapley_pooled: CUDA error ", cudaGetErrorString(e));
-  return {est, se};
-}
-
 at::Tensor coalitions(const at::Tensor& subsets, const at::Tensor& player_mask, int64_t num_samples, int64_t seed,
                       int64_t schedule) {
   check_common(subsets, player_mask, num_samples, schedule);
@@ -282,7 +258,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // ---- shapley (m.def) ----
   m.def("shapley_maxsim", &loupe_shapley_cuda::maxsim, "Shapley interaction, max-sim game (CUDA)");
-  m.def("shapley_pooled", &loupe_shapley_cuda::pooled, "Shapley interaction, pooled game (CUDA)");
   m.def("shapley_coalitions", &loupe_shapley_cuda::coalitions, "coalitions of the pinned draw (CUDA)");
 
   // ---- interaction_loss (m.def) ----

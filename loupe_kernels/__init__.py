@@ -8,7 +8,7 @@ autograd function, backend dispatch and PyTorch reference. ``available_backends(
 from ._backends import BACKENDS, available_backends, backend_status
 from ._common import debug_enabled, set_debug
 from .token_region_similarity import TokenRegionSimilarity, token_region_similarity, token_region_similarity_dual
-from .shapley import sample_coalitions, shapley_interaction, shapley_interaction_pooled
+from .shapley import sample_coalitions, shapley_interaction
 from .interaction_loss import UncertaintyInteractionLoss, uncertainty_interaction_loss
 from .box_objectness import box_objectness
 from . import uansil
@@ -18,6 +18,6 @@ from . import testing
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "BACKENDS", "available_backends", "backend_status", "set_debug", "debug_enabled",
-           "token_region_similarity", "token_region_similarity_dual", "TokenRegionSimilarity", "shapley_interaction", "shapley_interaction_pooled",
+           "token_region_similarity", "token_region_similarity_dual", "TokenRegionSimilarity", "shapley_interaction",
            "sample_coalitions", "reference", "testing", "uncertainty_interaction_loss", "UncertaintyInteractionLoss", "uansil",
            "box_objectness"]

@@ -26,12 +26,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["tf32_allowed", "FLOAT_DTYPES", "POOLED_NORM_EPS", "MAX_SAMPLES", "work_dtype", "work_max_exponent", "to_work",
+__all__ = ["tf32_allowed", "FLOAT_DTYPES", "MAX_SAMPLES", "work_dtype", "work_max_exponent", "to_work",
            "sample_stats", "check_int", "set_debug", "debug_enabled", "host_checks", "check", "max_abs",
-           "check_finite", "pow2_scale", "no_second_derivative", "triton_loader", "triton_acc"]
+           "check_finite", "no_second_derivative", "triton_loader", "triton_acc"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-POOLED_NORM_EPS = 1e-12  # the pooled Shapley game: normalize(z) = z / max(||z||, eps) (METHOD section 5)
 MAX_SAMPLES = 1 << 20   # the Shapley ops' bound on num_samples (K): 2^20 = 1,048,576 samples per subset
 
 
@@ -135,16 +134,6 @@ def check_finite(op: str, t: torch.Tensor, name: str) -> torch.Tensor:
     m = max_abs(t)
     check(op, torch.isfinite(m), f"{name} contains NaN or inf")
     return m
-
-
-def pow2_scale(amax: torch.Tensor, max_exp: int) -> torch.Tensor:
-    """The powers of two ``2^-e`` (float64, shape of ``amax``) that bring ``amax`` (>= 0, finite) into
-    ``[1, 2)`` (0 stays 0), with ``|e| <= max_exp`` so that the scale and its inverse are finite.
-    Multiplying by a power of two is exact (short of under/overflow), so scaled inputs give the same
-    rounding as unscaled ones: the scale only moves values away from the ends of the range."""
-    _, e = torch.frexp(amax.double())  # amax = mant * 2^e, mant in [0.5, 1)
-    shift = (1 - e).clamp(-max_exp, max_exp)
-    return torch.ldexp(torch.ones_like(amax, dtype=torch.float64), shift)
 
 
 class _NoSecondDerivative(torch.autograd.Function):

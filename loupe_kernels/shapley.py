@@ -5,9 +5,6 @@ Contract
 ``shapley_interaction(sim, subsets, *, query_mask=None, player_mask=None, query_players=False,
 num_samples=64, seed=0, size_schedule="uniform", game_index=None, backend=None) -> (estimate, stderr)``
 
-``shapley_interaction_pooled(features, target, subsets, *, player_mask=None, num_samples=64,
-seed=0, size_schedule="uniform", backend=None) -> (estimate, stderr)``
-
 ``sample_coalitions(subsets, *, player_mask=None, num_samples, seed, size_schedule="uniform",
 backend=None) -> bool [G, M, K, P]``: exactly the coalitions the kernels draw.
 
@@ -27,8 +24,10 @@ Games
 - Max-sim with ``query_players=True`` (region-phrase game): players ``P = Lq + n``, the Lq query
   tokens first, then the n keys; ``v(C)`` = mean over the query players in C of the max over the
   key players in C, 0 when C holds no query player or no key player. ``query_mask`` must be None.
-- Pooled: ``features [G, n, D]``, ``target [G, D]``; ``v(C) = <normalize(sum_{i in C} x_i), t>``
-  with ``normalize(z) = z / max(||z||, 1e-12)`` on the scaled features (see below). Players ``P = n``.
+
+(The pooled game ``v(C) = <normalize(sum_{i in C} x_i), t>``, ``shapley_interaction_pooled``, was
+retired after it lost every measurement: docs/METHOD-notes.md, "Retired: the pooled game"; commit
+72b2211 has it.)
 
 ``subsets`` bool ``[G, M, P]`` (M subsets per game, each non-empty), ``player_mask`` bool ``[G, P]``
 (None = all valid): invalid players are never drawn and may not be in a subset.
@@ -50,16 +49,10 @@ Contract on bad and extreme input, the same on every backend (reference included
 the same message and never synchronise with the host (debug mode, ``loupe_kernels.set_debug(True)``,
 raises at the call instead):
 
-- NaN or inf in ``sim`` / ``features`` / ``target``: ValueError naming the input.
+- NaN or inf in ``sim``: ValueError naming the input.
 - Empty subsets, subsets holding invalid players, ``game_index`` rows outside ``sim``: ValueError.
 - Max-sim games: ``|sim| <= 2^64`` (float64: ``2^512``), else ValueError ("sim must stay within");
   under it no sum of the game can overflow the work dtype, so every backend agrees to rounding.
-- Pooled game: scale-invariant. Each game's features and its target are scaled by a power of two
-  (exact) so that their largest magnitude is in [1, 2) before the game is evaluated, and the results
-  are scaled back: ``features * c`` (c > 0) gives the same interactions, and ``target * c`` gives
-  ``c`` times them, for any finite magnitude. The eps of ``normalize`` acts on the scaled sums, i.e.
-  relative to the game's largest feature (a coalition whose sum is exactly 0 has v = 0). Results
-  beyond the output dtype's range are ``+-inf`` (never 0 or NaN).
 - ``num_samples`` in ``[1, 2^20]`` (``loupe_kernels._common.MAX_SAMPLES``), else ValueError; an int.
 - Games without valid players outside S, with no key players (``n = 0`` with ``query_players``) or
   without valid query tokens: 0 (never NaN); ``G = 0`` or ``M = 0``: empty outputs.
@@ -77,13 +70,11 @@ from typing import Callable
 import torch
 
 from ._backends import extension, resolve_backend
-from ._common import (FLOAT_DTYPES, MAX_SAMPLES, check, check_finite, check_int, max_abs, pow2_scale, sample_stats,
-                      to_work, triton_loader, work_dtype, work_max_exponent)
-from .testing import (SIZE_SCHEDULES, maxsim_values, pooled_values, sample_coalitions_reference,
-                      shapley_from_coalitions)
+from ._common import (FLOAT_DTYPES, MAX_SAMPLES, check, check_finite, check_int, sample_stats, to_work,
+                      triton_loader, work_dtype, work_max_exponent)
+from .testing import SIZE_SCHEDULES, maxsim_values, sample_coalitions_reference, shapley_from_coalitions
 
-__all__ = ["shapley_interaction", "shapley_interaction_pooled", "sample_coalitions",
-           "shapley_interaction_reference", "shapley_interaction_pooled_reference"]
+__all__ = ["shapley_interaction", "sample_coalitions", "shapley_interaction_reference"]
 
 OP = "shapley_interaction"
 MAX_PLAYERS = 8192
@@ -218,26 +209,6 @@ def _validate_maxsim(sim, subsets, query_mask, player_mask, query_players, num_s
     return qm, subsets, pm, K, seed, _check_schedule(size_schedule), gi
 
 
-def _validate_pooled(features, target, subsets, player_mask, num_samples, seed, size_schedule):
-    _check_float(features, "features", 3, "[G, n, D]")
-    _check_float(target, "target", 2, "[G, D]")
-    G, n, D = features.shape
-    if tuple(target.shape) != (G, D):
-        raise ValueError(f"{OP}: target must have shape [G={G}, D={D}], got {list(target.shape)}")
-    if target.dtype != features.dtype:
-        raise TypeError(f"{OP}: features and target must share a dtype, got {features.dtype} and {target.dtype}")
-    if target.device != features.device:
-        raise ValueError(f"{OP}: features and target must be on the same device")
-    if not isinstance(subsets, torch.Tensor) or subsets.dim() != 3:
-        _validate_subsets(subsets, None)
-    if tuple(subsets.shape[::2]) != (G, n):
-        raise ValueError(f"{OP}: subsets must have shape [G={G}, M, n={n}], got {list(subsets.shape)}")
-    subsets, pm = _validate_subsets(subsets, player_mask, features.device)
-    K = _check_samples(num_samples)
-    seed = check_int(OP, seed, "seed", 0, 1 << 64)
-    return subsets, pm, K, seed, _check_schedule(size_schedule)
-
-
 def _seed_i64(seed: int) -> int:
     """The uint64 seed as the int64 with the same bits (custom-op schemas carry int64)."""
     return seed - (1 << 64) if seed >= (1 << 63) else seed
@@ -267,58 +238,15 @@ def shapley_interaction_reference(sim, subsets, *, query_mask=None, player_mask=
     return sample_stats(samples, work)
 
 
-def shapley_interaction_pooled_reference(features, target, subsets, *, player_mask=None, num_samples=64,
-                                         seed=0, size_schedule="uniform"):
-    """Reference of the pooled game: pinned draw + normalised masked sums per term."""
-    subsets, pm, K, seed, sched = _validate_pooled(features, target, subsets, player_mask, num_samples,
-                                                   seed, size_schedule)
-    work = work_dtype(features.dtype)
-    f, t, t_unit = _pooled_scaled(features, target)
-    C = sample_coalitions_reference(subsets, pm, K, seed, sched)
-    samples, _ = shapley_from_coalitions(lambda m: pooled_values(f, t, m), subsets, C,
-                                         row_elems=max(1, f.shape[2] // 8))
-    return _pooled_unscaled(*sample_stats(samples, work), t_unit)
-
-
-def _pooled_scaled(features: torch.Tensor, target: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pooled game's inputs in the work dtype, each game's features and target scaled by a power of
-    two so that their largest magnitude lies in [1, 2) (see the Contract: scale invariance). Returns
-    (features, target, the target's scale units ``2^e`` [G] in float64 to multiply the results by).
-    Exact (powers of two), no host sync."""
-    work = work_dtype(features.dtype)
-    emax = work_max_exponent(features.dtype)
-    f, t = features.detach(), target.detach()
-    G = f.shape[0]
-    fa = f.abs().amax(dim=(1, 2)) if f.shape[1] * f.shape[2] else f.new_zeros(G)
-    ta = t.abs().amax(dim=1) if t.shape[1] else t.new_zeros(G)
-    fs, ts = pow2_scale(fa, emax), pow2_scale(ta, emax)
-    f = f.to(work) * fs.to(work)[:, None, None]
-    t = t.to(work) * ts.to(work)[:, None]
-    return f.contiguous(), t.contiguous(), 1.0 / ts
-
-
-def _pooled_unscaled(est: torch.Tensor, se: torch.Tensor, t_unit: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Results of the scaled game back in the target's scale (exact; beyond the output range: +-inf)."""
-    u = t_unit[:, None]
-    return (est.double() * u).to(est.dtype), (se.double() * u).to(se.dtype)
-
-
 # --------------------------------------------------------------------------------------------
 # compiled backends
 #   maxsim(sim, qm, subsets, pm, query_players, K, seed_u64, sched) -> (est, se)
-#   pooled(features, target, subsets, pm, K, seed_u64, sched) -> (est, se)
 #   (the Triton launchers return the per-sample values [G, M, K]; they are reduced here)
 #   coalitions(subsets, pm, K, seed_u64, sched) -> bool [G, M, K, P]
 # --------------------------------------------------------------------------------------------
 def _cpu_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched, gi=None):
     est, se = extension("cpu").shapley_maxsim(to_work(sim), qm, subsets, pm, query_players, K, seed, sched, gi)
     return est, se
-
-
-def _cpu_pooled(features, target, subsets, pm, K, seed, sched):
-    return extension("cpu").shapley_pooled(to_work(features), to_work(target), subsets, pm, K, seed, sched)
 
 
 def _cpu_coalitions(subsets, pm, K, seed, sched):
@@ -333,11 +261,6 @@ def _triton_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched, gi=None)
     return sample_stats(samples, work_dtype(sim.dtype))
 
 
-def _triton_pooled(features, target, subsets, pm, K, seed, sched):
-    samples = _triton().pooled_samples(features.contiguous(), target.contiguous(), subsets, pm, K, seed, sched)
-    return sample_stats(samples, work_dtype(features.dtype))
-
-
 def _triton_coalitions(subsets, pm, K, seed, sched):
     return _triton().coalitions(subsets, pm, K, seed, sched)
 
@@ -347,21 +270,15 @@ def _cuda_maxsim(sim, qm, subsets, pm, query_players, K, seed, sched, gi=None):
                                             _seed_i64(seed), sched, gi)
 
 
-def _cuda_pooled(features, target, subsets, pm, K, seed, sched):
-    return extension("cuda").shapley_pooled(features.contiguous(), target.contiguous(), subsets, pm, K,
-                                            _seed_i64(seed), sched)
-
-
 def _cuda_coalitions(subsets, pm, K, seed, sched):
     return extension("cuda").shapley_coalitions(subsets, pm, K, _seed_i64(seed), sched)
 
 
 KERNELS: dict[str, dict[str, Callable]] = {
     # "maxsim_qp": the max-sim game with query_players=True (the region-phrase game)
-    "cpu": {"maxsim": _cpu_maxsim, "maxsim_qp": _cpu_maxsim, "pooled": _cpu_pooled, "coalitions": _cpu_coalitions},
-    "triton": {"maxsim": _triton_maxsim, "maxsim_qp": _triton_maxsim, "pooled": _triton_pooled,
-               "coalitions": _triton_coalitions},
-    "cuda": {"maxsim": _cuda_maxsim, "maxsim_qp": _cuda_maxsim, "pooled": _cuda_pooled, "coalitions": _cuda_coalitions},
+    "cpu": {"maxsim": _cpu_maxsim, "maxsim_qp": _cpu_maxsim, "coalitions": _cpu_coalitions},
+    "triton": {"maxsim": _triton_maxsim, "maxsim_qp": _triton_maxsim, "coalitions": _triton_coalitions},
+    "cuda": {"maxsim": _cuda_maxsim, "maxsim_qp": _cuda_maxsim, "coalitions": _cuda_coalitions},
 }
 
 
@@ -382,19 +299,6 @@ def _(sim, query_mask, subsets, player_mask, query_players, num_samples, seed, s
     G, M = subsets.shape[0], subsets.shape[1]
     dt = work_dtype(sim.dtype)
     return sim.new_empty((G, M), dtype=dt), sim.new_empty((G, M), dtype=dt)
-
-
-@torch.library.custom_op("loupe_kernels::shapley_pooled", mutates_args=())
-def _pooled_op(features: torch.Tensor, target: torch.Tensor, subsets: torch.Tensor, player_mask: torch.Tensor,
-               num_samples: int, seed: int, schedule: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return KERNELS[backend]["pooled"](features, target, subsets, player_mask, num_samples, _seed_u64(seed), schedule)
-
-
-@_pooled_op.register_fake
-def _(features, target, subsets, player_mask, num_samples, seed, schedule, backend):
-    G, M = subsets.shape[0], subsets.shape[1]
-    dt = work_dtype(features.dtype)
-    return features.new_empty((G, M), dtype=dt), features.new_empty((G, M), dtype=dt)
 
 
 @torch.library.custom_op("loupe_kernels::shapley_coalitions", mutates_args=())
@@ -440,19 +344,3 @@ def shapley_interaction(sim: torch.Tensor, subsets: torch.Tensor, *, query_mask:
                                              player_mask=pm, query_players=query_players, num_samples=K,
                                              seed=seed, size_schedule=size_schedule, game_index=gi)
     return _maxsim_op(sim.detach(), qm, subsets, pm, query_players, K, _seed_i64(seed), sched, chosen, gi)
-
-
-def shapley_interaction_pooled(features: torch.Tensor, target: torch.Tensor, subsets: torch.Tensor, *,
-                               player_mask: torch.Tensor | None = None, num_samples: int = 64, seed: int = 0,
-                               size_schedule: str = "uniform",
-                               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled interaction ``I([S])`` of the pooled game (see the module docstring)."""
-    subsets, pm, K, seed, sched = _validate_pooled(features, target, subsets, player_mask, num_samples,
-                                                   seed, size_schedule)
-    chosen = resolve_backend(OP, backend, features.device, supported=_supported("pooled"))
-    if chosen == "reference":
-        return shapley_interaction_pooled_reference(features, target, subsets, player_mask=pm, num_samples=K,
-                                                    seed=seed, size_schedule=size_schedule)
-    f, t, t_unit = _pooled_scaled(features, target)
-    est, se = _pooled_op(f, t, subsets, pm, K, _seed_i64(seed), sched, chosen)
-    return _pooled_unscaled(est, se, t_unit)

@@ -9,9 +9,8 @@ METHOD section 5:
   :func:`loupe_kernels.sample_coalitions`.
 - :func:`exact_shapley_interaction`: ``I([S])`` of any game by enumeration (n <= 12), in float64.
 - :func:`shapley_from_coalitions`: the per-sample values ``G(C)`` of given coalitions for a game
-  evaluated by a function on coalition masks; :func:`maxsim_values` and :func:`pooled_values` are
-  the two games of the library in that form; :func:`sample_stats` reduces samples to the estimate
-  and its standard error, as the ops do.
+  evaluated by a function on coalition masks; :func:`maxsim_values` is the library's game in that
+  form; :func:`sample_stats` reduces samples to the estimate and its standard error, as the ops do.
 
 The reference backend of :mod:`loupe_kernels.shapley` is built from these functions.
 """
@@ -25,11 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._common import POOLED_NORM_EPS, check_int, sample_stats
+from ._common import check_int, sample_stats
 
 __all__ = ["philox4x32_10", "sample_coalitions_reference", "exact_shapley_interaction", "shapley_from_coalitions",
-           "maxsim_values", "pooled_values", "subset_members", "sample_stats", "SIZE_SCHEDULES",
-           "MAX_EXACT_PLAYERS", "POOLED_NORM_EPS"]
+           "maxsim_values", "subset_members", "sample_stats", "SIZE_SCHEDULES", "MAX_EXACT_PLAYERS"]
 
 OP = "shapley_interaction"
 MAX_EXACT_PLAYERS = 12
@@ -135,11 +133,6 @@ def maxsim_values(sim: torch.Tensor, qm: torch.Tensor, masks: torch.Tensor, quer
     best = torch.where(qin & kin.any(-1)[..., None], best, zero)
     cnt = qin.sum(-1).clamp(min=1).to(sim.dtype)
     return best.sum(-1) / cnt
-
-
-def pooled_values(features: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    z = masks.to(features.dtype) @ features                                               # [G, X, D]
-    return (F.normalize(z, dim=-1, eps=POOLED_NORM_EPS) * target[:, None, :]).sum(-1)
 
 
 def shapley_from_coalitions(value: Callable[[torch.Tensor], torch.Tensor], subsets: torch.Tensor,

@@ -10,9 +10,6 @@ taken, so nothing of size [K, P] is materialised:
 - max-sim game (also with ``query_players=True``, the region-phrase game): the running masked max
   ``mC [BLOCK_K, BLOCK_Q]`` over the key players in C (and, for the region-phrase game, the query
   players in C as a bit tile). ``v(C u {i})`` and ``v(C u S)`` follow from element-wise maxima.
-- pooled game: the running feature sum ``zC [BLOCK_K, BLOCK_D]`` of C; ``v(C u {i})`` and
-  ``v(C u S)`` follow by adding ``x_i`` or the sum of the features of S, then one dot product with
-  the target and one norm each.
 
 Accumulation is in float32 (float64 for float64 input). The per-sample values ``G(C)``
 ``[G, M, K]`` are written out and returned; ``loupe_kernels.shapley`` reduces them to the mean and
@@ -27,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import POOLED_NORM_EPS, triton_acc, work_dtype
+from ._common import triton_acc, work_dtype
 
-__all__ = ["maxsim_samples", "pooled_samples", "coalitions"]
+__all__ = ["maxsim_samples", "coalitions"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,50 +192,6 @@ def _maxsim_kernel(sim_ptr, gidx_ptr, qm_ptr, S_ptr, pm_ptr, samples_ptr, seed, 
 
 
 # --------------------------------------------------------------------------------------------
-# pooled game
-# --------------------------------------------------------------------------------------------
-@triton.jit
-def _pooled_value(z, tv, EPS: tl.constexpr):
-    """<normalize(z), t> per row of ``z [BLOCK_K, BLOCK_D]``; normalize(z) = z / max(||z||, EPS)."""
-    num = tl.sum(z * tv[None, :], axis=1)
-    nrm = tl.sqrt(tl.sum(z * z, axis=1))
-    return num / tl.maximum(nrm, EPS)
-
-
-@triton.jit
-def _pooled_kernel(x_ptr, t_ptr, S_ptr, pm_ptr, samples_ptr, seed, K, M, n, D,
-                   SCHED: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    pid, g, offs_k, kmask, npool, kvec, m32, g32, r, c, t, blk, w0, w1, w2, w3 = _draw_start(
-        S_ptr, pm_ptr, seed, K, M, n, SCHED, BLOCK_K, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    x_g = x_ptr + g * n * D + offs_d
-    tv = tl.load(t_ptr + g * D + offs_d, mask=dmask, other=0.0).to(ACC)
-    zC = tl.zeros([BLOCK_K, BLOCK_D], dtype=ACC)     # running sum of the features of C
-    zS = tl.zeros([BLOCK_D], dtype=ACC)              # sum of the features of S
-    s_cnt = npool * 0
-    for p in range(0, n):
-        sp = tl.load(S_ptr + pid * n + p) != 0
-        vp = tl.load(pm_ptr + g * n + p) != 0
-        take, t, c, blk, w0, w1, w2, w3 = _draw_step(seed, kvec, m32, g32, vp & (sp == 0), npool, t, c, r,
-                                                     blk, w0, w1, w2, w3)
-        xp = tl.load(x_g + p * D, mask=dmask, other=0.0).to(ACC)
-        zC = tl.where(take[:, None], zC + xp[None, :], zC)
-        zS = tl.where(sp, zS + xp, zS)
-        s_cnt += sp.to(tl.int32)
-    vC = _pooled_value(zC, tv, EPS)
-    acc = _pooled_value(zC + zS[None, :], tv, EPS)
-    for p in range(0, n):
-        sp = tl.load(S_ptr + pid * n + p) != 0
-        if sp:
-            xp = tl.load(x_g + p * D, mask=dmask, other=0.0).to(ACC)
-            acc -= _pooled_value(zC + xp[None, :], tv, EPS)
-    acc += (s_cnt - 1).to(ACC) * vC
-    tl.store(samples_ptr + pid * K + offs_k, acc, mask=kmask)
-
-
-# --------------------------------------------------------------------------------------------
 # launchers (validated, contiguous inputs; called from loupe_kernels.shapley)
 # --------------------------------------------------------------------------------------------
 def _block_k(K: int) -> int:
@@ -288,26 +241,4 @@ def maxsim_samples(sim: torch.Tensor, query_mask: torch.Tensor, subsets: torch.T
                              int(seed), K, M, Lq, n,
                              SCHED=schedule, QP=bool(query_players), HAS_INDEX=has_index, ACC=triton_acc(dt),
                              BLOCK_K=BLOCK_K, BLOCK_Q=BLOCK_Q, BLOCK_P=_block_p(P))
-    return samples
-
-
-def pooled_samples(features: torch.Tensor, target: torch.Tensor, subsets: torch.Tensor, player_mask: torch.Tensor,
-                   K: int, seed: int, schedule: int) -> torch.Tensor:
-    """Pooled game: the per-sample values ``[G, M, K]`` (float32, float64 for float64 input)."""
-    G, n, D = features.shape
-    M = subsets.shape[1]
-    dt = work_dtype(features.dtype)
-    samples = torch.empty((G, M, K), dtype=dt, device=features.device)
-    if samples.numel():
-        BLOCK_D = max(16, triton.next_power_of_2(D))
-        # the running sums zC [BLOCK_K, BLOCK_D] and the term temporaries live in registers: about 2048
-        # elements (1024 in float64) keep an sm_90 build of this kernel free of spills up to D = 256
-        # (checked with ptxas; no tl.dot here, so BLOCK_K may be 8)
-        budget = 1024 if dt == torch.float64 else 2048
-        BLOCK_K = max(8, min(_block_k(K), budget // BLOCK_D))
-        grid = (G * M, math.ceil(K / BLOCK_K))
-        _pooled_kernel[grid](features.contiguous(), target.contiguous(), _u8(subsets), _u8(player_mask), samples,
-                             int(seed), K, M, n, D,
-                             SCHED=schedule, ACC=triton_acc(dt), EPS=POOLED_NORM_EPS,
-                             BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_P=_block_p(n))
     return samples

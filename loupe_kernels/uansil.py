@@ -18,8 +18,8 @@ the running variance of the sampled interactions, and decides which games are sa
 The predictor learns from the sampled games with :func:`uncertainty_interaction_loss` and the
 sampler's own variance ``se^2`` as ``target_var``: ``exp(log_var)`` is then the predictor's error
 variance beyond the sampling noise. The caller samples the chosen games with
-:func:`loupe_kernels.shapley_interaction` / :func:`~loupe_kernels.shapley_interaction_pooled` and
-reports them back through :meth:`UansilPolicy.update`. Decisions draw from the caller's generator
+:func:`loupe_kernels.shapley_interaction` (or any estimator with a standard error) and reports
+them back through :meth:`UansilPolicy.update`. Decisions draw from the caller's generator
 and are keyed to the caller's step (a resumed training run continues its warm-up; the same batch
 seed gives the same decisions). ``loupe.objectives`` runs it for LOUPE's two kinds of games.
 """

@@ -60,9 +60,6 @@ std::vector<at::Tensor> shapley_maxsim_cpu(const at::Tensor& sim, const at::Tens
                                            const at::Tensor& subsets, const at::Tensor& player_mask,
                                            bool query_players, int64_t num_samples, uint64_t seed,
                                            int64_t schedule, const c10::optional<at::Tensor>& game_index);
-std::vector<at::Tensor> shapley_pooled_cpu(const at::Tensor& features, const at::Tensor& target,
-                                           const at::Tensor& subsets, const at::Tensor& player_mask,
-                                           int64_t num_samples, uint64_t seed, int64_t schedule);
 // The coalitions the kernels draw: bool [G, M, K, P].
 at::Tensor shapley_coalitions_cpu(const at::Tensor& subsets, const at::Tensor& player_mask, int64_t num_samples,
                                   uint64_t seed, int64_t schedule);

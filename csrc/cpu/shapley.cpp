@@ -44,8 +44,6 @@
 namespace loupe {
 namespace {
 
-constexpr double kNormEps = 1e-12;
-
 // LOUPE_CPU_BASELINE_ISA=1 (read once per process) keeps the baseline copies: for tests of the
 // code that machines without AVX2 run.
 inline bool use_avx2() {
@@ -486,74 +484,6 @@ void maxsim_kernel(const at::Tensor& sim, const at::Tensor& qm, const at::Tensor
   (void)avx2;
 }
 
-// ---- pooled game: v(C) = <normalize(sum_{i in C} x_i), t>, in double ------------------------
-template <typename T>
-void pooled_kernel(const at::Tensor& feat, const at::Tensor& target, const at::Tensor& subsets, const at::Tensor& pm,
-                   int64_t K, uint64_t seed, int64_t schedule, at::Tensor& est, at::Tensor& se) {
-  const int64_t G = feat.size(0), D = feat.size(2);
-  const int64_t M = subsets.size(1), P = subsets.size(2);
-  const T* fp = feat.data_ptr<T>();
-  const T* tp = target.data_ptr<T>();
-  const bool* Sp = subsets.data_ptr<bool>();
-  const bool* pmp = pm.data_ptr<bool>();
-  T* estp = est.data_ptr<T>();
-  T* sep = se.data_ptr<T>();
-
-  const bool avx2 = use_avx2();
-  at::parallel_for(0, G * M, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<int64_t> pool, members, pos;
-    std::vector<double> t, xs, zS, zC, at_, nn_;
-    std::vector<uint32_t> words(kGroupWords);
-    std::vector<int64_t> thr(kGroupWords);
-    for (int64_t task = lo; task < hi; ++task) {
-      const int64_t g = task / M, m = task % M;
-      task_players(Sp + (g * M + m) * P, pmp + g * P, P, pool, members);
-      const int64_t npool = int64_t(pool.size()), s = int64_t(members.size());
-      const T* xg = fp + g * P * D;
-      t.assign(tp + g * D, tp + (g + 1) * D);
-      auto dot = [&](const double* a, const double* b) {
-        double r = 0;
-        for (int64_t d = 0; d < D; ++d) r += a[d] * b[d];
-        return r;
-      };
-      xs.resize(size_t(s * D));
-      zS.assign(D, 0.0);
-      at_.resize(s);
-      nn_.resize(s);
-      for (int64_t a = 0; a < s; ++a) {
-        double* xa = xs.data() + a * D;
-        const T* src = xg + members[a] * D;
-        for (int64_t d = 0; d < D; ++d) { xa[d] = double(src[d]); zS[d] += xa[d]; }
-        at_[a] = dot(xa, t.data());
-        nn_[a] = dot(xa, xa);
-      }
-      const double aS = dot(zS.data(), t.data()), nS = dot(zS.data(), zS.data());
-      auto v = [](double zt, double zz) { return zt / std::max(std::sqrt(std::max(zz, 0.0)), kNormEps); };
-      zC.resize(D);
-      pos.resize(npool + 1);
-      const Drawer drawer(seed, g, m, npool, schedule);
-      Welford acc;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t c = avx2 ? drawer.draw<true>(k, pos.data(), words.data(), thr.data())
-                               : drawer.draw<false>(k, pos.data(), words.data(), thr.data());
-        std::fill(zC.begin(), zC.end(), 0.0);
-        for (int64_t a = 0; a < c; ++a) {
-          const T* src = xg + pool[pos[a]] * D;
-          for (int64_t d = 0; d < D; ++d) zC[d] += double(src[d]);
-        }
-        const double zt = dot(zC.data(), t.data()), zz = dot(zC.data(), zC.data());
-        double gk = v(zt + aS, zz + 2.0 * dot(zC.data(), zS.data()) + nS);
-        for (int64_t a = 0; a < s; ++a)
-          gk -= v(zt + at_[a], zz + 2.0 * dot(zC.data(), xs.data() + a * D) + nn_[a]);
-        gk += double(s - 1) * v(zt, zz);
-        acc.add(gk);
-      }
-      estp[g * M + m] = T(acc.mean);
-      sep[g * M + m] = T(acc.stderr_());
-    }
-  });
-}
-
 }  // namespace
 
 std::vector<at::Tensor> shapley_maxsim_cpu(const at::Tensor& sim, const at::Tensor& query_mask,
@@ -583,26 +513,6 @@ std::vector<at::Tensor> shapley_maxsim_cpu(const at::Tensor& sim, const at::Tens
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "shapley_maxsim_cpu", [&] {
     maxsim_kernel<scalar_t>(sim, query_mask, subsets, player_mask, query_players, num_samples, seed, schedule, gidx,
                             est, se);
-  });
-  return {est, se};
-}
-
-std::vector<at::Tensor> shapley_pooled_cpu(const at::Tensor& features, const at::Tensor& target,
-                                           const at::Tensor& subsets, const at::Tensor& player_mask,
-                                           int64_t num_samples, uint64_t seed, int64_t schedule) {
-  check_common(subsets, player_mask, num_samples, schedule);
-  TORCH_CHECK(features.dim() == 3 && features.is_contiguous(), "features must be a contiguous [G, n, D] tensor");
-  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
-              "features must be float32 or float64");
-  TORCH_CHECK(target.dim() == 2 && target.is_contiguous() && target.scalar_type() == features.scalar_type() &&
-              target.size(0) == features.size(0) && target.size(1) == features.size(2),
-              "target must be a contiguous [G, D] tensor of the dtype of features");
-  TORCH_CHECK(subsets.size(0) == features.size(0) && subsets.size(2) == features.size(1),
-              "subsets must have shape [G, M, n]");
-  at::Tensor est = at::empty({features.size(0), subsets.size(1)}, features.options());
-  at::Tensor se = at::empty({features.size(0), subsets.size(1)}, features.options());
-  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "shapley_pooled_cpu", [&] {
-    pooled_kernel<scalar_t>(features, target, subsets, player_mask, num_samples, seed, schedule, est, se);
   });
   return {est, se};
 }

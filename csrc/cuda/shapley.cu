@@ -16,14 +16,6 @@
 // with selection sampling; each member taken is folded at once into the warp's running masked max
 // mC[Lq] (lanes own tokens j = lane, lane + 32, ...). Then v(C), v(C u {i}), v(C u S) come from
 // element-wise maxima and warp sums. Welford per warp, merged per block. Nothing of size [K, P].
-//
-// Pooled kernel: v(C) = <normalize(sum_{i in C} x_i), t>. One block per (g, m), one warp per sample.
-// Warp 0 lists the pool (valid players outside S, ascending) and the members of S with ballots in
-// shared memory; the block sums the features of S once (zS). Each warp walks the pool positions with
-// the pinned selection rule (warp-uniform decisions, stopped once the size is reached) and adds each
-// member's features to its running sum zC (shared memory, lanes own the dims d = lane, lane + 32, ...).
-// v(C), v(C u S) = value(zC + zS) and v(C u {i}) = value(zC + x_i) then take one pass over D each:
-// per-lane partial dot products in the compute type, warp sums in double.
 #include "shapley.h"
 
 #include <cuda_bf16.h>
@@ -369,98 +361,6 @@ __global__ void maxsim_lanes_kernel(const T* __restrict__ sim, const int64_t* __
   write_stats(wf, nthreads, task, est, se);
 }
 
-constexpr double kNormEps = 1e-12;
-
-__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
-
-// value of the pooled game for z = zC (mode 0), zC + zS (mode 1), zC + x (mode 2): <z, t> / max(||z||, eps)
-template <typename T, typename A>
-__device__ __forceinline__ double pooled_value(const A* zC, const A* zS, const T* x, const A* tv, int D, int lane,
-                                               int mode) {
-  A num = A(0), nn = A(0);
-  for (int d = lane; d < D; d += 32) {
-    A z = zC[d];
-    if (mode == 1) z = z + zS[d];
-    else if (mode == 2) z = z + load_acc<T, A>(x + d);
-    num = fma_acc(z, tv[d], num);
-    nn = fma_acc(z, z, nn);
-  }
-  const double tot = warp_sum(double(num)), sq = warp_sum(double(nn));
-  const double nrm = sqrt(sq);
-  return tot / (nrm > kNormEps ? nrm : kNormEps);
-}
-
-// T: input type, A: compute type (float, or double for double input)
-template <typename T, typename A>
-__global__ void pooled_kernel(const T* __restrict__ x, const T* __restrict__ tgt, const uint8_t* __restrict__ S,
-                              const uint8_t* __restrict__ pm, int M, int n, int D, int K, uint64_t seed,
-                              int schedule, A* est, A* se) {
-  extern __shared__ __align__(16) unsigned char pooled_smem[];
-  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int task = blockIdx.x, g = task / M, m = task % M;
-  const uint8_t* Sg = S + int64_t(task) * n;
-  const uint8_t* valid = pm + int64_t(g) * n;
-  const T* xg = x + int64_t(g) * n * D;
-
-  // shared layout: welford[warps][3] (double), t[D], zS[D], zC[warps][D] (A), idx[n] (int):
-  // idx[0..npool) = pool players ascending, idx[n-1-j] = j-th member of S (ascending in j)
-  double* wf = reinterpret_cast<double*>(pooled_smem);
-  A* tv = reinterpret_cast<A*>(wf + 3 * warps);
-  A* zS = tv + D;
-  A* zCall = zS + D;
-  int* idx = reinterpret_cast<int*>(zCall + int64_t(warps) * D);
-  __shared__ int npool_s, s_s;
-
-  if (warp == 0) {
-    int np = 0, ns = 0;
-    const unsigned lt = (1u << lane) - 1u;
-    for (int base = 0; base < n; base += 32) {
-      const int p = base + lane;
-      const bool inS = p < n && Sg[p] != 0;
-      const bool inPool = p < n && !inS && valid[p] != 0;
-      const unsigned bp = __ballot_sync(0xffffffffu, inPool), bs = __ballot_sync(0xffffffffu, inS);
-      if (inPool) idx[np + __popc(bp & lt)] = p;
-      if (inS) idx[n - 1 - (ns + __popc(bs & lt))] = p;
-      np += __popc(bp);
-      ns += __popc(bs);
-    }
-    if (lane == 0) { npool_s = np; s_s = ns; }
-  }
-  for (int d = threadIdx.x; d < D; d += blockDim.x) tv[d] = load_acc<T, A>(tgt + int64_t(g) * D + d);
-  __syncthreads();
-  const int npool = npool_s, s = s_s;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    A acc = A(0);
-    for (int j = 0; j < s; ++j) acc = acc + load_acc<T, A>(xg + int64_t(idx[n - 1 - j]) * D + d);
-    zS[d] = acc;
-  }
-  __syncthreads();
-  A* zC = zCall + int64_t(warp) * D;   // each lane reads and writes only its own dims: no warp syncs
-
-  double w_n = 0, w_mean = 0, w_m2 = 0;
-  for (int k = warp; k < K; k += warps) {
-    Stream st(seed, uint32_t(k), uint32_t(m), uint32_t(g));
-    const int64_t r = draw_size(st, seed, k, m, g, npool, schedule);
-    for (int d = lane; d < D; d += 32) zC[d] = A(0);
-    int64_t c = 0;
-    for (int64_t t = 0; t < npool && c < r; ++t) {
-      if (!take_it(st, t, npool - t, r - c)) continue;
-      ++c;
-      const T* xp = xg + int64_t(idx[t]) * D;
-      for (int d = lane; d < D; d += 32) zC[d] = zC[d] + load_acc<T, A>(xp + d);
-    }
-    const double vC = pooled_value<T, A>(zC, zS, xg, tv, D, lane, 0);
-    double gk = pooled_value<T, A>(zC, zS, xg, tv, D, lane, 1);
-    for (int j = 0; j < s; ++j) gk -= pooled_value<T, A>(zC, zS, xg + int64_t(idx[n - 1 - j]) * D, tv, D, lane, 2);
-    gk += double(s - 1) * vC;
-    welford_add(gk, w_n, w_mean, w_m2);
-  }
-  if (lane == 0) { wf[3 * warp] = w_n; wf[3 * warp + 1] = w_mean; wf[3 * warp + 2] = w_m2; }
-  __syncthreads();
-  write_stats(wf, warps, task, est, se);  // warps in a fixed order
-}
-
 __global__ void coalitions_kernel(const uint8_t* __restrict__ S, const uint8_t* __restrict__ pm, int G, int M,
                                   int P, int K, uint64_t seed, int schedule, uint8_t* out) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -543,49 +443,7 @@ cudaError_t launch_maxsim(const void* sim, const int64_t* gidx, const uint8_t* q
   return cudaGetLastError();
 }
 
-template <typename T, typename A>
-cudaError_t launch_pooled(const void* x, const void* tgt, const uint8_t* S, const uint8_t* pm, int G, int M, int n,
-                          int D, int K, uint64_t seed, int schedule, void* est, void* se, cudaStream_t stream) {
-  auto smem_of = [&](int w) {
-    return size_t(3 * w) * sizeof(double) + size_t(D) * sizeof(A) * size_t(2 + w) + size_t(n) * sizeof(int);
-  };
-  int warps = K < 8 ? (K < 1 ? 1 : K) : 8;
-  while (warps > 1 && smem_of(warps) > 48 * 1024) warps >>= 1;   // wide features: fewer warps a block
-  const size_t smem = smem_of(warps);
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(pooled_kernel<T, A>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               int(smem));
-    if (e != cudaSuccess) return e;
-  }
-  if (G * M == 0) return cudaSuccess;
-  pooled_kernel<T, A><<<G * M, warps * 32, smem, stream>>>(static_cast<const T*>(x), static_cast<const T*>(tgt), S,
-                                                           pm, M, n, D, K, seed, schedule, static_cast<A*>(est),
-                                                           static_cast<A*>(se));
-  return cudaGetLastError();
-}
-
 }  // namespace
-
-cudaError_t loupe_shapley_pooled(const void* features, const void* target, int dtype, const uint8_t* subsets,
-                                 const uint8_t* player_mask, int G, int M, int n, int D, int K, uint64_t seed,
-                                 int schedule, void* est, void* se, cudaStream_t stream) {
-  switch (dtype) {
-    case LOUPE_F32:
-      return launch_pooled<float, float>(features, target, subsets, player_mask, G, M, n, D, K, seed, schedule, est,
-                                         se, stream);
-    case LOUPE_F64:
-      return launch_pooled<double, double>(features, target, subsets, player_mask, G, M, n, D, K, seed, schedule,
-                                           est, se, stream);
-    case LOUPE_F16:
-      return launch_pooled<__half, float>(features, target, subsets, player_mask, G, M, n, D, K, seed, schedule,
-                                          est, se, stream);
-    case LOUPE_BF16:
-      return launch_pooled<__nv_bfloat16, float>(features, target, subsets, player_mask, G, M, n, D, K, seed,
-                                                 schedule, est, se, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
 
 cudaError_t loupe_shapley_maxsim(const void* sim, int dtype, const int64_t* game_index, const uint8_t* query_mask, const uint8_t* subsets,
                                  const uint8_t* player_mask, int G, int M, int Lq, int n, int K, int query_players,

@@ -3,7 +3,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-#include "common.h"  // LoupeDtype: the dtype codes of sim and features
+#include "common.h"  // LoupeDtype: the dtype codes of sim
 
 // Max-sim game. sim [G, Lq, n] (dtype), query_mask [G, Lq], subsets [G, M, P], player_mask [G, P]
 // (uint8 0/1, contiguous), P = n or Lq + n (query_players). est / se [G, M]: double for LOUPE_F64,
@@ -16,14 +16,6 @@ cudaError_t loupe_shapley_maxsim(const void* sim, int dtype, const int64_t* game
                                  const uint8_t* player_mask, int G, int M, int Lq, int n, int K,
                                  int query_players, uint64_t seed, int schedule, void* est, void* se,
                                  cudaStream_t stream);
-
-// Pooled game v(C) = <normalize(sum_{i in C} x_i), t>. features [G, n, D], target [G, D] (dtype, both),
-// subsets [G, M, n], player_mask [G, n] (uint8 0/1, contiguous). est / se [G, M]: double for LOUPE_F64,
-// float otherwise (accumulation in the same type, warp sums in double). One block per (g, m), one warp
-// per sample.
-cudaError_t loupe_shapley_pooled(const void* features, const void* target, int dtype, const uint8_t* subsets,
-                                 const uint8_t* player_mask, int G, int M, int n, int D, int K, uint64_t seed,
-                                 int schedule, void* est, void* se, cudaStream_t stream);
 
 // The coalitions of the pinned draw: out [G, M, K, P] uint8 (written in full).
 cudaError_t loupe_shapley_coalitions(const uint8_t* subsets, const uint8_t* player_mask, int G, int M, int P,

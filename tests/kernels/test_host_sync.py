@@ -57,7 +57,6 @@ def _inputs(dt=torch.float32):
 @needs_cpu
 def test_hot_path_reads_no_tensor_value_on_the_host(monkeypatch):
     g, q, k, qm, km, sim, subsets = _inputs()
-    feats, target = torch.randn(2, 7, 8, generator=g), torch.randn(2, 8, generator=g)
     mu = torch.randn(6, generator=g, requires_grad=True)
     lv = torch.randn(6, generator=g, requires_grad=True)
     t, tv, w = torch.randn(6, generator=g), torch.rand(6, generator=g), torch.rand(6, generator=g)
@@ -76,7 +75,6 @@ def test_hot_path_reads_no_tensor_value_on_the_host(monkeypatch):
         (a.sum() + b.sum()).backward()
         lk.shapley_interaction(sim, subsets, num_samples=8, seed=3, backend="cpu")
         lk.shapley_interaction(sim, qp, query_players=True, num_samples=8, backend="cpu")
-        lk.shapley_interaction_pooled(feats, target, subsets, num_samples=8, backend="cpu")
         lk.sample_coalitions(subsets, num_samples=8, seed=1, backend="cpu")
         for red in ("mean", "sum", "none"):
             lk.uncertainty_interaction_loss(mu, lv, t, target_var=tv, weight=w, reduction=red,

@@ -34,9 +34,7 @@ def _game(G=3, Lq=4, n=6, seed=0):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_num_samples_is_bounded(backend):
     sim, S = _game()
-    f, t = torch.randn(3, 6, 4), torch.randn(3, 4)
     for call in (lambda K: lk.shapley_interaction(sim, S, num_samples=K, backend=backend),
-                 lambda K: lk.shapley_interaction_pooled(f, t, S, num_samples=K, backend=backend),
                  lambda K: lk.sample_coalitions(S, num_samples=K, seed=0, backend=backend)):
         with pytest.raises(ValueError, match=r"num_samples must be <= 2\^20 = 1048576"):
             call(5_000_000_000)

@@ -48,7 +48,8 @@ def region_phrase_game(sim: torch.Tensor):
     return v
 
 
-def pooled_game(x: torch.Tensor, t: torch.Tensor):
+def normalized_sum_game(x: torch.Tensor, t: torch.Tensor):
+    """v(C) = <normalize(sum_{i in C} x_i), t>: a smooth non-additive test game for the oracle identities."""
     x, t = x.double(), t.double()
 
     def v(C):
@@ -287,15 +288,15 @@ def test_exact_rejects_bad_input():
         exact_shapley_interaction(lambda C: 0.0, 4, [0, 7])
 
 
-@pytest.mark.parametrize("game", ["maxsim", "pooled", "region_phrase", "unanimity"])
+@pytest.mark.parametrize("game", ["maxsim", "normalized_sum", "region_phrase", "unanimity"])
 def test_expectation_over_support_equals_exact(game):
     gen = torch.Generator().manual_seed(11)
     n = 8
     if game == "maxsim":
         v = maxsim_game(torch.randn(5, n, generator=gen, dtype=torch.float64))
-    elif game == "pooled":
-        v = pooled_game(torch.randn(n, 6, generator=gen, dtype=torch.float64),
-                        torch.randn(6, generator=gen, dtype=torch.float64))
+    elif game == "normalized_sum":
+        v = normalized_sum_game(torch.randn(n, 6, generator=gen, dtype=torch.float64),
+                                torch.randn(6, generator=gen, dtype=torch.float64))
     elif game == "region_phrase":
         v = region_phrase_game(torch.randn(3, n - 3, generator=gen, dtype=torch.float64))
     else:
@@ -354,25 +355,6 @@ def test_ztest_region_phrase(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ztest_pooled(backend):
-    gen = torch.Generator().manual_seed(8)
-    G, n, D = 2, 9, 5
-    x = torch.randn(G, n, D, generator=gen, dtype=torch.float64)
-    t = torch.randn(G, D, generator=gen, dtype=torch.float64)
-    pm = torch.ones(G, n, dtype=torch.bool)
-    pm[0, 8] = False
-    subsets = subsets_from([[[0, 1], [2, 3, 4]], [[5, 8], [2, 3, 4]]], n)
-    est, se = lk.shapley_interaction_pooled(x, t, subsets, player_mask=pm, num_samples=1500, seed=21,
-                                            backend=backend)
-    for g in range(G):
-        v = pooled_game(x[g], t[g])
-        for m in range(2):
-            S = subsets[g, m].nonzero().flatten().tolist()
-            exact = exact_for(v, pm[g].tolist(), S)
-            assert abs((float(est[g, m]) - exact) / float(se[g, m])) < 5, (g, m, est[g, m], exact)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_additive_game_and_singletons_are_exactly_zero(backend, dtype):
     """sim = diag(w) with w >= 0 makes the max-sim game additive: every sample is exactly 0."""
@@ -388,12 +370,8 @@ def test_additive_game_and_singletons_are_exactly_zero(backend, dtype):
     # |S| = 1 gives exactly 0 in any game
     gen = torch.Generator().manual_seed(0)
     sim = torch.randn(2, 5, n, generator=gen, dtype=dtype)
-    x = torch.randn(2, n, 7, generator=gen, dtype=dtype)
-    t = torch.randn(2, 7, generator=gen, dtype=dtype)
     single = subsets_from([[[0], [3], [7]]] * 2, n)
     assert torch.equal(lk.shapley_interaction(sim, single, num_samples=9, backend=backend)[0], torch.zeros(2, 3, dtype=dtype))
-    assert torch.equal(lk.shapley_interaction_pooled(x, t, single, num_samples=9, backend=backend)[0],
-                       torch.zeros(2, 3, dtype=dtype))
 
 
 def test_rmse_falls_like_one_over_sqrt_k():
@@ -463,7 +441,7 @@ def _rounding_tol(ref_lo: torch.Tensor, ref64: torch.Tensor) -> float:
 @pytest.mark.parametrize("query_players", [False, True])
 def test_cpu_maxsim_matches_reference(dtype, query_players):
     gen = torch.Generator().manual_seed(31)
-    G, Lq, n, M = 3, 6, 20, 4
+    G, Lq, n = 3, 6, 20
     sim = torch.randn(G, Lq, n, generator=gen).to(dtype)
     P = Lq + n if query_players else n
     pm = torch.rand(G, P, generator=gen) > 0.25
@@ -481,24 +459,6 @@ def test_cpu_maxsim_matches_reference(dtype, query_players):
     for i in range(2):
         tol = _rounding_tol(ref_lo[i], ref64[i])
         assert float((out[i].double() - ref64[i]).abs().max()) <= tol
-
-
-@pytest.mark.skipif(not HAS_CPU, reason="the C++ CPU extension is not built")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_pooled_matches_reference(dtype):
-    gen = torch.Generator().manual_seed(32)
-    G, n, D, M = 3, 15, 16, 3
-    x = torch.randn(G, n, D, generator=gen).to(dtype)
-    t = torch.randn(G, D, generator=gen).to(dtype)
-    pm = torch.rand(G, n, generator=gen) > 0.2
-    pm[:, :5] = True
-    subsets = subsets_from([[[0, 1], [2, 3, 4], [4]]] * G, n)
-    kw = dict(player_mask=pm, num_samples=40, seed=5)
-    ref64 = lk.shapley_interaction_pooled(x.double(), t.double(), subsets, backend="reference", **kw)
-    ref_lo = lk.shapley_interaction_pooled(x, t, subsets, backend="reference", **kw)
-    out = lk.shapley_interaction_pooled(x, t, subsets, backend="cpu", **kw)
-    for i in range(2):
-        assert float((out[i].double() - ref64[i]).abs().max()) <= _rounding_tol(ref_lo[i], ref64[i])
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="the C++ CPU extension is not built")
@@ -524,7 +484,7 @@ def test_custom_ops_opcheck():
     ones = torch.ones(2, 3, dtype=torch.bool)
     pm = torch.ones(2, 6, dtype=torch.bool)
     torch.library.opcheck(sh._maxsim_op, (sim, ones, subsets, pm, False, 4, 3, 0, "cpu"))
-    torch.library.opcheck(sh._pooled_op, (torch.randn(2, 6, 4), torch.randn(2, 4), subsets, pm, 4, -3, 1, "cpu"))
+    torch.library.opcheck(sh._maxsim_op, (sim, ones, subsets, pm, False, 4, -3, 1, "cpu"))  # seed >= 2^63, round robin
     torch.library.opcheck(sh._coalitions_op, (subsets, pm, 4, 3, 0, "cpu"))
 
 
@@ -565,8 +525,6 @@ def test_bad_input_names_the_argument():
         f(sim, subsets.int())
     with pytest.raises(ValueError, match="too many players"):
         f(torch.randn(1, 1, sh.MAX_PLAYERS + 1), torch.ones(1, 1, sh.MAX_PLAYERS + 1, dtype=torch.bool))
-    with pytest.raises(ValueError, match="target"):
-        lk.shapley_interaction_pooled(torch.randn(2, 5, 4), torch.randn(2, 3), subsets)
     with pytest.raises(ValueError, match="backend"):
         f(sim, subsets, backend="metal")
     with pytest.raises(ValueError, match="num_samples"):

@@ -61,15 +61,6 @@ def region_phrase_case(seed=0, G=4, M=4, Lq=12, n=36, sizes=(1, 2, 3)):
     return sim.to(DEV), sub.to(DEV), pm.to(DEV)
 
 
-def pooled_case(seed=0, G=4, M=4, n=49, D=256, sizes=(1, 2, 3)):
-    gen = torch.Generator().manual_seed(seed)
-    pm = torch.rand(G, n, generator=gen) > 0.15
-    sub = _subsets(G, M, n, sizes, gen, pm)
-    x = torch.randn(G, n, D, generator=gen) + 0.3
-    t = torch.nn.functional.normalize(torch.randn(G, D, generator=gen) + 0.3, dim=-1)
-    return x.to(DEV), t.to(DEV), sub.to(DEV), pm.to(DEV)
-
-
 def _tol(ref_lo, ref64, scale, dtype):
     eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
     return 2 * float((ref_lo.double() - ref64.double()).abs().max()) + eps * scale
@@ -160,39 +151,6 @@ def test_region_phrase_matches_reference(dtype, schedule):
         assert float((tri[0] - out[0]).abs().max()) <= 2 * _tol(ref_lo[0], ref64[0], scale, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("schedule", ["uniform", "round_robin"])
-@pytest.mark.parametrize("D", [256, 40])
-def test_pooled_matches_reference(dtype, schedule, D):
-    x, t, sub, pm = pooled_case(5, D=D)
-    x, t = x.to(dtype), t.to(dtype)
-    kw = dict(player_mask=pm, num_samples=64, seed=13, size_schedule=schedule)
-    ref64 = lk.shapley_interaction_pooled(x.double(), t.double(), sub, backend="reference", **kw)
-    ref_lo = lk.shapley_interaction_pooled(x, t, sub, backend="reference", **kw)
-    assert float(ref64[0].abs().max()) > 1e-3
-    scale = 5 * float(t.double().norm(dim=-1).max())
-    out = lk.shapley_interaction_pooled(x, t, sub, backend="cuda", **kw)
-    _check_close(out, ref_lo, ref64, scale, dtype)
-    if HAS_CPU:
-        xc, tc = (x.cpu().float(), t.cpu().float()) if dtype != torch.float64 else (x.cpu(), t.cpu())
-        cpu = lk.shapley_interaction_pooled(xc, tc, sub.cpu(), backend="cpu", **{**kw, "player_mask": pm.cpu()})
-        _check_close(out, cpu, ref64, scale, dtype)
-    if HAS_TRITON:
-        tri = lk.shapley_interaction_pooled(x, t, sub, backend="triton", **kw)
-        _check_close(tri, ref_lo, ref64, scale, dtype)
-        assert float((tri[0] - out[0]).abs().max()) <= 2 * _tol(ref_lo[0], ref64[0], scale, dtype)
-
-
-def test_pooled_wide_features_fewer_warps():
-    """D = 3000 floats: the shared-memory budget forces fewer warps a block (still every sample)."""
-    x, t, sub, pm = pooled_case(6, G=2, M=2, n=20, D=3000)
-    kw = dict(player_mask=pm, num_samples=21, seed=4)
-    ref64 = lk.shapley_interaction_pooled(x.double(), t.double(), sub, backend="reference", **kw)
-    ref_lo = lk.shapley_interaction_pooled(x, t, sub, backend="reference", **kw)
-    out = lk.shapley_interaction_pooled(x, t, sub, backend="cuda", **kw)
-    _check_close(out, ref_lo, ref64, 5 * float(t.double().norm(dim=-1).max()), torch.float32)
-
-
 @pytest.mark.parametrize("Lq,n,K", [(48, 30, 300), (100, 20, 40), (20, 1000, 40), (1, 5, 7)])
 def test_maxsim_kernel_paths(Lq, n, K):
     """Thread-per-sample kernel with LQ = 64 and K > 128 (several samples a thread), and the
@@ -225,9 +183,6 @@ def test_singletons_exactly_zero(backend):
     one = sub[:, 1:]                     # singletons: phrases or regions
     est, se = lk.shapley_interaction(sim, one, player_mask=pm, query_players=True, num_samples=33, backend=backend)
     assert torch.equal(est, torch.zeros_like(est)) and torch.equal(se, torch.zeros_like(se))
-    x, t, sub, pm = pooled_case(7, sizes=(1,))
-    est, se = lk.shapley_interaction_pooled(x, t, sub, player_mask=pm, num_samples=33, backend=backend)
-    assert torch.equal(est, torch.zeros_like(est)) and torch.equal(se, torch.zeros_like(se))
 
 
 def test_additive_game_exactly_zero_and_one_sample():
@@ -243,10 +198,10 @@ def test_additive_game_exactly_zero_and_one_sample():
 
 
 def test_invalid_players_change_nothing():
-    x, t, sub, pm = pooled_case(8)
-    a = lk.shapley_interaction_pooled(x, t, sub, player_mask=pm, num_samples=40, seed=3, backend="cuda")
-    x2 = torch.where(pm[..., None], x, torch.full_like(x, 1e4))
-    b = lk.shapley_interaction_pooled(x2, t, sub, player_mask=pm, num_samples=40, seed=3, backend="cuda")
+    sim, qm, sub, pm = maxsim_case(8)
+    a = lk.shapley_interaction(sim, sub, query_mask=qm, player_mask=pm, num_samples=40, seed=3, backend="cuda")
+    sim2 = torch.where(pm[:, None, :], sim, torch.full_like(sim, 1e4))
+    b = lk.shapley_interaction(sim2, sub, query_mask=qm, player_mask=pm, num_samples=40, seed=3, backend="cuda")
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     sim, sub, pm = region_phrase_case(8)
     Lq = sim.shape[1]
@@ -258,7 +213,7 @@ def test_invalid_players_change_nothing():
 
 
 def test_automatic_choice_is_cuda_and_deterministic():
-    x, t, sub, pm = pooled_case(9)
-    a = lk.shapley_interaction_pooled(x, t, sub, player_mask=pm, num_samples=40, seed=3)
-    b = lk.shapley_interaction_pooled(x, t, sub, player_mask=pm, num_samples=40, seed=3, backend="cuda")
+    sim, qm, sub, pm = maxsim_case(9)
+    a = lk.shapley_interaction(sim, sub, query_mask=qm, player_mask=pm, num_samples=40, seed=3)
+    b = lk.shapley_interaction(sim, sub, query_mask=qm, player_mask=pm, num_samples=40, seed=3, backend="cuda")
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -40,7 +40,6 @@ if not os.path.exists(cuobjdump):
 from loupe_kernels import triton_token_region_similarity as T
 from loupe_kernels import triton_shapley as S
 from loupe_kernels import triton_interaction_loss as U
-from loupe_kernels._common import POOLED_NORM_EPS
 
 D_SWEEP = json.loads(sys.argv[2])
 FULL = sys.argv[3] == "full"
@@ -104,20 +103,13 @@ for dt in (("bf16", "fp16", "fp32", "fp64") if FULL else ("bf16", "fp32")):
                                                    BLOCK_D=c.dkg_block_d),
                         {**ptrs, "order_ptr": "*i64", "start_ptr": "*i64"}, vals, 4, row)
 
-# Shapley: pooled game over D, max-sim game over Lq (both games), coalitions; K = 64 samples, n = 196
+# Shapley: max-sim game over Lq (both games), coalitions; K = 64 samples, n = 196
 K, n, M = 64, 196, 16
 for dt in (("bf16", "fp32", "fp64") if FULL else ("fp32",)):
     tdt, P, _ = DT[dt]
     acc = ACC.get(dt, tl.float32)
     ptrs = {"*": P, "S_ptr": "*u8", "pm_ptr": "*u8", "qm_ptr": "*u8", "gidx_ptr": "*i64",
             "samples_ptr": "*fp64" if dt == "fp64" else "*fp32"}
-    for D in (D_SWEEP if FULL else [max(D_SWEEP)]):
-        BLOCK_D = max(16, triton.next_power_of_2(D))
-        budget = 1024 if dt == "fp64" else 2048      # as S.pooled_samples
-        BLOCK_K = max(8, min(S._block_k(K), budget // BLOCK_D))
-        compile_one(S._pooled_kernel, dict(SCHED=0, ACC=acc, EPS=POOLED_NORM_EPS, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
-                                           BLOCK_P=S._block_p(n)), ptrs, dict(K=K, M=M, n=n, D=D), 4,
-                    dict(dtype=dt, D=D))
     for Lq_, qp in (((32, False), (64, False), (32, True)) if FULL else ((32, False),)):
         BLOCK_Q = max(16, triton.next_power_of_2(Lq_))
         BLOCK_K = max(16, min(S._block_k(K), 4096 // BLOCK_Q))  # as S.maxsim_samples
@@ -156,7 +148,7 @@ def _compile(full: bool) -> list[dict]:
 
 def _check(rows: list[dict], full: bool, record_property) -> None:
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_fwd_kernel", "_dq_kernel", "_dk_kernel", "_dk_grouped_kernel", "_pooled_kernel", "_maxsim_kernel",
+    assert kernels == {"_fwd_kernel", "_dq_kernel", "_dk_kernel", "_dk_grouped_kernel", "_maxsim_kernel",
                        "_coalitions_kernel", "_uil_kernel"}, kernels
     fwd_d = {(r["dtype"], r["D"]) for r in rows if r["kernel"] == "_fwd_kernel"}
     want = [(dt, D) for dt in ("bf16", "fp16", "fp32") for D in D_SWEEP] if full else \

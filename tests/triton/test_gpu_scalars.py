@@ -43,7 +43,7 @@ def _run_every_triton_op():
         k = torch.randn(2, 5, 8, generator=g, dtype=dt, requires_grad=True)
         for pw in (True, False):
             lk.token_region_similarity(q, k, pairwise=pw, backend="triton").sum().backward()
-        # Shapley: the three games and the coalitions
+        # Shapley: both games and the coalitions
         sim = torch.randn(2, 3, 6, generator=g, dtype=dt)
         subsets = torch.zeros(2, 2, 6, dtype=torch.bool)
         subsets[:, 0, :2] = True
@@ -52,8 +52,6 @@ def _run_every_triton_op():
         qp = torch.zeros(2, 2, 9, dtype=torch.bool)
         qp[:, :, 0] = qp[:, :, 5] = True
         lk.shapley_interaction(sim, qp, query_players=True, num_samples=4, backend="triton")
-        lk.shapley_interaction_pooled(torch.randn(2, 6, 4, generator=g, dtype=dt), torch.randn(2, 4, generator=g, dtype=dt),
-                                      subsets, num_samples=4, backend="triton")
         lk.sample_coalitions(subsets, num_samples=4, seed=1, backend="triton")
         # loss: every reduction, with and without target_var and weight, forward and backward
         mu = torch.randn(5, generator=g, dtype=dt, requires_grad=True)

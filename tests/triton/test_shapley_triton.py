@@ -109,43 +109,7 @@ def test_region_phrase_estimates_match_reference(dtype, schedule):
     _check_close(out, ref_lo, ref64, 5 * float(sim.double().abs().max()), dtype)
 
 
-def _pooled_case(seed=0, G=2, M=3, n=11, D=12):
-    g = torch.Generator().manual_seed(seed)
-    _, _, sub, pm = _case(seed, G=G, M=M, n=n)
-    x = 3 * torch.randn(G, n, D, generator=g)
-    t = torch.randn(G, D, generator=g)
-    return x.to(DEV), t.to(DEV), sub, pm
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("schedule", ["uniform", "round_robin"])
-def test_pooled_estimates_match_reference(dtype, schedule):
-    x, t, sub, pm = _pooled_case(4)
-    x, t = x.to(dtype), t.to(dtype)
-    kw = dict(player_mask=pm, num_samples=20, seed=5, size_schedule=schedule)
-    ref64 = lk.shapley_interaction_pooled(x.double(), t.double(), sub, backend="reference", **kw)
-    ref_lo = lk.shapley_interaction_pooled(x, t, sub, backend="reference", **kw)
-    out = lk.shapley_interaction_pooled(x, t, sub, backend="triton", **kw)
-    assert float(ref64[0].abs().max()) > 0.05
-    _check_close(out, ref_lo, ref64, 5 * float(t.double().norm(dim=-1).max()), dtype)
-
-
-@pytest.mark.skipif("cpu" not in lk.available_backends(), reason="cpu extension not built")
-def test_pooled_matches_cpu_backend():
-    x, t, sub, pm = _pooled_case(6, D=40)
-    kw = dict(player_mask=pm, num_samples=33, seed=2**40 + 3)
-    cpu = lk.shapley_interaction_pooled(x.cpu(), t.cpu(), sub.cpu(), backend="cpu", **{**kw, "player_mask": pm.cpu()})
-    cpu64 = lk.shapley_interaction_pooled(x.cpu().double(), t.cpu().double(), sub.cpu(), backend="cpu",
-                                          **{**kw, "player_mask": pm.cpu()})
-    out = lk.shapley_interaction_pooled(x, t, sub, backend="triton", **kw)
-    _check_close(tuple(o.cpu() for o in out), cpu, cpu64, 5 * float(t.norm(dim=-1).max()), torch.float32)
-
-
-def test_singletons_exactly_zero_pooled_and_region_phrase():
-    x, t, sub, pm = _pooled_case(7)
-    est, se = lk.shapley_interaction_pooled(x, t, sub[:, 1:2], player_mask=pm, num_samples=18, seed=1,
-                                            backend="triton")
-    assert torch.equal(est, torch.zeros_like(est)) and torch.equal(se, torch.zeros_like(se))
+def test_singletons_exactly_zero_region_phrase():
     sim, sub, pm = _rp_case(8)
     one = torch.zeros_like(sub[:, :2])
     one[:, 0, 1] = True        # a phrase
@@ -161,10 +125,10 @@ def test_invalid_players_never_drawn_nor_used():
     C = lk.sample_coalitions(sub, player_mask=pm, num_samples=40, seed=3, backend="triton")
     assert not bool((C & ~pm[:, None, None, :]).any()) and not bool((C & sub[:, :, None, :]).any())
     assert bool(C.any())
-    x, t, sub, pm = _pooled_case(9)
-    a = lk.shapley_interaction_pooled(x, t, sub, player_mask=pm, num_samples=20, seed=3, backend="triton")
-    x2 = torch.where(pm[..., None], x, torch.full_like(x, 1e4))
-    b = lk.shapley_interaction_pooled(x2, t, sub, player_mask=pm, num_samples=20, seed=3, backend="triton")
+    sim, qm, sub, pm = _case(9)
+    a = lk.shapley_interaction(sim, sub, query_mask=qm, player_mask=pm, num_samples=20, seed=3, backend="triton")
+    sim2 = torch.where(pm[:, None, :], sim, torch.full_like(sim, 1e4))
+    b = lk.shapley_interaction(sim2, sub, query_mask=qm, player_mask=pm, num_samples=20, seed=3, backend="triton")
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     sim, sub, pm = _rp_case(9)
     Lq = sim.shape[1]
