@@ -201,20 +201,29 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
             dataset_type: str = "synthetic", train_size: int | None = None, model_config: str | None = None,
             objectives: Sequence[str] = OBJECTIVES, procs: int = 1, reuse: bool = False,
             eval_opts: dict | None = None, train_extra: Sequence[str] = (), eval_seed_offset: int | None = None,
-            post_hoc_centring: Sequence[str] = (), log=print) -> dict:
+            post_hoc_centring: Sequence[str] = (), objective_configs: dict[str, dict] | None = None,
+            log=print) -> dict:
     """Train and evaluate every (objective, seed); write ``compare.md`` and ``compare.json`` to ``out``.
     The objectives in ``post_hoc_centring`` are evaluated with word tokens centred on their caption
-    (``EvalOptions.center_words=True``) whatever they were trained with (FILIP's best variant)."""
+    (``EvalOptions.center_words=True``) whatever they were trained with (FILIP's best variant);
+    ``objective_configs[o]``: LoupeConfig overrides of objective ``o`` only, on top of ``model_config``."""
     for o in list(objectives) + list(post_hoc_centring):
         if o not in OBJECTIVES:
             raise ValueError(f"compare: unknown objective {o!r}; expected some of {OBJECTIVES}")
     for o in post_hoc_centring:
         if o not in objectives:
             raise ValueError(f"compare: post_hoc_centring names {o!r}, which is not compared")
+    for o, cfg in (objective_configs or {}).items():
+        if o not in objectives:
+            raise ValueError(f"compare: objective_configs names {o!r}, which is not compared")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"compare: the config of {o!r} must be a JSON object, got {cfg!r}")
     base = json.loads(model_config) if model_config else None
-    arms = {o: (o, base) for o in objectives}
+    arms = {o: (o, merge_config(base, (objective_configs or {}).get(o)) or None) for o in objectives}
     title = (f"{' / '.join(objectives)} on {dataset_type}: {steps} steps, batch {batch_size}, seeds "
              f"{list(seeds)}" + (f", model {model_config}" if model_config else ""))
+    for o, cfg in (objective_configs or {}).items():
+        title += f"; {o}: {json.dumps(cfg)}"
     if post_hoc_centring:
         title += f"; evaluated with post-hoc word centring: {', '.join(post_hoc_centring)}"
     return run_arms(out, arms, "compare", title, seeds=seeds, steps=steps, batch_size=batch_size,
@@ -351,6 +360,9 @@ def main(argv=None) -> int:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common_args(c, 400, "runs/compare")
     c.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    c.add_argument("--objective-config", action="append", default=[], metavar="OBJECTIVE=JSON",
+                   help="LoupeConfig overrides of one objective only (repeatable), e.g. "
+                        "--objective-config 'filip={\"text_center_words\": false}'")
     c.add_argument("--post-hoc-centring", nargs="+", default=[], choices=OBJECTIVES, metavar="OBJECTIVE",
                    help="evaluate these objectives with word tokens centred on their caption, whatever they were "
                         "trained with (FILIP's best variant: trained without --model-config centring)")
@@ -373,7 +385,17 @@ def main(argv=None) -> int:
                              "eval_seed": a.eval_seed, "validation": a.validation, "figures": not a.no_figures,
                              "progress": False})
     if a.cmd == "compare":
-        res = compare(a.out, objectives=a.objectives, post_hoc_centring=a.post_hoc_centring, **common)
+        per = {}
+        for item in a.objective_config:
+            name, sep, js = item.partition("=")
+            if not sep or name not in OBJECTIVES:
+                ap.error(f"--objective-config expects OBJECTIVE=JSON with OBJECTIVE in {OBJECTIVES}, got {item!r}")
+            try:
+                per[name] = merge_config(per.get(name), json.loads(js))
+            except (json.JSONDecodeError, AttributeError) as e:
+                ap.error(f"--objective-config {name}: not a JSON object ({e})")
+        res = compare(a.out, objectives=a.objectives, post_hoc_centring=a.post_hoc_centring, objective_configs=per,
+                      **common)
     else:
         res = ablate(a.out, variants=a.variants, **common)
     print(res["table"])

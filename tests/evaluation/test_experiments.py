@@ -130,3 +130,24 @@ def test_post_hoc_centring_names_a_compared_objective(tmp_path):
         X.compare(str(tmp_path), objectives=["clip"], post_hoc_centring=["filip"])
     with pytest.raises(ValueError, match="unknown objective"):
         X.compare(str(tmp_path), objectives=["clip"], post_hoc_centring=["blip"])
+
+
+def test_objective_configs_apply_to_their_objective_only(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_arms(out, arms, name, title, **kw):
+        seen.update(arms=arms, title=title)
+        return {"table": ""}
+    monkeypatch.setattr(X, "run_arms", fake_run_arms)
+    X.compare(str(tmp_path), objectives=["loupe", "filip"], model_config='{"embed_dim": 32}',
+              objective_configs={"filip": {"text_center_words": False}})
+    assert seen["arms"]["filip"] == ("filip", {"embed_dim": 32, "text_center_words": False})
+    assert seen["arms"]["loupe"] == ("loupe", {"embed_dim": 32})
+    assert "filip:" in seen["title"]
+    with pytest.raises(ValueError, match="not compared"):
+        X.compare(str(tmp_path), objectives=["clip"], objective_configs={"filip": {}})
+    X.main(["compare", "--objectives", "clip", "filip", "--objective-config", 'filip={"text_center_words": false}',
+            "--out", str(tmp_path)])
+    assert seen["arms"]["filip"] == ("filip", {"text_center_words": False}) and seen["arms"]["clip"] == ("clip", None)
+    with pytest.raises(SystemExit):
+        X.main(["compare", "--objective-config", "filip=[1]", "--out", str(tmp_path)])
