@@ -315,8 +315,8 @@ void forward_aligned(const at::Tensor& q, const at::Tensor& k, const bool* qm, c
 // for the slowest core.
 // With query_any_valid / out2 / amax2 (both directions, FILIP): also out2 [Bk, Bq] = sums of
 // s(k_b, q_a) with amax2 [Bk, Bq, Lk], the column maxima of the same tile (for each key token, the
-// max over the query item's valid tokens). Sums only; the caller divides by the counts. Each task
-// owns its query items, so out2[b, a] has exactly one writer.
+// max over the query item's valid tokens). Sums only; the caller divides by the counts. Each tile
+// owns its (query item, key item) pairs, so out[a, b] and out2[b, a] have exactly one writer.
 template <typename T>
 void forward_pairwise(const at::Tensor& q, const at::Tensor& k, const bool* qm, const bool* km,
                       const std::vector<uint8_t>& key_any_valid, at::Tensor& out, at::Tensor& amax,
@@ -326,13 +326,21 @@ void forward_pairwise(const at::Tensor& q, const at::Tensor& k, const bool* qm, 
   const int64_t Bk = k.size(0), Lk = k.size(1);
   const at::Tensor q2 = q.view({Bq * Lq, D});
   const at::Tensor k2 = k.view({Bk * Lk, D});
+  // A task is one score tile: ta query items x cb key items. The threads claim tiles one at a time,
+  // row block by row block (consecutive tiles share their query panel), so the work is handed out in
+  // steps of one tile (about 0.3 ms at D=128) rather than of a whole row block: with row blocks as
+  // the tasks, shape A (Bq=128, Lq=16) had 8 tasks of 16 tiles for 2 threads, and a thread that
+  // started late or ran slower left the other idle for up to a row block (0.73x the tiled GEMM).
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rows_target = 256;
   int64_t ta = std::clamp<int64_t>(rows_target / std::max<int64_t>(1, Lq), 1, Bq);
-  ta = std::min(ta, std::max<int64_t>(1, (Bq + 4 * threads - 1) / (4 * threads)));   // >= 4 tasks per thread
   const int64_t tile_elems = kTileBytes / int64_t(sizeof(T));
-  const int64_t cb = std::clamp<int64_t>(tile_elems / std::max<int64_t>(1, ta * Lq * Lk), 1, Bk);
-  const int64_t n_tasks = (Bq + ta - 1) / ta;
+  int64_t cb = std::clamp<int64_t>(tile_elems / std::max<int64_t>(1, ta * Lq * Lk), 1, Bk);
+  const int64_t n_ablk = (Bq + ta - 1) / ta;
+  // a single row block with fewer key chunks than threads: narrower tiles, so that every thread works
+  if (n_ablk * ((Bk + cb - 1) / cb) < threads) cb = std::max<int64_t>(1, (Bk + threads - 1) / threads);
+  const int64_t n_bchk = (Bk + cb - 1) / cb;
+  const int64_t n_tasks = n_ablk * n_bchk;
   const std::vector<T> kbias = key_bias<T>(km, Bk, Lk);
   FwdCtx<T> ctx{qm, km, kbias.data(), key_any_valid.data(),
                 query_any_valid ? query_any_valid->data() : nullptr, Bq, Bk, Lq, Lk,
@@ -346,14 +354,11 @@ void forward_pairwise(const at::Tensor& q, const at::Tensor& k, const bool* qm, 
     int64_t t_lo, t_hi;
     while (queue.claim(t_lo, t_hi))
     for (int64_t t = t_lo; t < t_hi; ++t) {
-      const int64_t a0 = t * ta, na = std::min(ta, Bq - a0);
-      const at::Tensor qa = q2.narrow(0, a0 * Lq, na * Lq);
-      for (int64_t b0 = 0; b0 < Bk; b0 += cb) {
-        const int64_t nb = std::min(cb, Bk - b0);
-        at::Tensor s = buf.narrow(0, 0, na * Lq).narrow(1, 0, nb * Lk);
-        at::mm_out(s, qa, k2.narrow(0, b0 * Lk, nb * Lk).t());
-        tile_epilogue<T>(avx2, ctx, s.data_ptr<T>(), s.stride(0), a0, na, b0, nb, cm.data(), ci.data());
-      }
+      const int64_t a0 = (t / n_bchk) * ta, na = std::min(ta, Bq - a0);
+      const int64_t b0 = (t % n_bchk) * cb, nb = std::min(cb, Bk - b0);
+      at::Tensor s = buf.narrow(0, 0, na * Lq).narrow(1, 0, nb * Lk);
+      at::mm_out(s, q2.narrow(0, a0 * Lq, na * Lq), k2.narrow(0, b0 * Lk, nb * Lk).t());
+      tile_epilogue<T>(avx2, ctx, s.data_ptr<T>(), s.stride(0), a0, na, b0, nb, cm.data(), ci.data());
     }
   });
 }
