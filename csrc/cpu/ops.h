@@ -6,9 +6,23 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 namespace loupe {
+
+// Whether the AVX2+FMA copies of the hot loops run: the CPU has both, and LOUPE_CPU_BASELINE_ISA=1
+// (read once per process) does not ask for the baseline copies (for tests of the code that
+// machines without AVX2 run). The kernels compile those copies only on x86-64 GCC/Clang.
+inline bool cpu_use_avx2() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__INTEL_COMPILER)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         !(std::getenv("LOUPE_CPU_BASELINE_ISA") && std::getenv("LOUPE_CPU_BASELINE_ISA")[0] == '1');
+  return ok;
+#else
+  return false;
+#endif
+}
 
 // Chunks of [0, n) handed out one at a time to the threads of one parallel region (dynamic
 // scheduling). at::parallel_for splits a range evenly in advance, so on a shared machine a thread

@@ -44,18 +44,6 @@
 namespace loupe {
 namespace {
 
-// LOUPE_CPU_BASELINE_ISA=1 (read once per process) keeps the baseline copies: for tests of the
-// code that machines without AVX2 run.
-inline bool use_avx2() {
-#ifdef LOUPE_SH_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         !(std::getenv("LOUPE_CPU_BASELINE_ISA") && std::getenv("LOUPE_CPU_BASELINE_ISA")[0] == '1');
-  return ok;
-#else
-  return false;
-#endif
-}
-
 // ---- the pinned draw ------------------------------------------------------------------------
 inline void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
   for (int round = 0; round < 10; ++round) {
@@ -468,7 +456,7 @@ void maxsim_kernel(const at::Tensor& sim, const at::Tensor& qm, const at::Tensor
   const MaxsimCtx<T> x{sim.data_ptr<T>(), qm.data_ptr<bool>(), subsets.data_ptr<bool>(), pm.data_ptr<bool>(), gidx,
                        est.data_ptr<T>(), se.data_ptr<T>(), sim.size(1), sim.size(2), subsets.size(1),
                        subsets.size(2), K, query_players, seed, schedule};
-  const bool avx2 = use_avx2();
+  const bool avx2 = cpu_use_avx2();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   parallel_chunks(G * x.M, std::clamp<int64_t>(G * x.M / (8 * threads), 1, 16), [&](ChunkQueue& queue) {
     MaxsimScratch w;
@@ -525,7 +513,7 @@ at::Tensor shapley_coalitions_cpu(const at::Tensor& subsets, const at::Tensor& p
   const bool* Sp = subsets.data_ptr<bool>();
   const bool* pmp = player_mask.data_ptr<bool>();
   bool* op = out.data_ptr<bool>();
-  const bool avx2 = use_avx2();
+  const bool avx2 = cpu_use_avx2();
   at::parallel_for(0, G * M, 1, [&](int64_t lo, int64_t hi) {
     std::vector<int64_t> pool, members, pos, thr(kGroupWords);
     std::vector<uint32_t> words(kGroupWords);

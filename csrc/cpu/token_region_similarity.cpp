@@ -47,17 +47,6 @@ constexpr int64_t kTileBytes = int64_t(512) << 10;     // pairwise path: one sco
 constexpr int64_t kSrcBlockBytes = int64_t(512) << 10;  // backward: rows read per block
 constexpr int64_t kDstBlockBytes = int64_t(256) << 10;  // backward: rows written per block
 
-// LOUPE_CPU_BASELINE_ISA=1 (read once per process) keeps the baseline copies: for tests of the
-// code that machines without AVX2 run.
-inline bool use_avx2() {
-#ifdef LOUPE_TRS_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         !(std::getenv("LOUPE_CPU_BASELINE_ISA") && std::getenv("LOUPE_CPU_BASELINE_ISA")[0] == '1');
-  return ok;
-#else
-  return false;
-#endif
-}
 
 // Max and first arg-max of row[i] + bias[i], i in [0, n) (bias 0 for a valid key, -inf for padding;
 // the scores are finite, so a padded key never reaches the max of a row with a valid key). -1 when
@@ -279,7 +268,7 @@ void forward_aligned(const at::Tensor& q, const at::Tensor& k, const bool* qm, c
   const int64_t cb = std::clamp<int64_t>(kTileElems / std::max<int64_t>(1, Lq * Lk), 1, B);
   at::Tensor buf = at::empty({cb, Lq, Lk}, q.options());
   const std::vector<T> kbias = key_bias<T>(km, B, Lk);
-  const bool avx2 = use_avx2();
+  const bool avx2 = cpu_use_avx2();
   T* outp = out.data_ptr<T>();
   int32_t* ap = amax.data_ptr<int32_t>();
   for (int64_t b0 = 0; b0 < B; b0 += cb) {
@@ -346,7 +335,7 @@ void forward_pairwise(const at::Tensor& q, const at::Tensor& k, const bool* qm, 
                 query_any_valid ? query_any_valid->data() : nullptr, Bq, Bk, Lq, Lk,
                 out.data_ptr<T>(), amax.data_ptr<int32_t>(),
                 out2 ? out2->data_ptr<T>() : nullptr, amax2 ? amax2->data_ptr<int32_t>() : nullptr};
-  const bool avx2 = use_avx2();
+  const bool avx2 = cpu_use_avx2();
   parallel_chunks(n_tasks, 1, [&](ChunkQueue& queue) {
     at::Tensor buf = at::empty({ta * Lq, cb * Lk}, q.options());
     std::vector<T> cm(ctx.out2p ? Lk : 0);
@@ -697,7 +686,7 @@ std::vector<at::Tensor> trs_backward_cpu(const at::Tensor& grad_out, const at::T
   at::Tensor dk = at::zeros_like(key);
   const bool* qm = query_mask.data_ptr<bool>();
   const int32_t* ap = argmax.data_ptr<int32_t>();
-  const bool avx2 = use_avx2();
+  const bool avx2 = cpu_use_avx2();
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "trs_backward_cpu", [&] {
     using T = scalar_t;
     const std::vector<T> inv = inverse_counts<T>(qm, Bq, Lq);
