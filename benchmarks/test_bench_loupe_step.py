@@ -9,16 +9,17 @@ sampled, the predictor trains); ``loupe_no_uansil`` (policy on, warm-up never en
 sampled); ``loupe_uansil_skip`` (policy on after a 1-step warm-up with skip threshold 1e6: every game
 counts as confident, only the 10% calibration games are sampled, i.e. the most UANSIL can save).
 
-On a shared machine the variants, run one after another, see different loads. ``test_bench_step_pairs``
-therefore alternates CLIP and LOUPE steps and records the ratio of their medians over the pairs, at
-the process's thread count (wall time) and at one thread (thread CPU time, which other processes
-barely move).
+On a shared machine the variants, run one after another, see different loads.
+``test_bench_step_encoder_pairs`` therefore rotates CLIP and the LOUPE variants step by step and
+records the ratio of their medians, at the process's thread count (wall time) and at one thread
+(thread CPU time, which other processes barely move).
 
 ``loupe_encoder`` (issue 19 item 1): ``tsa_game="encoder"`` at its default subsample (2 images x 3
 boxes, K=8 samples of s + 2 masked encoder passes); target <= 2x a CLIP step (speedup >= 0.5). It
 records the share of the step spent in the masked encoder passes (``value_share``) and the
-coalitions encoded. ``test_bench_step_encoder_pairs`` alternates CLIP, LOUPE and LOUPE-encoder steps
-(wall time and one-thread CPU time, as ``test_bench_step_pairs``).
+coalitions encoded. ``test_bench_step_encoder_pairs`` rotates CLIP, LOUPE, LOUPE-encoder and
+LOUPE-encoder with the UANSIL policy warm (every confident game filled with the predictor's mean:
+what UANSIL adds to the step when it extends the played subsample to the other boxes).
 
 ``test_bench_step_vit_grid`` (issue 22): the same CLIP / LOUPE pair at batch 2 with the ``ViT-B-16``
 preset, at its 14x14 grid (11025 candidate boxes) and at the 16x16 grid of ``ViT-L-14`` (18496).
@@ -53,8 +54,11 @@ def _setup(objective: str, warm: bool, threshold: float = 0.5, policy: bool = Fa
     if objective == "loupe":
         mod = model.loss_modules["tsa"]
         if policy:
+            # warm: the policy acts from step 1 without waiting for its rolling calibration (the
+            # most it can skip or fill, which is what the step time should show)
             mod.options = ObjectiveOptions(uansil=True, uansil_warmup=1 if warm else 10 ** 9,
-                                              uansil_threshold=threshold, tsa_game=game)
+                                           uansil_threshold=threshold, tsa_game=game,
+                                           uansil_min_calibration=0.0 if warm else 0.85)
         else:
             mod.options = ObjectiveOptions(tsa_game=game)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -115,12 +119,14 @@ def test_bench_step(benchmark, variant, monkeypatch):
     monkeypatch.setattr(lo, "shapley_interaction", timer.wrap(lo.shapley_interaction))
     values = _ValueTimer()
     monkeypatch.setattr(LoupeModel, "coalition_scores", values.wrap(LoupeModel.coalition_scores))
-    calls = {"n": 0}
+    calls = {"n": 0, "t": 0.0}
     last = {}
 
-    def run():
-        calls["n"] += 1
+    def run():  # timed here too: ``benchmark.stats`` is None under --benchmark-disable
+        t0 = time.perf_counter()
         last["out"] = _step(model, opt, batches[2])
+        calls["t"] += time.perf_counter() - t0
+        calls["n"] += 1
 
     benchmark.group = f"loupe step / B={B} K=32 M'=16 / fwd+bwd+AdamW"
     benchmark.extra_info["variant"] = variant
@@ -131,7 +137,7 @@ def test_bench_step(benchmark, variant, monkeypatch):
     benchmark.pedantic(run, rounds=3, iterations=1)
     if variant != "clip":
         out = last["out"]
-        step_time = benchmark.stats.stats.mean
+        step_time = calls["t"] / calls["n"]
         benchmark.extra_info["sampling_share"] = timer.t / calls["n"] / step_time
         benchmark.extra_info["fraction_sampled"] = out["uansil_fraction_sampled"]
         benchmark.extra_info["tsa_rel_stderr"] = out["diag_tsa_rel_stderr"]
@@ -151,54 +157,13 @@ def _median(xs):
     return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
 
 
-def test_bench_step_pairs(benchmark):
-    clip = _setup("clip", warm=False)
-    loupe = _setup("loupe", warm=True)
-    batches = [_batch(s) for s in range(3)]
-    for s in range(2):
-        for model, opt in (clip, loupe):
-            _step(model, opt, batches[s])
-    times: dict[str, list[float]] = {"clip": [], "loupe": [], "clip_1t": [], "loupe_1t": []}
-
-    def timed(pair, clock):
-        t0 = clock()
-        _step(*pair, batches[2])
-        return clock() - t0
-
-    def run():
-        # alternate the order so that neither variant always runs right after the other
-        order = (("clip", clip), ("loupe", loupe)) if len(times["clip"]) % 2 == 0 else \
-            (("loupe", loupe), ("clip", clip))
-        for name, pair in order:
-            times[name].append(timed(pair, time.perf_counter))
-
-    benchmark.group = f"loupe step / B={B} K=32 M'=16 / fwd+bwd+AdamW / alternating pairs"
-    benchmark.extra_info["variant"] = "clip+loupe pair"
-    benchmark.pedantic(run, rounds=5, iterations=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for r in range(3):
-            for name, pair in ((("clip", clip), ("loupe", loupe)) if r % 2 == 0 else (("loupe", loupe), ("clip", clip))):
-                times[name + "_1t"].append(timed(pair, time.thread_time))
-    finally:
-        torch.set_num_threads(threads)
-    wall = _median(times["loupe"]) / _median(times["clip"])
-    cpu1 = _median(times["loupe_1t"]) / _median(times["clip_1t"])
-    benchmark.extra_info.update({"loupe_over_clip_wall": wall, "loupe_over_clip_cpu_1thread": cpu1,
-                                 "goal": "loupe/clip <= 1.5", "threads": threads,
-                                 "times": {k: [round(t, 4) for t in v] for k, v in times.items()}})
-    r = benchmark.extra_info["times"]
-    print(f"\nalternating pairs: loupe/clip = {wall:.3f} (wall, {threads} threads; clip {r['clip']}, "
-          f"loupe {r['loupe']}), {cpu1:.3f} (thread CPU time, 1 thread; clip {r['clip_1t']}, "
-          f"loupe {r['loupe_1t']})")
-
-
 def test_bench_step_encoder_pairs(benchmark):
-    """CLIP, LOUPE (max-sim game) and LOUPE with the masked-encoder game (issue 19 item 1, default
-    subsample), alternating; target: LOUPE-encoder <= 2x CLIP."""
+    """CLIP, LOUPE (max-sim game), LOUPE with the masked-encoder game (issue 19 item 1, default
+    subsample) with the UANSIL policy off and on (warm, every confident game filled), rotating;
+    target: LOUPE-encoder <= 2x CLIP."""
     pairs = {"clip": _setup("clip", warm=False), "loupe": _setup("loupe", warm=False),
-             "encoder": _setup("loupe", warm=False, game="encoder")}
+             "encoder": _setup("loupe", warm=False, game="encoder"),
+             "encoder_uansil": _setup("loupe", warm=True, threshold=1e6, policy=True, game="encoder")}
     batches = [_batch(s) for s in range(3)]
     for s in range(2):
         for pair in pairs.values():
@@ -206,36 +171,42 @@ def test_bench_step_encoder_pairs(benchmark):
     names = list(pairs)
     times: dict[str, list[float]] = {k + sfx: [] for k in names for sfx in ("", "_1t")}
 
-    def timed(pair, clock):
+    fills: dict[str, float] = {}
+
+    def timed(pair, clock, name=None):
         t0 = clock()
-        _step(*pair, batches[2])
-        return clock() - t0
+        out = _step(*pair, batches[2])
+        t = clock() - t0
+        if name and "diag_tsa_target_share" in out:
+            fills[name] = float(out["diag_tsa_target_share"])
+        return t
 
     def run():
-        r = len(times["clip"])
-        for name in names[r % 3:] + names[:r % 3]:  # rotate the order
-            times[name].append(timed(pairs[name], time.perf_counter))
+        r = len(times["clip"]) % len(names)
+        for name in names[r:] + names[:r]:  # rotate the order
+            times[name].append(timed(pairs[name], time.perf_counter, name))
 
-    benchmark.group = f"loupe step / B={B} / fwd+bwd+AdamW / alternating clip, loupe, loupe-encoder"
-    benchmark.extra_info["variant"] = "clip+loupe+encoder"
+    benchmark.group = f"loupe step / B={B} / fwd+bwd+AdamW / rotating clip, loupe, loupe-encoder (UANSIL off, on)"
+    benchmark.extra_info["variant"] = "+".join(names)
     benchmark.pedantic(run, rounds=3, iterations=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for r in range(3):
-            for name in names[r % 3:] + names[:r % 3]:
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 times[name + "_1t"].append(timed(pairs[name], time.thread_time))
     finally:
         torch.set_num_threads(threads)
     ratios = {f"{k}_over_clip{sfx}": _median(times[k + sfx]) / _median(times["clip" + sfx])
-              for k in ("loupe", "encoder") for sfx in ("", "_1t")}
+              for k in names[1:] for sfx in ("", "_1t")}
     benchmark.extra_info.update({**ratios, "goal": "encoder/clip <= 2", "threads": threads,
                                  "times": {k: [round(t, 4) for t in v] for k, v in times.items()}})
     r = benchmark.extra_info["times"]
-    print(f"\nalternating: encoder/clip = {ratios['encoder_over_clip']:.3f}, loupe/clip = {ratios['loupe_over_clip']:.3f} "
-          f"(wall, {threads} threads; clip {r['clip']}, loupe {r['loupe']}, encoder {r['encoder']}); "
-          f"encoder/clip = {ratios['encoder_over_clip_1t']:.3f}, loupe/clip = {ratios['loupe_over_clip_1t']:.3f} "
-          f"(thread CPU time, 1 thread; clip {r['clip_1t']}, loupe {r['loupe_1t']}, encoder {r['encoder_1t']})")
+    shares = {k: round(v, 4) for k, v in fills.items()}
+    benchmark.extra_info["tsa_target_share"] = shares
+    print("\nrotating, over CLIP (wall, %d threads | thread CPU time, 1 thread): " % threads
+          + ", ".join(f"{k} {ratios[k + '_over_clip']:.3f} | {ratios[k + '_over_clip_1t']:.3f}" for k in names[1:])
+          + f"; TSA games with a target: {shares}; times {r}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -471,6 +471,32 @@ class RunLock:
         self.fd = fd
         return self
 
+    @classmethod
+    def holder(cls, directory: str) -> dict | None:
+        """The training run that holds ``directory`` now (its ``{"pid", "host", "started", ...}``), or
+        None when no run holds it. Takes nothing: readers (the evaluation) use it to say that the
+        model they read may be replaced by the next save."""
+        path = RunPaths(directory).lock
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        try:
+            info = cls(directory)._read(fd)
+            try:
+                import fcntl
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):
+                return info or {}
+            except (ImportError, OSError):  # no flock here: the content is the lock
+                if info and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
+                        and _pid_alive(info["pid"]):
+                    return info
+                return None
+            return None
+        finally:
+            os.close(fd)  # drops the shared flock if it was taken
+
     def release(self) -> None:
         """Empty the lock file and unlock it (idempotent)."""
         fd, self.fd = self.fd, None

@@ -42,7 +42,7 @@ import loupe_kernels as K
 
 from . import data as ldata
 from . import regions as R
-from .checkpoint import CheckpointError, RunPaths, load_checkpoint, saved_step
+from .checkpoint import CheckpointError, RunLock, RunPaths, load_checkpoint, saved_step
 from .data import Collator
 from .metrics import (box_iou_pairs, chance_acc, coco_map, detection_confidence, discrimination, grounding_predictions,
                       map_diagnostics, matching_objects, object_hits, oracle_hits, patch_centres, patch_pair_cos,
@@ -357,7 +357,7 @@ def _classification(model, ds, n: int, opts: EvalOptions) -> dict:
     dev = model.logit_scale.device
     classes = list(getattr(ds, "class_names", ()))
     colors = list(getattr(ds, "color_names", ()))
-    if not classes:
+    if not classes or n == 0:  # nothing to classify (num_single 0): no numbers, not a crash
         return {}
     shape_t = class_features(model, [with_article(c) for c in classes])
     both_names = [f"{col} {c}" for col in colors for c in classes]
@@ -537,12 +537,16 @@ def evaluate_checkpoint(directory: str, out_json: str | None = None, **opts) -> 
     """
     eo = EvalOptions(**opts)
     device = eo.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    d = directory if os.path.isdir(directory) else os.path.dirname(directory) or "."
+    training = RunLock.holder(d)
+    if training is not None:
+        print(f"loupe.evaluate: {d} is still being trained ({RunLock.describe(training)}): evaluating the "
+              f"last model.pt it saved (step {saved_step(d)}); the next save replaces it", file=sys.stderr)
     model, train_cfg = load_checkpoint(directory, device)
     if eo.dataset_type is None:
         eo.dataset_type = train_cfg.get("dataset_type", "synthetic")
     if eo.seed is None:
         eo.seed = int(train_cfg.get("seed", 0))
-    d = directory if os.path.isdir(directory) else os.path.dirname(directory) or "."
     log_path = RunPaths(d).log
     fig_dir = None
     if out_json is not None and eo.figures:
@@ -550,6 +554,7 @@ def evaluate_checkpoint(directory: str, out_json: str | None = None, **opts) -> 
     result = evaluate_model(model, eo, log_path=log_path if os.path.exists(log_path) else None, figures_dir=fig_dir)
     result["checkpoint"] = os.path.abspath(directory)
     result["step"] = saved_step(d)
+    result["still_training"] = training is not None
     if out_json is not None:
         write_report(result, out_json, markdown_table(result))
     return result

@@ -86,6 +86,23 @@ def test_same_numbers_twice_and_an_untrained_model_is_near_chance(ckpt):
     assert a["retrieval"]["i2t_r10"] < 0.9
 
 
+def test_evaluating_a_run_that_still_trains_says_so(make_checkpoint, tmp_path, capsys):
+    from loupe.checkpoint import RunLock
+    ck = make_checkpoint(tmp_path / "run")
+    kw = dict(num_test=6, num_compositional=0, num_single=0, num_hard=0, num_relation=0, figures=False,
+              progress=False)
+    assert E.evaluate_checkpoint(ck, None, **kw)["still_training"] is False
+    assert "still being trained" not in capsys.readouterr().err
+    lock = RunLock(ck).acquire()
+    try:
+        res = E.evaluate_checkpoint(ck, None, **kw)
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert res["still_training"] is True and res["step"] == 7
+    assert "still being trained" in err and f"pid {os.getpid()}" in err and "step 7" in err
+
+
 def test_grounding_metric_counts_a_planted_answer(ckpt, monkeypatch):
     """Replace the encoders so that phrases and patches carry the true boxes: Acc@0.5 and pointing 1."""
     model, _ = checkpoint.load_checkpoint(ckpt)

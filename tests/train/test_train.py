@@ -245,6 +245,25 @@ def test_run_lock_excludes_a_second_holder_and_takes_over_a_dead_ones(tmp_path):
     again.release()
 
 
+def test_run_lock_holder_names_a_live_run_and_nothing_else(tmp_path):
+    """What the evaluation reads to warn that a run is still training (it takes no lock itself)."""
+    from loupe.checkpoint import RunLock
+    assert RunLock.holder(str(tmp_path / "missing")) is None
+    holder = _hold_lock_in_subprocess(tmp_path / "run")
+    try:
+        seen = RunLock.holder(str(tmp_path / "run"))
+        assert seen is not None and seen["pid"] == holder.pid
+        assert RunLock.holder(str(tmp_path / "run")) is not None  # asking twice takes nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    assert RunLock.holder(str(tmp_path / "run")) is None  # dead holder: the kernel dropped its flock
+    lock = RunLock(tmp_path / "run").acquire()  # and a new run can still take it
+    assert RunLock.holder(str(tmp_path / "run"))["pid"] == os.getpid()
+    lock.release()
+    assert RunLock.holder(str(tmp_path / "run")) is None
+
+
 def _fake_tag(ckpt_dir, step, finish=True):
     from loupe.checkpoint import finish_tag
     tag = f"step{step:07d}"
