@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..config import DATASET_TYPES
-from .formats import CsvDataset, ShardDataset, expand_paths, write_csv, write_shards
+from .formats import CsvDataset, ShardDataset, write_csv, write_shards
 from .pipeline import CLIP_MEAN, CLIP_STD, Collator, Preprocess, open_image
 from .scenes import (COLOR_NAMES, CONTROLLED, DEFAULT_SIZES, HELD_OUT_SPLITS, SHAPES, SPLITS, Catalog, Scene,
                      SceneGenerator,

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .scenes import COLORS, COLOR_NAMES, Catalog, _crop_to_mask
+from .scenes import Catalog, _crop_to_mask
 
 __all__ = ["FashionCatalog", "EmojiCatalog", "fashion_available", "emoji_available",
            "FASHION_DIR", "EMOJI_FONT"]

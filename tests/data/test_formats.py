@@ -1,7 +1,6 @@
 """CSV/TSV and WebDataset shards: round trips, preprocessing, and every kind of bad input."""
 import csv
 import io
-import os
 import tarfile
 import warnings
 

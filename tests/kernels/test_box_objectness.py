@@ -27,7 +27,7 @@ def boxes_in_order(h, w):
 def oracle(tokens, h, w, w_in, w_out, bias, w2, b2, eps=1e-12):
     """float64 loop over the boxes."""
     x = tokens.double().reshape(tokens.shape[0], h, w, -1)
-    B, D = x.shape[0], x.shape[-1]
+    B = x.shape[0]
     boxes = boxes_in_order(h, w)
     K = len(boxes)
     bias = bias.double().expand(B, K, bias.shape[-1])
