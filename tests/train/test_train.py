@@ -96,6 +96,32 @@ def test_bad_flags_give_clear_errors(args, words):
     assert words in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.timeout(900)
+def test_uansil_on_end_to_end_logs_what_it_samples_and_fills(tmp_path):
+    """The real engine with the UANSIL skip policy on (issue 19): after the warm-up the log shows the
+    fraction of games sampled below 1, and the masked-encoder game's targets reach more boxes than it
+    plays (the predictor's confident means fill the rest)."""
+    out = tmp_path / "uansil"
+    cfg = json.loads(TINY)
+    cfg["loupe_options"] = {"tsa_game": "encoder", "encoder_images": 1, "encoder_boxes": 2, "encoder_samples": 2,
+                            "num_samples": 4, "uansil": True, "uansil_warmup": 3, "uansil_threshold": 1e6,
+                            "uansil_min_calibration": 0.0}
+    cmd = launch_cmd(out, steps=6, objective="loupe")
+    cmd[cmd.index("--model-config") + 1] = json.dumps(cfg)
+    run(cmd)
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 7))
+    for r in log:
+        for key in ("uansil_fraction_sampled", "uansil_warm", "diag_tsa_target_share", "loss_ua"):
+            assert key in r, key
+    before = [r for r in log if r["uansil_warm"] == 0.0]
+    after = [r for r in log if r["uansil_warm"] == 1.0]
+    assert before and after
+    assert all(r["uansil_fraction_sampled"] < 0.5 for r in after)
+    # before the warm-up only the played boxes have a target; after it the filled ones too
+    assert min(r["diag_tsa_target_share"] for r in after) > max(r["diag_tsa_target_share"] for r in before)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("zero", [1, 2, 3])
