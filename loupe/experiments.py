@@ -202,11 +202,14 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
             objectives: Sequence[str] = OBJECTIVES, procs: int = 1, reuse: bool = False,
             eval_opts: dict | None = None, train_extra: Sequence[str] = (), eval_seed_offset: int | None = None,
             post_hoc_centring: Sequence[str] = (), objective_configs: dict[str, dict] | None = None,
-            log=print) -> dict:
+            compute_matched_clip: float | None = None, log=print) -> dict:
     """Train and evaluate every (objective, seed); write ``compare.md`` and ``compare.json`` to ``out``.
     The objectives in ``post_hoc_centring`` are evaluated with word tokens centred on their caption
     (``EvalOptions.center_words=True``) whatever they were trained with (FILIP's best variant);
-    ``objective_configs[o]``: LoupeConfig overrides of objective ``o`` only, on top of ``model_config``."""
+    ``objective_configs[o]``: LoupeConfig overrides of objective ``o`` only, on top of ``model_config``.
+    ``compute_matched_clip = r`` adds the arm ``clip_matched``: CLIP (with its own settings) trained for
+    ``round(r * steps)`` steps, where ``r`` is LOUPE's measured step cost over CLIP's (the step
+    benchmark), so that it spends LOUPE's compute."""
     for o in list(objectives) + list(post_hoc_centring):
         if o not in OBJECTIVES:
             raise ValueError(f"compare: unknown objective {o!r}; expected some of {OBJECTIVES}")
@@ -218,18 +221,30 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
             raise ValueError(f"compare: objective_configs names {o!r}, which is not compared")
         if not isinstance(cfg, dict):
             raise ValueError(f"compare: the config of {o!r} must be a JSON object, got {cfg!r}")
+    arm_steps: dict[str, int] = {}
+    if compute_matched_clip is not None:
+        r = compute_matched_clip
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r >= 1.0):
+            raise ValueError(f"compare: compute_matched_clip is LOUPE's step cost over CLIP's, a finite "
+                             f"number >= 1, got {r!r}")
     base = json.loads(model_config) if model_config else None
     arms = {o: (o, merge_config(base, (objective_configs or {}).get(o)) or None) for o in objectives}
+    if compute_matched_clip is not None:
+        arms["clip_matched"] = ("clip", merge_config(base, (objective_configs or {}).get("clip")) or None)
+        arm_steps["clip_matched"] = int(round(compute_matched_clip * steps))
     title = (f"{' / '.join(objectives)} on {dataset_type}: {steps} steps, batch {batch_size}, seeds "
              f"{list(seeds)}" + (f", model {model_config}" if model_config else ""))
     for o, cfg in (objective_configs or {}).items():
         title += f"; {o}: {json.dumps(cfg)}"
     if post_hoc_centring:
         title += f"; evaluated with post-hoc word centring: {', '.join(post_hoc_centring)}"
+    if compute_matched_clip is not None:
+        title += (f"; clip_matched: CLIP for {arm_steps['clip_matched']} steps ({compute_matched_clip:g}x, "
+                  f"LOUPE's step cost over CLIP's)")
     return run_arms(out, arms, "compare", title, seeds=seeds, steps=steps, batch_size=batch_size,
                     dataset_type=dataset_type, train_size=train_size, procs=procs, reuse=reuse,
                     eval_opts=eval_opts, train_extra=train_extra, eval_seed_offset=eval_seed_offset,
-                    arm_eval={o: {"center_words": True} for o in post_hoc_centring}, log=log)
+                    arm_eval={o: {"center_words": True} for o in post_hoc_centring}, arm_steps=arm_steps, log=log)
 
 
 def ablate(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batch_size: int = 64,
@@ -254,12 +269,14 @@ def ablate(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batc
 def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, title: str, *,
              seeds: Sequence[int], steps: int, batch_size: int, dataset_type: str, train_size: int | None,
              procs: int, reuse: bool, eval_opts: dict | None, train_extra: Sequence[str],
-             eval_seed_offset: int | None = None, arm_eval: dict[str, dict] | None = None, log=print) -> dict:
+             eval_seed_offset: int | None = None, arm_eval: dict[str, dict] | None = None,
+             arm_steps: dict[str, int] | None = None, log=print) -> dict:
     """Train and evaluate every (arm, seed): ``arms[label] = (objective, LoupeConfig overrides)``.
     Writes ``<name>.md`` and ``<name>.json`` to ``out``; runs live in ``out/<dataset>/<label>-seed<s>``.
     ``eval_seed_offset``: each run is evaluated on the scenes of seed ``offset + training seed``
     (docs/PROTOCOL.md: 100), which excludes a fixed ``eval_opts["eval_seed"]``. ``arm_eval[label]``:
-    evaluation options of that arm only (on top of ``eval_opts``)."""
+    evaluation options of that arm only (on top of ``eval_opts``); ``arm_steps[label]``: that arm's
+    training steps instead of ``steps``."""
     if not seeds:
         raise ValueError(f"{name}: at least one seed")
     if eval_seed_offset is not None:
@@ -276,12 +293,13 @@ def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, titl
     for seed in seeds:
         for label, (objective, cfg) in arms.items():
             run_dir = os.path.abspath(os.path.join(out, dataset_type, f"{label}-seed{seed}"))
-            rec = {"objective": label, "seed": seed, "dir": run_dir}
-            if reuse and saved_step(run_dir) == steps:
-                log(f"[{name}] reuse {run_dir} (step {steps})")
+            n_steps = (arm_steps or {}).get(label, steps)
+            rec = {"objective": label, "seed": seed, "dir": run_dir, "steps": n_steps}
+            if reuse and saved_step(run_dir) == n_steps:
+                log(f"[{name}] reuse {run_dir} (step {n_steps})")
                 rec["train_seconds"] = None
             else:
-                cmd = train_command(run_dir, objective, seed, steps, batch_size, dataset_type, train_size,
+                cmd = train_command(run_dir, objective, seed, n_steps, batch_size, dataset_type, train_size,
                                     json.dumps(cfg) if cfg else None, procs, train_extra)
                 log(f"[{name}] train {label} seed {seed}: {' '.join(cmd)}")
                 os.makedirs(run_dir, exist_ok=True)
@@ -289,7 +307,7 @@ def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, titl
                 with open(os.path.join(run_dir, "train.out"), "w") as f:
                     p = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
                 rec["train_seconds"] = time.perf_counter() - t0
-                if p.returncode != 0 or saved_step(run_dir) != steps:
+                if p.returncode != 0 or saved_step(run_dir) != n_steps:
                     raise RuntimeError(f"{name}: training {label} seed {seed} failed (exit {p.returncode}); "
                                        f"see {os.path.join(run_dir, 'train.out')}")
             opts = {**(eval_opts or {}), **((arm_eval or {}).get(label) or {})}
@@ -316,7 +334,8 @@ def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, titl
         f.write(table + "\n")
     payload = {"settings": {"seeds": list(seeds), "steps": steps, "batch_size": batch_size,
                             "dataset_type": dataset_type, "train_size": train_size,
-                            "arms": {k: {"objective": o, "model_config": c} for k, (o, c) in arms.items()},
+                            "arms": {k: {"objective": o, "model_config": c, "steps": (arm_steps or {}).get(k, steps)}
+                                     for k, (o, c) in arms.items()},
                             "objectives": list(arms), "eval": eval_opts or {}, "eval_seed_offset": eval_seed_offset},
                "runs": runs, "summary": summary,
                "per_seed": {k: [{p: _get(r, p) for p, _ in METRICS} for r in results[k]] for k in arms}}
@@ -363,6 +382,9 @@ def main(argv=None) -> int:
     c.add_argument("--objective-config", action="append", default=[], metavar="OBJECTIVE=JSON",
                    help="LoupeConfig overrides of one objective only (repeatable), e.g. "
                         "--objective-config 'filip={\"text_center_words\": false}'")
+    c.add_argument("--compute-matched-clip", type=float, default=None, metavar="RATIO",
+                   help="add the arm clip_matched: CLIP trained for RATIO x --steps, RATIO being LOUPE's step "
+                        "cost over CLIP's from the step benchmark (benchmarks/RESULTS.md)")
     c.add_argument("--post-hoc-centring", nargs="+", default=[], choices=OBJECTIVES, metavar="OBJECTIVE",
                    help="evaluate these objectives with word tokens centred on their caption, whatever they were "
                         "trained with (FILIP's best variant: trained without --model-config centring)")
@@ -394,8 +416,12 @@ def main(argv=None) -> int:
                 per[name] = merge_config(per.get(name), json.loads(js))
             except (json.JSONDecodeError, AttributeError) as e:
                 ap.error(f"--objective-config {name}: not a JSON object ({e})")
+        if a.compute_matched_clip is not None and not (math.isfinite(a.compute_matched_clip)
+                                                       and a.compute_matched_clip >= 1.0):
+            ap.error(f"--compute-matched-clip is LOUPE's step cost over CLIP's: a number >= 1, "
+                     f"not {a.compute_matched_clip}")
         res = compare(a.out, objectives=a.objectives, post_hoc_centring=a.post_hoc_centring, objective_configs=per,
-                      **common)
+                      compute_matched_clip=a.compute_matched_clip, **common)
     else:
         res = ablate(a.out, variants=a.variants, **common)
     print(res["table"])

@@ -64,8 +64,13 @@ def test_compare_end_to_end_tiny(tmp_path):
                     objectives=["clip", "loupe"], eval_opts={"num_test": 20, "num_compositional": 10,
                                                              "num_single": 10, "num_hard": 8, "num_relation": 8,
                                                              "figures": False, "progress": False},
-                    eval_seed_offset=100, log=logs.append)
-    assert [r["eval_seed"] for r in res["runs"]] == [100, 100]
+                    eval_seed_offset=100, compute_matched_clip=1.5, log=logs.append)
+    assert [r["eval_seed"] for r in res["runs"]] == [100, 100, 100]
+    # the compute-matched CLIP arm: CLIP for 1.5 x 2 = 3 steps, in the table as its own column
+    with open(os.path.join(out, "synthetic", "clip_matched-seed0", "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["model"]["objective"] == "clip" and cfg["train"]["steps"] == 3
+    assert [r["steps"] for r in res["runs"]] == [2, 2, 3] and "clip_matched" in res["table"]
     assert "### Per seed" in res["table"] and "| seed 0 |" in res["table"]
     assert os.path.exists(os.path.join(out, "compare.md")) and os.path.exists(os.path.join(out, "compare.json"))
     for o in ("clip", "loupe"):
@@ -123,6 +128,24 @@ def test_eval_seed_offset_is_checked(tmp_path):
         X.compare(str(tmp_path), objectives=["clip"], eval_seed_offset=-1)
     with pytest.raises(SystemExit):
         X.main(["compare", "--eval-seed", "3", "--eval-seed-offset", "100", "--out", str(tmp_path)])
+
+
+def test_compute_matched_clip_is_a_step_cost_ratio(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_arms(out, arms, name, title, **kw):
+        seen.update(arms=arms, title=title, **kw)
+        return {"table": ""}
+    monkeypatch.setattr(X, "run_arms", fake_run_arms)
+    X.compare(str(tmp_path), objectives=["loupe"], steps=600, compute_matched_clip=1.9,
+              objective_configs={"loupe": {"embed_dim": 32}})
+    assert seen["arms"]["clip_matched"] == ("clip", None) and seen["arm_steps"] == {"clip_matched": 1140}
+    assert "1140 steps" in seen["title"]
+    for bad in (0.5, float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="compute_matched_clip"):
+            X.compare(str(tmp_path), objectives=["loupe"], compute_matched_clip=bad)
+    with pytest.raises(SystemExit):
+        X.main(["compare", "--compute-matched-clip", "0.5", "--out", str(tmp_path)])
 
 
 def test_post_hoc_centring_names_a_compared_objective(tmp_path):
