@@ -4,7 +4,7 @@ set types and kernel backends.
 - :class:`LoupeConfig`: sizes, objective and region settings of a ``loupe.model.LoupeModel``
   (JSON-serialisable; saved in every checkpoint).
 - :class:`ObjectiveOptions`: settings of the Shapley terms (``LoupeConfig.loupe_options``).
-- :data:`OBJECTIVES`, :data:`DATASET_TYPES`, :data:`GAMES`, :data:`TARGET_RULES`.
+- :data:`OBJECTIVES`, :data:`DATASET_TYPES`, :data:`GAMES`.
 - Model presets by name, as open_clip names them (``loupe-tiny``, the default; ``ViT-B-32``,
   ``ViT-B-16``, ``ViT-L-14``): JSON files ``loupe/configs/<name>.json`` of LoupeConfig fields
   (plus a ``description``); :func:`list_models`, :func:`model_preset`, :func:`preset_config`.
@@ -18,21 +18,20 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 __all__ = ["LoupeConfig", "ObjectiveOptions", "options_from_config", "OBJECTIVES", "DATASET_TYPES",
-           "GAMES", "TARGET_RULES", "KERNEL_BACKENDS", "DEFAULT_MODEL", "CONFIG_DIR", "list_models",
+           "GAMES", "KERNEL_BACKENDS", "DEFAULT_MODEL", "CONFIG_DIR", "list_models",
            "model_preset", "preset_config", "describe_models"]
 
 #: training objectives (``loupe.losses`` holds the table of their terms)
 OBJECTIVES: tuple[str, ...] = ("clip", "filip", "loupe", "sparc")
 #: data sets ``loupe.data.build_dataset`` knows
 DATASET_TYPES: tuple[str, ...] = ("synthetic", "fashion", "emoji", "csv", "webdataset")
-#: Shapley games of L_TSA and the rules that turn interactions into region targets (METHOD 5, 6)
+#: Shapley games of L_TSA (METHOD 5; the region target is the per-pair redundancy of METHOD 6)
 #: ("encoder" [ours]: the model's image-text score with only a coalition of patches in the image
 #: encoder's attention, loupe.objectives.encoder_interactions)
 GAMES: tuple[str, ...] = ("maxsim", "encoder")
 #: games removed (measured worse everywhere: docs/METHOD-notes.md, "Retired: the pooled game"); a saved
 #: config naming one raises, naming the commit that still has it
 _RETIRED_GAMES: dict[str, str] = {"pooled": "72b2211 (tag pre-retire-pooled)"}
-TARGET_RULES: tuple[str, ...] = ("redundancy", "redundancy_minus_outside")
 #: sources of the SSIM labels (``ObjectiveOptions.fsa_labels``; the last two for the ablation)
 FSA_LABELS: tuple[str, ...] = ("shapley", "similarity", "uniform")
 #: ``LoupeConfig.kernel_backend``: None = automatic, else one ``loupe_kernels`` backend for every op
@@ -88,9 +87,6 @@ class LoupeConfig:
     nms_iou: float = 0.5
     region_hidden: int = 128
     region_detach: bool = False        # True: the objectness head does not train the image encoder
-    # False: the dense outputs over all K boxes (box_feats, box_logits) carry no gradient and only the
-    # M regions (region_feats, region_logits) do (the backward then touches M boxes, not K); True: all
-    dense_region_grad: bool = False
 
     def __post_init__(self) -> None:
         self.special_token_ids = tuple(int(i) for i in self.special_token_ids)
@@ -185,21 +181,36 @@ class LoupeConfig:
 #: the field gets the old behaviour
 _FIELDS_ADDED_WITH_OTHER_DEFAULT: dict[str, Any] = {"text_center_words": False}
 
-#: switches removed (measured worse everywhere, or a second name for one concept: docs/METHOD-notes.md;
-#: the tag ``pre-issue-17`` keeps them): a saved config may hold them at the value that meant "off",
-#: anything else cannot be reproduced by this version and raises
-_RETIRED_FIELDS: dict[str, Any] = {"vision_registers": 0, "vision_center_patches": False}
-_RETIRED_OPTIONS: dict[str, Any] = {"backend": None}  # now LoupeConfig.kernel_backend
+#: the commits that still have the retired switches below
+_PRE_ISSUE_17 = "f7a402b (tag pre-issue-17)"
+_PRE_RETIRE_SWITCHES = "0899940 (tag pre-retire-switches)"
+
+#: switches removed (measured worse everywhere, or a second name for one concept: docs/METHOD-notes.md,
+#: "Switches retired (issue 17)" and "Retired switches (issue 19 item 6)"): ``name: (off, commit)``. A
+#: saved config may hold one at the value that meant "off" (the behaviour that stays); anything else
+#: cannot be reproduced by this version and raises, naming the commit that still has it
+_RETIRED_FIELDS: dict[str, tuple[Any, str]] = {
+    "vision_registers": (0, _PRE_ISSUE_17),
+    "vision_center_patches": (False, _PRE_ISSUE_17),
+    # the dense box outputs with gradient: the same values, a backward over all K boxes instead of M
+    "dense_region_grad": (False, _PRE_RETIRE_SWITCHES),
+}
+_RETIRED_OPTIONS: dict[str, tuple[Any, str]] = {
+    "backend": (None, _PRE_ISSUE_17),  # now LoupeConfig.kernel_backend
+    "tsa_rule": ("redundancy", _PRE_RETIRE_SWITCHES),  # "redundancy_minus_outside" retired
+    "tsa_center": (True, _PRE_RETIRE_SWITCHES),  # the max-sim game on the raw similarities retired
+    "fsa_scales": (0, _PRE_RETIRE_SWITCHES),  # SSIM candidates per size band retired
+}
 
 
-def _drop_retired(d: dict, retired: Mapping[str, Any], where: str) -> dict:
-    for name, off in retired.items():
+def _drop_retired(d: dict, retired: Mapping[str, tuple[Any, str]], where: str) -> dict:
+    for name, (off, commit) in retired.items():
         if name in d:
             value = d.pop(name)
             if value != off:
                 raise ValueError(f"{where}: {name}={value!r} was removed from loupe (it measured worse "
-                                 f"everywhere, or is now another setting); `git checkout f7a402b` (tag pre-issue-17) "
-                                 f"reproduces runs that used it")
+                                 f"everywhere, or is now another setting; only {name}={off!r} still loads); "
+                                 f"`git checkout {commit}` reproduces runs that used it")
     return d
 
 
@@ -221,13 +232,10 @@ class ObjectiveOptions:
     encoder_images: int = 2
     encoder_boxes: int = 3
     encoder_samples: int = 8
-    tsa_rule: str = "redundancy"    # or "redundancy_minus_outside"
-    tsa_center: bool = True
     tau_i: float = 0.5
     tau_s: float = 0.5
     tau: float = 0.05
     fsa_per_phrase: int = 2         # each phrase's best boxes by the grounding score, added to the top-M regions
-    fsa_scales: int = 0             # extra boxes: the best box per phrase at each of this many size bands
     # SSIM labels from each pair's interaction minus the mean interaction of the caption's phrases
     # with the same region (captions of >= 2 phrases): a region that every phrase needs (a patch
     # holding the image's global content) is no phrase's. On by default [ours, measured together
@@ -266,7 +274,7 @@ class ObjectiveOptions:
                 raise ValueError(f"loupe_options.{name} must be >= 1, got {getattr(self, name)!r}")
         if int(self.fsa_min_phrases) < 1:
             raise ValueError(f"loupe_options.fsa_min_phrases must be >= 1, got {self.fsa_min_phrases!r}")
-        for name in ("tsa_top", "tsa_random", "fsa_per_phrase", "fsa_scales", "uansil_warmup"):
+        for name in ("tsa_top", "tsa_random", "fsa_per_phrase", "uansil_warmup"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"loupe_options.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.tsa_top + self.tsa_random < 1:
@@ -287,8 +295,6 @@ class ObjectiveOptions:
                              f"reproduces runs that used it")
         if self.tsa_game not in GAMES:
             raise ValueError(f"loupe_options.tsa_game must be one of {GAMES}, got {self.tsa_game!r}")
-        if self.tsa_rule not in TARGET_RULES:
-            raise ValueError(f"loupe_options.tsa_rule must be one of {TARGET_RULES}, got {self.tsa_rule!r}")
         if self.fsa_labels not in FSA_LABELS:
             raise ValueError(f"loupe_options.fsa_labels must be one of {FSA_LABELS}, got {self.fsa_labels!r}")
         for name in ("uansil_calibration", "uansil_min_calibration", "uansil_min_fraction"):

@@ -343,35 +343,24 @@ class LoupeModel(nn.Module):
         M regions ``region_index [B, M]`` (into the candidates), ``region_mask [B, M]``,
         ``region_feats [B, M, D]`` (inside features), ``region_feats_out [B, M, D]``,
         ``region_logits [B, M]`` and ``region_boxes [B, M, 4]`` (pixels, xyxy). The dense features
-        ``box_feats``/``box_feats_out [B, K, D]`` are returned with ``dense_features=True`` or
-        ``config.dense_region_grad``.
+        ``box_feats``/``box_feats_out [B, K, D]`` are returned with ``dense_features=True``.
 
         The objectness of all K boxes runs through :meth:`RegionGenerator.dense` (the head's
         first layer on the patch tokens, then box sums: no ``[B, K, 2D+7]`` input; the cpu kernel of
-        :func:`loupe_kernels.box_objectness` when no gradient is needed). Unless
-        ``config.dense_region_grad``, the dense outputs are computed without gradient (ranking, NMS,
-        candidate choice) and the region outputs are recomputed for the M boxes with gradient: the
-        same values up to float rounding, a backward over M boxes instead of K.
+        :func:`loupe_kernels.box_objectness`). The dense outputs carry no gradient (ranking, NMS,
+        candidate choice; no loss term needs one); the region outputs are recomputed for the M boxes
+        with gradient: the same values up to float rounding, a backward over M boxes instead of K.
         """
-        dense = self.config.dense_region_grad
         g = self.grid_size
         res: dict[str, torch.Tensor] = {}
-        with torch.set_grad_enabled(dense and torch.is_grad_enabled()):
-            head_tokens = patch_tokens.detach() if self.config.region_detach else patch_tokens
+        with torch.no_grad():
             backend = self.config.kernel_backend if self.config.kernel_backend in ("cpu", "reference") else None
-            logits, inv_in, inv_out = self.region_head.dense(head_tokens, g, g, self.box_geometry, backend=backend)
-            if dense or dense_features:
-                inside, outside, _ = self.box_features(patch_tokens)
-                res["box_feats"], res["box_feats_out"] = inside, outside
+            logits, inv_in, inv_out = self.region_head.dense(patch_tokens, g, g, self.box_geometry, backend=backend)
+            if dense_features:
+                res["box_feats"], res["box_feats_out"], _ = self.box_features(patch_tokens)
         idx, valid = _regions.nms_topk(logits, self.nms_suppress, self.config.num_regions)
-        if dense:
-            D = inside.shape[-1]
-            feats = inside.gather(1, idx[..., None].expand(*idx.shape, D))
-            feats_out = outside.gather(1, idx[..., None].expand(*idx.shape, D))
-            region_logits = logits.gather(1, idx)
-        else:
-            feats, feats_out = self.box_features_at(patch_tokens, idx)
-            region_logits = self.objectness(feats, feats_out, idx)
+        feats, feats_out = self.box_features_at(patch_tokens, idx)
+        region_logits = self.objectness(feats, feats_out, idx)
         res.update({
             "box_logits": logits, "box_inv_in": inv_in, "box_inv_out": inv_out,
             "region_index": idx, "region_mask": valid, "region_feats": feats, "region_feats_out": feats_out,

@@ -8,7 +8,6 @@ uncertainty-weighted interaction loss). :data:`SHAPLEY_TERMS` gives their defaul
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -22,9 +21,9 @@ from loupe_kernels.testing import sample_stats, subset_members
 from loupe_kernels.uansil import UansilPolicy
 
 from . import regions as _regions
-from .config import GAMES, TARGET_RULES, options_from_config
+from .config import GAMES, options_from_config
 
-__all__ = ["region_targets", "box_subsets", "game_values", "coalition_samples", "encoder_interactions",
+__all__ = ["region_targets", "box_subsets", "coalition_samples", "encoder_interactions",
            "encoder_subsample", "SceneSpec", "constructed_scene", "LoupeShapleyTerms",
            "tsa_candidates", "fsa_candidates", "phrase_region_interactions", "phrase_contrast", "cross_image_lse", "soft_kl",
            "loupe_losses", "SHAPLEY_TERMS", "term_fn", "build_module"]
@@ -43,24 +42,6 @@ def box_subsets(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
     iny = (ys >= y0) & (ys < y1)  # [B, M, h]
     inx = (xs >= x0) & (xs < x1)  # [B, M, w]
     return (iny[..., :, None] & inx[..., None, :]).reshape(*boxes.shape[:2], h * w)
-
-
-def game_values(game: str, masks: torch.Tensor, *, sim: torch.Tensor | None = None,
-                query_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact ``v(C)`` for coalitions ``masks [B, M, n]`` (``v(empty) = 0``) -> ``[B, M]`` float.
-
-    ``maxsim`` (the fused games; the encoder game's values come from its ``value`` function):
-    ``sim [B, L, n]`` with ``query_mask [B, L]``.
-    """
-    if game == "maxsim":
-        s = sim.float()
-        neg = torch.tensor(float("-inf"), device=s.device)
-        mx = torch.where(masks[:, :, None, :], s[:, None], neg).amax(-1)  # [B, M, L]
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        qm = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device) if query_mask is None else query_mask
-        qf = qm.to(mx.dtype)[:, None, :]
-        return (mx * qf).sum(-1) / qf.sum(-1).clamp(min=1)
-    raise ValueError(f"game_values: game must be 'maxsim', got {game!r}")
 
 
 #: ``value(game [X] long, keep [X, P] bool) -> [X]``: v of coalitions ``keep`` of game ``game[x]``
@@ -122,9 +103,9 @@ def encoder_interactions(value: CoalitionValue, subsets: torch.Tensor, player_ma
 
 
 def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor | None,
-                   boxes: torch.Tensor, h: int, w: int, *, rule: str = "redundancy",
+                   boxes: torch.Tensor, h: int, w: int, *,
                    game: str = "maxsim", num_samples: int = 32, seed: int = 0,
-                   center: bool = True, backend: str | None = None,
+                   backend: str | None = None,
                    valid: torch.Tensor | None = None, sample: torch.Tensor | None = None,
                    fill: torch.Tensor | None = None, value: CoalitionValue | None = None,
                    player_mask: torch.Tensor | None = None,
@@ -134,18 +115,14 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
     ``patches [B, n, D]``, ``words [B, L, D]`` (+ ``word_mask``), ``boxes [B, M, 4]`` patch units,
     each valid box of >= 2 patches. The game is the max-sim game of the patches against the
     caption's words (or the masked-encoder game, below). Returns ``(target [B, M],
-    stderr [B, M], interaction [B, M])``: ``interaction`` is the sampled ``I([S])``, ``stderr`` the
-    target's standard error from the sampler. Rules (R = -I / (|S| - 1), the per-pair redundancy):
+    stderr [B, M], interaction [B, M])``: ``interaction`` is the sampled ``I([S])``, ``target`` the
+    per-pair redundancy ``R = -I / (|S| - 1)``, ``stderr`` its standard error from the sampler.
 
-    - ``redundancy`` (default): R;
-    - ``redundancy_minus_outside``: R - R_out, ``R_out = v(S) + v(N\\S) - v(N)`` (the redundancy of
-      the box with the rest of the image in the two-player game [S], [N\\S]), exact.
-
-    ``center`` (default) plays the game on what is specific to a patch within its image: the
-    max-sim game on ``relu(s_ij - mean_i s_ij)`` (per word, mean over the image's patches). Without
-    it, what every patch shares (the generic words of
-    a caption, the global context a ViT spreads over all patches) makes every pair of patches
-    redundant and the largest boxes win (docs/METHOD-notes.md).
+    The max-sim game is played on what is specific to a patch within its image: the max-sim on
+    ``relu(s_ij - mean_i s_ij)`` (per word, mean over the image's patches). On the raw similarities,
+    what every patch shares (the generic words of a caption, the global context a ViT spreads over
+    all patches) makes every pair of patches redundant and the largest boxes win; that game and the
+    rule R - R_out were retired (docs/METHOD-notes.md, "Retired switches (issue 19 item 6)").
 
     ``valid [B, M]`` marks real boxes (others get target 0, stderr 0); ``sample [B, M]`` the games
     to sample (default: every valid one); the others take their interaction from ``fill [B, M]``
@@ -154,17 +131,15 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
     ``game="encoder"`` [ours] plays the masked-encoder game: ``value(image [X], keep [X, n]) -> [X]``
     (e.g. :meth:`loupe.model.LoupeModel.coalition_scores` against each image's caption) gives the
     value of the patch coalitions ``keep`` of image ``image[x]``; ``player_mask [B, n]`` marks the
-    players (the valid patches; default all); ``patches``, ``words`` and ``center`` are not used.
+    players (the valid patches; default all); ``patches`` and ``words`` are not used.
     Its samples come from :func:`encoder_interactions`.
     """
-    if rule not in TARGET_RULES:
-        raise ValueError(f"rule must be one of {TARGET_RULES}, got {rule!r}")
     if game not in GAMES:
         raise ValueError(f"game must be one of {GAMES}, got {game!r}")
     if game == "encoder":
         if value is None:
             raise ValueError("region_targets: the encoder game needs value (the coalition scores)")
-        return _encoder_targets(value, boxes, h, w, rule=rule, num_samples=num_samples, seed=seed, backend=backend,
+        return _encoder_targets(value, boxes, h, w, num_samples=num_samples, seed=seed, backend=backend,
                                 valid=valid, sample=sample, fill=fill, player_mask=player_mask)
     patches, words = patches.detach(), words.detach()
     subsets = box_subsets(boxes, h, w)
@@ -175,11 +150,9 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
     if bool((valid & (size < 2)).any()):
         raise ValueError("region_targets: every box needs at least 2 patches")
     sim = torch.einsum("bld,bnd->bln", words.float(), patches.float())
-    if center:
-        if word_mask is None:
-            sim = (sim - sim.mean(-1, keepdim=True)).clamp(min=0)
-        else:
-            sim = (sim - sim.mean(-1, keepdim=True)).clamp(min=0) * word_mask[..., None].to(sim.dtype)
+    sim = (sim - sim.mean(-1, keepdim=True)).clamp(min=0)
+    if word_mask is not None:
+        sim = sim * word_mask[..., None].to(sim.dtype)
     gb, gm = sample.nonzero(as_tuple=True)
     inter = torch.zeros(B, M, dtype=torch.float32, device=subsets.device)
     se = torch.zeros(B, M, dtype=torch.float32, device=subsets.device)
@@ -195,22 +168,15 @@ def region_targets(patches: torch.Tensor, words: torch.Tensor, word_mask: torch.
     sm1 = (size - 1).clamp(min=1).to(inter.dtype)
     red = -inter / sm1
     se_red = se / sm1
-    if rule == "redundancy_minus_outside":
-        full = torch.ones_like(subsets[:, :1])
-        kw = dict(sim=sim, query_mask=word_mask)
-        v_in = game_values(game, subsets, **kw)
-        v_out = game_values(game, ~subsets, **kw)
-        v_all = game_values(game, full, **kw)
-        red = red - (v_in + v_out - v_all)
     zero = torch.zeros_like(red)
     return torch.where(valid, red, zero), torch.where(valid, se_red, zero), torch.where(valid, inter, zero)
 
 
-def _encoder_targets(value: CoalitionValue, boxes: torch.Tensor, h: int, w: int, *, rule: str, num_samples: int,
+def _encoder_targets(value: CoalitionValue, boxes: torch.Tensor, h: int, w: int, *, num_samples: int,
                      seed: int, backend: str | None, valid: torch.Tensor | None, sample: torch.Tensor | None,
                      fill: torch.Tensor | None, player_mask: torch.Tensor | None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`region_targets` of the masked-encoder game (same outputs and rules)."""
+    """:func:`region_targets` of the masked-encoder game (same outputs)."""
     subsets = box_subsets(boxes, h, w)
     B, M, n = subsets.shape
     dev = subsets.device
@@ -237,24 +203,6 @@ def _encoder_targets(value: CoalitionValue, boxes: torch.Tensor, h: int, w: int,
     sm1 = (size - 1).clamp(min=1).to(inter.dtype)
     red = -inter / sm1
     se_red = se / sm1
-    if rule == "redundancy_minus_outside":  # exact: v(S) + v(N\S) - v(N), for the valid boxes only
-        vb, vm = valid.nonzero(as_tuple=True)
-        r_out = torch.zeros(B, M, dtype=torch.float32, device=dev)
-        if vb.numel():
-            s_in = subsets[vb, vm]
-            s_out = pm[vb] & ~s_in
-            imgs = vb.unique()
-            keep = torch.cat([s_in, s_out, pm[imgs]], dim=0)
-            game = torch.cat([vb, vb, imgs])
-            nonempty = keep.any(-1)
-            vals = torch.zeros(keep.shape[0], dtype=torch.float32, device=dev)
-            if bool(nonempty.any()):
-                vals[nonempty] = value(game[nonempty], keep[nonempty]).float()
-            G = vb.numel()
-            v_all = torch.zeros(B, dtype=torch.float32, device=dev)
-            v_all[imgs] = vals[2 * G:]
-            r_out[vb, vm] = vals[:G] + vals[G:2 * G] - v_all[vb]
-        red = red - r_out
     zero = torch.zeros_like(red)
     return torch.where(valid, red, zero), torch.where(valid, se_red, zero), torch.where(valid, inter, zero)
 
@@ -405,15 +353,14 @@ def tsa_candidates(box_logits: torch.Tensor, candidate_boxes: torch.Tensor, supp
 
 
 def fsa_candidates(region_index: torch.Tensor, region_mask: torch.Tensor, phrase_mask: torch.Tensor,
-                   grounding: torch.Tensor | None, candidate_boxes: torch.Tensor, per_phrase: int, scales: int,
+                   grounding: torch.Tensor | None, per_phrase: int,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """SSIM candidate regions per image: the top-M semantic regions, plus each phrase's ``per_phrase``
     best boxes by the fixed grounding score (METHOD 10; ``grounding [B, P, K]`` over all candidates,
-    :func:`loupe.regions.grounding_scores`), plus each phrase's best box
-    in each of ``scales`` size bands; duplicates removed. Returns ``index [B, R]``, ``valid [B, R]``."""
+    :func:`loupe.regions.grounding_scores`); duplicates removed. Returns ``index [B, R]``, ``valid [B, R]``."""
     B = region_index.shape[0]
     parts, oks = [region_index], [region_mask]
-    if (per_phrase or scales) and phrase_mask.shape[1] > 0 and grounding is not None:
+    if per_phrase and phrase_mask.shape[1] > 0 and grounding is not None:
         with torch.no_grad():
             score = grounding.detach().float()  # [B, P, K]
             pm = phrase_mask[..., None].expand(-1, -1, per_phrase)
@@ -421,16 +368,6 @@ def fsa_candidates(region_index: torch.Tensor, region_mask: torch.Tensor, phrase
                 best = score.topk(min(per_phrase, score.shape[-1]), dim=-1).indices  # [B, P, k]
                 parts.append(best.reshape(B, -1))
                 oks.append(pm[..., :best.shape[-1]].reshape(B, -1))
-            if scales:
-                area = ((candidate_boxes[:, 2] - candidate_boxes[:, 0])
-                        * (candidate_boxes[:, 3] - candidate_boxes[:, 1])).float().to(score.device)
-                total = float(area.max())
-                edges = torch.logspace(0, math.log10(total), scales + 1, device=score.device)
-                for k in range(scales):
-                    band = (area >= edges[k]) & (area <= edges[k + 1])
-                    s = torch.where(band[None, None], score, torch.tensor(float("-inf"), device=score.device))
-                    parts.append(s.argmax(-1))
-                    oks.append(phrase_mask.clone())
     index = torch.cat(parts, dim=1)
     valid = torch.cat(oks, dim=1).to(index.device)
     # remove duplicates: keep the first occurrence of each box
@@ -650,15 +587,14 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
             def value(image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
                 return model.coalition_scores(images, image, keep, text[image]).float()
 
-            t, se, inter = region_targets(patches, words, wmask, boxes, g, g, rule=opts.tsa_rule, game="encoder",
+            t, se, inter = region_targets(patches, words, wmask, boxes, g, g, game="encoder",
                                           num_samples=opts.encoder_samples, seed=_seed_of(batch, 1),
                                           backend=model.config.kernel_backend, valid=valid, sample=sample,
                                           fill=fill, value=value, player_mask=pmask)
         else:
             sample = valid if pol is None else (valid & pol["sample"].reshape(B, Mp))
-            t, se, inter = region_targets(patches, words, wmask, boxes, g, g, rule=opts.tsa_rule, game=opts.tsa_game,
+            t, se, inter = region_targets(patches, words, wmask, boxes, g, g, game=opts.tsa_game,
                                           num_samples=opts.num_samples, seed=_seed_of(batch, 1),
-                                          center=opts.tsa_center,
                                           backend=model.config.kernel_backend, valid=valid, sample=sample, fill=fill)
         z = _standardise(t, valid, opts.min_spread)
         kl = soft_kl(z / opts.tau_i, o, valid)
@@ -697,11 +633,10 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         pmask = pmask & (pmask.sum(1, keepdim=True) >= opts.fsa_min_phrases)
     if "fsa" in weights or "ua" in weights:
         grounding = None
-        if (opts.fsa_per_phrase or opts.fsa_scales) and pf.shape[1] > 0:
+        if opts.fsa_per_phrase and pf.shape[1] > 0:
             with torch.no_grad():
                 grounding = _regions.grounding_scores(pf.detach().float(), patches.detach().float(), g, g)
-        ridx, rvalid = fsa_candidates(out["region_index"], out["region_mask"], pmask, grounding, cand,
-                                      opts.fsa_per_phrase, opts.fsa_scales)
+        ridx, rvalid = fsa_candidates(out["region_index"], out["region_mask"], pmask, grounding, opts.fsa_per_phrase)
         R = ridx.shape[1]
         P = pf.shape[1]
         rfeat, _ = model.box_features_at(patches, ridx)

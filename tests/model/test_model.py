@@ -170,23 +170,22 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # --------------------------------------------------------------------------------------- regions
-@pytest.mark.parametrize("dense", [False, True])
-def test_regions_in_forward_are_nms_top_m(dense):
-    cfg = tiny(dense_region_grad=dense)
+def test_regions_in_forward_are_nms_top_m():
+    cfg = tiny()
     model = build(cfg)
     out = model({**make_batch(cfg, B=3), "return_regions": True, "return_box_feats": True})
     assert out["box_logits"].shape == (3, 100)  # 4x4 grid: 10 * 10 boxes
     idx, valid = nms_topk(out["box_logits"], model.nms_suppress, cfg.num_regions)
     assert torch.equal(idx, out["region_index"]) and torch.equal(valid, out["region_mask"])
-    # the region outputs equal the dense outputs at the chosen boxes (recomputed or gathered)
+    # the region outputs (recomputed for the M boxes) equal the dense outputs at the chosen boxes
     D = cfg.embed_dim
     torch.testing.assert_close(out["region_feats"], out["box_feats"].gather(1, idx[..., None].expand(-1, -1, D)))
     torch.testing.assert_close(out["region_feats_out"],
                                out["box_feats_out"].gather(1, idx[..., None].expand(-1, -1, D)))
     torch.testing.assert_close(out["region_logits"], out["box_logits"].gather(1, idx))
-    # gradient: always through the regions; through the dense outputs only with dense_region_grad
+    # gradient: through the regions only, never through the dense outputs
     assert out["region_feats"].requires_grad and out["region_logits"].requires_grad
-    assert out["box_logits"].requires_grad == dense and out["box_feats"].requires_grad == dense
+    assert not out["box_logits"].requires_grad and not out["box_feats"].requires_grad
     boxes = out["region_boxes"]
     assert boxes.min() >= 0 and boxes.max() <= cfg.image_size
     assert torch.all(boxes[..., 2] > boxes[..., 0]) and torch.all(boxes[..., 3] > boxes[..., 1])
@@ -195,9 +194,9 @@ def test_regions_in_forward_are_nms_top_m(dense):
     geo = model.box_geometry
     direct = model.region_head(out["box_feats"], out["box_feats_out"], geo)
     torch.testing.assert_close(out["box_logits"], direct, rtol=1e-5, atol=1e-5)
-    # dense features only on request (or with dense_region_grad)
+    # dense features only on request
     plain = model({**make_batch(cfg, B=3), "return_regions": True})
-    assert ("box_feats" in plain) == dense and plain["box_logits"].shape == (3, 100)
+    assert "box_feats" not in plain and plain["box_logits"].shape == (3, 100)
     # regions are not computed unless needed
     assert "box_logits" not in model(make_batch(cfg, B=3))
 

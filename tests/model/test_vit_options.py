@@ -1,6 +1,8 @@
 """ViT options: local patch attention (``vision_local_radius``), mean pooling, and the retired switches."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,16 +13,36 @@ SMALL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, visi
              text_layers=1, text_heads=2, embed_dim=16, vocab_size=50, context_length=8, objective="filip")
 
 
-@pytest.mark.parametrize("field,off,on", [("vision_registers", 0, 2), ("vision_center_patches", False, True)])
-def test_retired_switches_load_when_off_and_raise_when_on(field, off, on):
-    """Switches measured worse everywhere were removed; old configs load when they had them off."""
+@pytest.mark.parametrize("field,off,on,tag", [("vision_registers", 0, 2, "pre-issue-17"),
+                                               ("vision_center_patches", False, True, "pre-issue-17"),
+                                               ("dense_region_grad", False, True, "pre-retire-switches")])
+def test_retired_switches_load_when_off_and_raise_when_on(field, off, on, tag):
+    """Switches measured worse everywhere were removed; old configs load when they had them off, and
+    any other value raises naming the tag that still has the switch."""
     d = LoupeConfig(**SMALL).to_dict()
     assert field not in d
     assert LoupeConfig.from_dict({**d, field: off}) == LoupeConfig(**SMALL)
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"{field}=.*tag {tag}"):
         LoupeConfig.from_dict({**d, field: on})
     with pytest.raises(TypeError):
         LoupeConfig(**{field: on}, **SMALL)
+
+
+@pytest.mark.parametrize("name,off,on", [("tsa_rule", "redundancy", "redundancy_minus_outside"),
+                                         ("tsa_center", True, False), ("fsa_scales", 0, 5)])
+def test_retired_objective_options_load_when_off_and_raise_when_on(name, off, on):
+    """The Shapley-term options of issue 19 item 6: a saved config holding one at its old default
+    still loads (and trains as before: the option is dropped); the other value raises naming the
+    tag pre-retire-switches."""
+    assert name not in {f.name for f in dataclasses.fields(ObjectiveOptions)}
+    d = LoupeConfig(**{**SMALL, "objective": "loupe"}).to_dict()
+    old = LoupeConfig.from_dict({**d, "loupe_options": {name: off, "num_samples": 8}})
+    assert options_from_config(old) == ObjectiveOptions(num_samples=8)
+    LoupeModel(old)  # the Shapley terms build from it
+    with pytest.raises(ValueError, match=rf"{name}=.*git checkout 0899940 \(tag pre-retire-switches\)"):
+        LoupeConfig.from_dict({**d, "loupe_options": {name: on}})
+    with pytest.raises(ValueError, match=name):
+        LoupeConfig(loupe_options={name: on}, **SMALL)
 
 
 def test_retired_objective_backend_option():
@@ -98,11 +120,11 @@ def test_bad_vision_pool(bad):
 
 
 def test_loupe_options_reach_the_shapley_terms_and_are_validated():
-    cfg = LoupeConfig(loupe_options={"fsa_scales": 3, "num_samples": 8}, **{**SMALL, "objective": "loupe"})
+    cfg = LoupeConfig(loupe_options={"fsa_per_phrase": 3, "num_samples": 8}, **{**SMALL, "objective": "loupe"})
     model = LoupeModel(cfg)
     opts = next(m for m in model.loss_modules.values() if m is not None).options
-    assert (opts.fsa_scales, opts.num_samples) == (3, 8)
-    assert LoupeConfig.from_dict(cfg.to_dict()).loupe_options == {"fsa_scales": 3, "num_samples": 8}
+    assert (opts.fsa_per_phrase, opts.num_samples) == (3, 8)
+    assert LoupeConfig.from_dict(cfg.to_dict()).loupe_options == {"fsa_per_phrase": 3, "num_samples": 8}
     assert options_from_config(LoupeConfig(**SMALL)) == ObjectiveOptions()
     with pytest.raises(ValueError, match="unknown keys"):
         LoupeConfig(loupe_options={"fsa_scale": 3})

@@ -21,25 +21,15 @@ def _all_boxes():
 
 
 @pytest.mark.parametrize("name", SCENES)
-@pytest.mark.parametrize("rule", lo.TARGET_RULES)
-def test_object_box_gets_largest_target(name, rule):
+def test_object_box_gets_largest_target(name):
     boxes = _all_boxes()
     for seed in range(2):
         spec = lo.constructed_scene(name, seed=seed)
-        t, se, _ = lo.region_targets(spec.patches[None], spec.words[None], None, boxes[None], 8, 8, rule=rule,
+        t, se, _ = lo.region_targets(spec.patches[None], spec.words[None], None, boxes[None], 8, 8,
                                      num_samples=32, seed=seed)
         obj = {int(((boxes == torch.tensor(b)).all(1)).nonzero()[0]) for b in spec.objects}
         assert set(t[0].topk(len(obj)).indices.tolist()) == obj
         assert bool((se >= 0).all())
-
-
-def test_raw_game_fails_where_centred_succeeds():
-    # the finding of docs/METHOD-notes.md: without centring the whole image wins in the two-object scene
-    boxes = _all_boxes()
-    spec = lo.constructed_scene("two", seed=0)
-    t, _, _ = lo.region_targets(spec.patches[None], spec.words[None], None, boxes[None], 8, 8, num_samples=32,
-                                center=False)
-    assert tuple(boxes[int(t[0].argmax())].tolist()) == (0, 0, 8, 8)
 
 
 def test_region_targets_match_exact_expectation():
