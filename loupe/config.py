@@ -257,7 +257,9 @@ class ObjectiveOptions:
     min_spread: float = 1e-6        # floor of the spread when standardising
     # the UANSIL skip policy (needs the ``ua`` term). Off by default [ours, measured]: once it starts
     # filling skipped games with the predictor's mean, the phrase maps collapse (docs/METHOD-notes.md),
-    # and sampling is only ~5% of a step here. The predictor and L_UA train either way.
+    # and sampling is only ~5% of a step here. The predictor and L_UA train either way. It acts on the
+    # TSA games only (with the encoder game: the boxes not played this step); SSIM games are always
+    # sampled, since fills inside the phrase's label softmax collapsed the maps [ours, measured]
     uansil: bool = False
     uansil_warmup: int = 500
     uansil_threshold: float = 0.5   # skip when predicted std < threshold * running std of sampled I

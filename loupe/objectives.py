@@ -650,8 +650,12 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
                                pf.detach().float()[:, :, None].expand(B, P, R, D), geo.float(),
                                2.0 / nplayers, torch.ones(B, P, R, 1, device=dev)], dim=-1)
             pol = policy(feats.reshape(B * P * R, -1))
-        sample = pair_ok if pol is None else (pair_ok & pol["sample"].reshape(B, P, R))
-        fill = None if pol is None else pol["mu"].detach().reshape(B, P, R)
+        # every SSIM game is sampled: the policy never fills a label here [ours, measured]. Predicted
+        # interactions inside the phrase's label softmax collapsed the phrase maps twice (the max-sim
+        # game, and the encoder game behind the calibration gate: docs/METHOD-notes.md), and these
+        # games are cheap. The predictor still trains on them (L_UA) and is checked on them.
+        sample = pair_ok
+        fill = None
         if shapley_labels:
             inter, se = phrase_region_interactions(pf, pmask, rfeat, rvalid, num_samples=opts.num_samples,
                                                    seed=_seed_of(batch, 2), sample=sample, fill=fill,

@@ -237,6 +237,21 @@ def test_uansil_policy_after_warmup():
     assert float(mod.uansil.running_var) > 0
 
 
+def test_uansil_never_fills_an_ssim_label():
+    """The policy acts on TSA games only: with every game confident and the policy warm, L_FSA is
+    exactly what it is with the policy off (same weights, batch and coalitions), while L_TSA changes."""
+    m = _tiny()
+    mod = m.loss_modules["tsa"]
+    base = m(_batch(step=5, seed=9))
+    mod.options = ObjectiveOptions(uansil=True, uansil_warmup=0, uansil_threshold=1e6, uansil_calibration=0.0,
+                                   uansil_min_calibration=0.0, uansil_min_fraction=0.0)
+    mod.uansil.running_var.fill_(1.0)
+    on = m(_batch(step=5, seed=9))
+    assert on["uansil_warm"] == 1.0 and on["uansil_fraction_sampled"] < 1.0
+    assert float(on["loss_fsa"]) == float(base["loss_fsa"])
+    assert float(on["loss_tsa"]) != float(base["loss_tsa"])
+
+
 def test_uansil_safety_samples_everything_until_calibrated():
     """With the safety on (the defaults of the policy), nothing is skipped before the rolling
     calibration is known, and the check results are logged."""
