@@ -18,13 +18,17 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 __all__ = ["LoupeConfig", "ObjectiveOptions", "options_from_config", "OBJECTIVES", "DATASET_TYPES",
-           "GAMES", "KERNEL_BACKENDS", "DEFAULT_MODEL", "CONFIG_DIR", "list_models",
+           "GAMES", "KERNEL_BACKENDS", "DEFAULT_MODEL", "CONFIG_DIR", "HARD_MIX_DEFAULT", "list_models",
            "model_preset", "preset_config", "describe_models"]
 
 #: training objectives (``loupe.losses`` holds the table of their terms)
 OBJECTIVES: tuple[str, ...] = ("clip", "filip", "loupe", "sparc")
 #: data sets ``loupe.data.build_dataset`` knows
 DATASET_TYPES: tuple[str, ...] = ("synthetic", "fashion", "emoji", "csv", "webdataset")
+#: share of the built-in training scenes drawn from the controlled streams (``train.py --hard-mix``)
+#: [ours, chosen on validation seeds 0-2 with max-sim LOUPE: docs/METHOD-notes.md, eighth session;
+#: every objective trains on the same data]
+HARD_MIX_DEFAULT: float = 0.25
 #: Shapley games of L_TSA (METHOD 5; the region target is the per-pair redundancy of METHOD 6)
 #: ("encoder" [ours]: the model's image-text score with only a coalition of patches in the image
 #: encoder's attention, loupe.objectives.encoder_interactions)

@@ -64,7 +64,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from loupe import checkpoint as ckpt  # noqa: E402  (after the path fix above)
-from loupe.config import (CONFIG_DIR, DATASET_TYPES, DEFAULT_MODEL, OBJECTIVES, LoupeConfig, describe_models,  # noqa: E402
+from loupe.config import (CONFIG_DIR, DATASET_TYPES, DEFAULT_MODEL, HARD_MIX_DEFAULT, OBJECTIVES, LoupeConfig, describe_models,  # noqa: E402
                           list_models, model_preset)
 
 DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "ds_config.json")
@@ -94,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--csv-separator", default="\t", help="CSV separator")
     d.add_argument("--train-size", type=int, default=50000,
                    help="number of training scenes of the built-in sets")
-    d.add_argument("--hard-mix", type=float, default=0.0,
-                   help="share of the training scenes (built-in sets) drawn from the controlled streams: "
-                        "distractors sharing colour or shape, and relations (half each); which share "
-                        "measures best on validation is not known yet")
+    d.add_argument("--hard-mix", type=float, default=None,
+                   help=f"share of the training scenes (built-in sets) drawn from the controlled streams: "
+                        f"distractors sharing colour or shape, and relations (half each); default "
+                        f"{HARD_MIX_DEFAULT} for the built-in sets (chosen on validation, docs/METHOD-notes.md), "
+                        f"0 for csv and webdataset")
     d.add_argument("--streaming", action="store_true",
                    help="webdataset: stream the shards with the webdataset library even when they are local "
                         "(URLs and pipe: commands always stream); streamed runs resume approximately")
@@ -185,6 +186,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--output {args.output!r}: {problem}")
     if args.warmup < 0 or args.save_every < 1 or args.eval_every < 0 or args.diag_every < 0:
         p.error("--warmup, --eval-every and --diag-every must be >= 0, --save-every >= 1")
+    if args.hard_mix is None:
+        args.hard_mix = 0.0 if args.dataset_type in ("csv", "webdataset") else HARD_MIX_DEFAULT
     if not (math.isfinite(args.hard_mix) and 0.0 <= args.hard_mix <= 1.0):
         p.error(f"--hard-mix must be in [0, 1], not {args.hard_mix}")
     if args.hard_mix and args.dataset_type in ("csv", "webdataset"):

@@ -100,7 +100,10 @@ def test_hard_mix_reaches_the_training_set():
         args = train_mod.parse_args(["--train-size", "64", "--output", "/tmp/loupe-hard-mix-unused"] + extra)
         return args, train_mod.build_train_set(args, ld, 0, 1, train_mod.data_options(args, 64))
 
-    args, plain = train_set([])
+    from loupe.config import HARD_MIX_DEFAULT
+    args, default = train_set([])
+    assert args.hard_mix == HARD_MIX_DEFAULT == default.hard_mix  # the built-in sets mix by default
+    args, plain = train_set(["--hard-mix", "0"])
     assert args.hard_mix == 0.0 and plain.hard_mix == 0.0
     args, mixed = train_set(["--hard-mix", "0.5"])
     assert mixed.hard_mix == 0.5
@@ -119,6 +122,13 @@ def test_data_flag_errors(args, words, capsys):
     with pytest.raises(SystemExit) as e:
         train_mod.parse_args(args + ["--output", "/tmp/loupe-flags-unused"])
     assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_hard_mix_default_is_off_for_csv_and_webdataset():
+    for kind in ("csv", "webdataset"):
+        args = train_mod.parse_args(["--dataset-type", kind, "--train-data", __file__,
+                                     "--output", "/tmp/loupe-flags-unused"])
+        assert args.hard_mix == 0.0
 
 
 @pytest.mark.slow
