@@ -202,14 +202,17 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
             objectives: Sequence[str] = OBJECTIVES, procs: int = 1, reuse: bool = False,
             eval_opts: dict | None = None, train_extra: Sequence[str] = (), eval_seed_offset: int | None = None,
             post_hoc_centring: Sequence[str] = (), objective_configs: dict[str, dict] | None = None,
-            compute_matched_clip: float | None = None, log=print) -> dict:
+            compute_matched_clip: float | None = None, objective_train_args: dict[str, list[str]] | None = None,
+            log=print) -> dict:
     """Train and evaluate every (objective, seed); write ``compare.md`` and ``compare.json`` to ``out``.
     The objectives in ``post_hoc_centring`` are evaluated with word tokens centred on their caption
     (``EvalOptions.center_words=True``) whatever they were trained with (FILIP's best variant);
     ``objective_configs[o]``: LoupeConfig overrides of objective ``o`` only, on top of ``model_config``.
     ``compute_matched_clip = r`` adds the arm ``clip_matched``: CLIP (with its own settings) trained for
     ``round(r * steps)`` steps, where ``r`` is LOUPE's measured step cost over CLIP's (the step
-    benchmark), so that it spends LOUPE's compute."""
+    benchmark), so that it spends LOUPE's compute. ``objective_train_args[o]``: ``train.py`` flags of
+    objective ``o`` only (its tuned learning rate), after ``train_extra``; ``clip_matched`` takes
+    CLIP's."""
     for o in list(objectives) + list(post_hoc_centring):
         if o not in OBJECTIVES:
             raise ValueError(f"compare: unknown objective {o!r}; expected some of {OBJECTIVES}")
@@ -221,6 +224,11 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
             raise ValueError(f"compare: objective_configs names {o!r}, which is not compared")
         if not isinstance(cfg, dict):
             raise ValueError(f"compare: the config of {o!r} must be a JSON object, got {cfg!r}")
+    for o, extra in (objective_train_args or {}).items():
+        if o not in objectives and not (o == "clip" and compute_matched_clip is not None):
+            raise ValueError(f"compare: objective_train_args names {o!r}, which is not compared")
+        if isinstance(extra, str) or not all(isinstance(x, str) for x in extra):
+            raise ValueError(f"compare: the train.py flags of {o!r} must be a list of strings, got {extra!r}")
     arm_steps: dict[str, int] = {}
     if compute_matched_clip is not None:
         r = compute_matched_clip
@@ -238,13 +246,17 @@ def compare(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 400, bat
         title += f"; {o}: {json.dumps(cfg)}"
     if post_hoc_centring:
         title += f"; evaluated with post-hoc word centring: {', '.join(post_hoc_centring)}"
+    for o, extra in (objective_train_args or {}).items():
+        title += f"; {o} trained with {' '.join(extra)}"
     if compute_matched_clip is not None:
         title += (f"; clip_matched: CLIP for {arm_steps['clip_matched']} steps ({compute_matched_clip:g}x, "
                   f"LOUPE's step cost over CLIP's)")
     return run_arms(out, arms, "compare", title, seeds=seeds, steps=steps, batch_size=batch_size,
                     dataset_type=dataset_type, train_size=train_size, procs=procs, reuse=reuse,
                     eval_opts=eval_opts, train_extra=train_extra, eval_seed_offset=eval_seed_offset,
-                    arm_eval={o: {"center_words": True} for o in post_hoc_centring}, arm_steps=arm_steps, log=log)
+                    arm_eval={o: {"center_words": True} for o in post_hoc_centring}, arm_steps=arm_steps,
+                    arm_train_extra={label: list((objective_train_args or {}).get(o, ()))
+                                     for label, (o, _) in arms.items()}, log=log)
 
 
 def ablate(out: str, *, seeds: Sequence[int] = (0, 1, 2), steps: int = 600, batch_size: int = 64,
@@ -270,13 +282,15 @@ def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, titl
              seeds: Sequence[int], steps: int, batch_size: int, dataset_type: str, train_size: int | None,
              procs: int, reuse: bool, eval_opts: dict | None, train_extra: Sequence[str],
              eval_seed_offset: int | None = None, arm_eval: dict[str, dict] | None = None,
-             arm_steps: dict[str, int] | None = None, log=print) -> dict:
+             arm_steps: dict[str, int] | None = None, arm_train_extra: dict[str, list[str]] | None = None,
+             log=print) -> dict:
     """Train and evaluate every (arm, seed): ``arms[label] = (objective, LoupeConfig overrides)``.
     Writes ``<name>.md`` and ``<name>.json`` to ``out``; runs live in ``out/<dataset>/<label>-seed<s>``.
     ``eval_seed_offset``: each run is evaluated on the scenes of seed ``offset + training seed``
     (docs/PROTOCOL.md: 100), which excludes a fixed ``eval_opts["eval_seed"]``. ``arm_eval[label]``:
     evaluation options of that arm only (on top of ``eval_opts``); ``arm_steps[label]``: that arm's
-    training steps instead of ``steps``."""
+    training steps instead of ``steps``; ``arm_train_extra[label]``: that arm's ``train.py`` flags
+    after ``train_extra``."""
     if not seeds:
         raise ValueError(f"{name}: at least one seed")
     if eval_seed_offset is not None:
@@ -300,7 +314,8 @@ def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, titl
                 rec["train_seconds"] = None
             else:
                 cmd = train_command(run_dir, objective, seed, n_steps, batch_size, dataset_type, train_size,
-                                    json.dumps(cfg) if cfg else None, procs, train_extra)
+                                    json.dumps(cfg) if cfg else None, procs,
+                                    list(train_extra) + list((arm_train_extra or {}).get(label, ())))
                 log(f"[{name}] train {label} seed {seed}: {' '.join(cmd)}")
                 os.makedirs(run_dir, exist_ok=True)
                 t0 = time.perf_counter()
@@ -334,7 +349,8 @@ def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, titl
         f.write(table + "\n")
     payload = {"settings": {"seeds": list(seeds), "steps": steps, "batch_size": batch_size,
                             "dataset_type": dataset_type, "train_size": train_size,
-                            "arms": {k: {"objective": o, "model_config": c, "steps": (arm_steps or {}).get(k, steps)}
+                            "arms": {k: {"objective": o, "model_config": c, "steps": (arm_steps or {}).get(k, steps),
+                                         "train_args": list(train_extra) + list((arm_train_extra or {}).get(k, ()))}
                                      for k, (o, c) in arms.items()},
                             "objectives": list(arms), "eval": eval_opts or {}, "eval_seed_offset": eval_seed_offset},
                "runs": runs, "summary": summary,
@@ -382,6 +398,8 @@ def main(argv=None) -> int:
     c.add_argument("--objective-config", action="append", default=[], metavar="OBJECTIVE=JSON",
                    help="LoupeConfig overrides of one objective only (repeatable), e.g. "
                         "--objective-config 'filip={\"text_center_words\": false}'")
+    c.add_argument("--objective-train-arg", action="append", default=[], metavar="OBJECTIVE=FLAG",
+                   help="a train.py flag of one objective only (repeatable), e.g. --objective-train-arg clip=--lr=2e-3")
     c.add_argument("--compute-matched-clip", type=float, default=None, metavar="RATIO",
                    help="add the arm clip_matched: CLIP trained for RATIO x --steps, RATIO being LOUPE's step "
                         "cost over CLIP's from the step benchmark (benchmarks/RESULTS.md)")
@@ -420,8 +438,15 @@ def main(argv=None) -> int:
                                                        and a.compute_matched_clip >= 1.0):
             ap.error(f"--compute-matched-clip is LOUPE's step cost over CLIP's: a number >= 1, "
                      f"not {a.compute_matched_clip}")
+        targs: dict[str, list[str]] = {}
+        for item in a.objective_train_arg:
+            name, sep, flag = item.partition("=")
+            if not sep or name not in OBJECTIVES or not flag.startswith("--"):
+                ap.error(f"--objective-train-arg expects OBJECTIVE=--flag[=value] with OBJECTIVE in {OBJECTIVES}, "
+                         f"got {item!r}")
+            targs.setdefault(name, []).append(flag)
         res = compare(a.out, objectives=a.objectives, post_hoc_centring=a.post_hoc_centring, objective_configs=per,
-                      compute_matched_clip=a.compute_matched_clip, **common)
+                      compute_matched_clip=a.compute_matched_clip, objective_train_args=targs, **common)
     else:
         res = ablate(a.out, variants=a.variants, **common)
     print(res["table"])

@@ -148,6 +148,34 @@ def test_compute_matched_clip_is_a_step_cost_ratio(tmp_path, monkeypatch):
         X.main(["compare", "--compute-matched-clip", "0.5", "--out", str(tmp_path)])
 
 
+def test_objective_train_args_reach_their_arms_only(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_arms(out, arms, name, title, **kw):
+        seen.update(arms=arms, title=title, **kw)
+        return {"table": ""}
+    monkeypatch.setattr(X, "run_arms", fake_run_arms)
+    X.main(["compare", "--objectives", "clip", "loupe", "--objective-train-arg", "clip=--lr=2e-3",
+            "--compute-matched-clip", "1.5", "--train-arg=--hard-mix=0", "--out", str(tmp_path)])
+    assert seen["arm_train_extra"] == {"clip": ["--lr=2e-3"], "loupe": [], "clip_matched": ["--lr=2e-3"]}
+    assert seen["train_extra"] == ["--hard-mix=0"] and "clip trained with --lr=2e-3" in seen["title"]
+    with pytest.raises(ValueError, match="not compared"):
+        X.compare(str(tmp_path), objectives=["loupe"], objective_train_args={"sparc": ["--lr=1"]})
+    with pytest.raises(ValueError, match="list of strings"):
+        X.compare(str(tmp_path), objectives=["loupe"], objective_train_args={"loupe": "--lr=1"})
+    for bad in ("clip:--lr=1", "blip=--lr=1", "clip=lr"):
+        with pytest.raises(SystemExit):
+            X.main(["compare", "--objective-train-arg", bad, "--out", str(tmp_path)])
+
+
+def test_a_later_flag_wins_in_the_training_command(tmp_path):
+    """Per-objective flags come after the shared ones, and train.py's parser takes the last one."""
+    import loupe.train as train_mod
+    cmd = X.train_command(str(tmp_path / "r"), "clip", 0, 5, 8, "synthetic", extra=["--lr=1e-3", "--lr=2e-3"])
+    args = train_mod.parse_args(cmd[cmd.index("--output"):])
+    assert args.lr == 2e-3
+
+
 def test_post_hoc_centring_names_a_compared_objective(tmp_path):
     with pytest.raises(ValueError, match="not compared"):
         X.compare(str(tmp_path), objectives=["clip"], post_hoc_centring=["filip"])
