@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -98,9 +99,10 @@ def test_bad_flags_give_clear_errors(args, words):
 
 @pytest.mark.timeout(900)
 def test_uansil_on_end_to_end_logs_what_it_samples_and_fills(tmp_path):
-    """The real engine with the UANSIL skip policy on (issue 19): after the warm-up the log shows the
-    fraction of games sampled below 1, and the masked-encoder game's targets reach more boxes than it
-    plays (the predictor's confident means fill the rest)."""
+    """The real engine with the UANSIL skip policy on (issue 19): the log holds the fraction of games
+    sampled (below 1: the masked-encoder game plays a subsample of its boxes; every SSIM game is
+    sampled, the policy never fills those), and after the warm-up the encoder game's targets reach
+    more boxes than it plays (the predictor's confident means fill the rest)."""
     out = tmp_path / "uansil"
     cfg = json.loads(TINY)
     cfg["loupe_options"] = {"tsa_game": "encoder", "encoder_images": 1, "encoder_boxes": 2, "encoder_samples": 2,
@@ -117,7 +119,7 @@ def test_uansil_on_end_to_end_logs_what_it_samples_and_fills(tmp_path):
     before = [r for r in log if r["uansil_warm"] == 0.0]
     after = [r for r in log if r["uansil_warm"] == 1.0]
     assert before and after
-    assert all(r["uansil_fraction_sampled"] < 0.5 for r in after)
+    assert all(0.0 < r["uansil_fraction_sampled"] < 1.0 for r in log)
     # before the warm-up only the played boxes have a target; after it the filled ones too
     assert min(r["diag_tsa_target_share"] for r in after) > max(r["diag_tsa_target_share"] for r in before)
 
@@ -523,6 +525,13 @@ def test_divergence_is_stopped_by_the_trainer_naming_the_step_and_checkpoint(tmp
     p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "loupe: training diverged at step" in p.stderr, p.stderr[-3000:]
-    assert "the last good checkpoint is step0000002" in p.stderr or "no checkpoint was saved" in p.stderr
+    # the checkpoint it names is the newest one saved (every 2 steps) before the step that diverged
+    bad = int(re.search(r"diverged at step (\d+)", p.stderr).group(1))
+    good = re.search(r"the last good checkpoint is step(\d+)", p.stderr)
+    if good is None:
+        assert "no checkpoint was saved" in p.stderr and bad <= 2, p.stderr[-3000:]
+    else:
+        assert int(good.group(1)) == 2 * ((bad - 1) // 2) > 0, p.stderr[-3000:]
+        assert (out / "checkpoints" / f"step{int(good.group(1)):07d}").is_dir()
     assert "Traceback" not in p.stderr
     assert not shm_buffers(port_of(cmd))
