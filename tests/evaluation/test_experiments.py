@@ -130,13 +130,20 @@ def test_eval_seed_offset_is_checked(tmp_path):
         X.main(["compare", "--eval-seed", "3", "--eval-seed-offset", "100", "--out", str(tmp_path)])
 
 
-def test_compute_matched_clip_is_a_step_cost_ratio(tmp_path, monkeypatch):
+@pytest.fixture
+def captured_arms(monkeypatch):
+    """What ``compare`` hands to ``run_arms`` (nothing is trained)."""
     seen = {}
 
     def fake_run_arms(out, arms, name, title, **kw):
         seen.update(arms=arms, title=title, **kw)
         return {"table": ""}
     monkeypatch.setattr(X, "run_arms", fake_run_arms)
+    return seen
+
+
+def test_compute_matched_clip_is_a_step_cost_ratio(tmp_path, captured_arms):
+    seen = captured_arms
     X.compare(str(tmp_path), objectives=["loupe"], steps=600, compute_matched_clip=1.9,
               objective_configs={"loupe": {"embed_dim": 32}})
     assert seen["arms"]["clip_matched"] == ("clip", None) and seen["arm_steps"] == {"clip_matched": 1140}
@@ -148,13 +155,8 @@ def test_compute_matched_clip_is_a_step_cost_ratio(tmp_path, monkeypatch):
         X.main(["compare", "--compute-matched-clip", "0.5", "--out", str(tmp_path)])
 
 
-def test_objective_train_args_reach_their_arms_only(tmp_path, monkeypatch):
-    seen = {}
-
-    def fake_run_arms(out, arms, name, title, **kw):
-        seen.update(arms=arms, title=title, **kw)
-        return {"table": ""}
-    monkeypatch.setattr(X, "run_arms", fake_run_arms)
+def test_objective_train_args_reach_their_arms_only(tmp_path, captured_arms):
+    seen = captured_arms
     X.main(["compare", "--objectives", "clip", "loupe", "--objective-train-arg", "clip=--lr=2e-3",
             "--compute-matched-clip", "1.5", "--train-arg=--hard-mix=0", "--out", str(tmp_path)])
     assert seen["arm_train_extra"] == {"clip": ["--lr=2e-3"], "loupe": [], "clip_matched": ["--lr=2e-3"]}
