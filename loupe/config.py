@@ -271,6 +271,10 @@ class ObjectiveOptions:
     # the policy's safety [ours, not yet measured at the default budget]: skip only while the rolling
     # calibration (last 50 steps) is at least this, and always sample this share of all games
     uansil_min_calibration: float = 0.85
+    # and only while the checked predictions have skill: 1 - SSE / SST over the same window at least
+    # this [ours, not yet measured]; coverage alone is passed by a flat, wide predictor (the collapse
+    # behind a gate at 0.96-1.0, docs/METHOD-notes.md). None: coverage alone (the gate of before)
+    uansil_min_skill: float | None = 0.5
     uansil_min_fraction: float = 0.1
     uansil_hidden: int = 128
 
@@ -306,6 +310,11 @@ class ObjectiveOptions:
         for name in ("uansil_calibration", "uansil_min_calibration", "uansil_min_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"loupe_options.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.uansil_min_skill is not None and not (isinstance(self.uansil_min_skill, (int, float))
+                                                      and not isinstance(self.uansil_min_skill, bool)
+                                                      and -1e9 < self.uansil_min_skill <= 1.0):
+            raise ValueError(f"loupe_options.uansil_min_skill must be None or a number <= 1 (1 - SSE / SST), "
+                             f"got {self.uansil_min_skill!r}")
 
 
 def options_from_config(config: Any) -> ObjectiveOptions:

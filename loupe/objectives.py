@@ -18,7 +18,7 @@ from torch import nn
 from loupe_kernels import shapley_interaction
 from loupe_kernels.shapley import sample_coalitions
 from loupe_kernels.testing import sample_stats, subset_members
-from loupe_kernels.uansil import UansilPolicy
+from loupe_kernels.uansil import CALIB_STATS, UansilPolicy
 
 from . import regions as _regions
 from .config import GAMES, options_from_config
@@ -313,7 +313,8 @@ def _policy(module: LoupeShapleyTerms, feats: torch.Tensor, step: int, gen: torc
                                          warmup=opts.uansil_warmup, threshold=opts.uansil_threshold,
                                          calibration=opts.uansil_calibration,
                                          min_fraction=opts.uansil_min_fraction,
-                                         min_calibration=opts.uansil_min_calibration)
+                                         min_calibration=opts.uansil_min_calibration,
+                                         min_skill=opts.uansil_min_skill)
     return {"mu": mu, "ls": ls, "sample": sample, "calib": calib}
 
 
@@ -547,7 +548,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
     ua_parts: list[torch.Tensor] = []
     sampled_I: list[torch.Tensor] = []
     n_games = n_sampled = 0
-    calib_hits, calib_n = 0, 0
+    calib = torch.zeros(CALIB_STATS, dtype=torch.float64)  # UansilPolicy.calibration_stats, summed
     dev = patches.device
 
     def policy(feats: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -621,9 +622,7 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
             sampled_I.append(inter.reshape(-1)[sv])
             cm = pol["calib"] & sv
             if bool(cm.any()):
-                var = pol["ls"].detach()[cm].exp() + se_i[cm] ** 2
-                calib_hits += int(((inter.reshape(-1)[cm] - pol["mu"].detach()[cm]).abs() < 2 * var.sqrt()).sum())
-                calib_n += int(cm.sum())
+                calib += UansilPolicy.calibration_stats(inter.reshape(-1)[cm], pol["mu"][cm], pol["ls"][cm], se_i[cm] ** 2)
         # diagnostic: the top-objectness box against the objects
         res["_tsa_idx"], res["_tsa_valid"] = idx, valid
 
@@ -681,9 +680,8 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
             sampled_I.append(inter.reshape(-1)[sv])
             cm = pol["calib"] & sv
             if bool(cm.any()):
-                var = pol["ls"].detach()[cm].exp() + se.reshape(-1)[cm] ** 2
-                calib_hits += int(((inter.reshape(-1)[cm] - pol["mu"].detach()[cm]).abs() < 2 * var.sqrt()).sum())
-                calib_n += int(cm.sum())
+                calib += UansilPolicy.calibration_stats(inter.reshape(-1)[cm], pol["mu"][cm], pol["ls"][cm],
+                                                        se.reshape(-1)[cm] ** 2)
         # diagnostics: candidates against the true boxes
         tb = _true_boxes(batch, pmask)
         if tb is not None:
@@ -712,12 +710,16 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         if module.training:
             allI = torch.cat(sampled_I) if sampled_I else torch.zeros(0, device=dev)
             module.uansil.update(allI)
-            module.uansil.record_calibration(calib_hits, calib_n)
+            module.uansil.record_calibration(calib)
     res["uansil_fraction_sampled"] = float(n_sampled / n_games) if n_games else 1.0
-    res["uansil_calibration"] = float(calib_hits / calib_n) if calib_n else float("nan")
-    res["uansil_calibration_games"] = float(calib_n)
+    coverage, skill = UansilPolicy.summarise(calib)
+    res["uansil_calibration"] = float("nan") if coverage is None else coverage
+    res["uansil_calibration_games"] = float(calib[1])
+    res["uansil_skill"] = float("nan") if skill is None else skill
     rolling = module.uansil.rolling_calibration() if use_ua else None
     res["uansil_calibration_rolling"] = float("nan") if rolling is None else float(rolling)
+    rolling = module.uansil.rolling_skill() if use_ua else None
+    res["uansil_skill_rolling"] = float("nan") if rolling is None else float(rolling)
     res["uansil_warm"] = float(use_ua and opts.uansil and step >= opts.uansil_warmup)
     out["_loupe_shapley"] = res
     for k, v in res.items():

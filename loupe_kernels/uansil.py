@@ -11,9 +11,13 @@ the running variance of the sampled interactions, and decides which games are sa
   a random ``calibration`` share of the confident games, which are sampled to check the prediction;
 - safety [ours]: skipping is allowed only while the prediction is calibrated on a rolling window of
   the last ``window`` steps (the share of checked games with ``|I - mu| < 2 sqrt(exp(log_var) + se^2)``
-  is at least ``min_calibration``, over at least ``min_games`` checked games); until then every game
-  is sampled and every confident one counts as a check. A random ``min_fraction`` of all games is
-  always sampled (a floor), so the predictor keeps seeing fresh targets.
+  is at least ``min_calibration``, over at least ``min_games`` checked games) *and* it has skill there
+  (``1 - sum (I - mu)^2 / sum (I - mean I)^2`` over the same checked games is at least ``min_skill``:
+  the prediction beats the window's mean). Coverage alone is passed by any predictor wide enough: a
+  flat ``mu`` with a large ``log_var`` covers every target and carries nothing (the collapse of
+  docs/METHOD-notes.md, behind a gate that read 0.96-1.0). Until both hold every game is sampled and
+  every confident one counts as a check. A random ``min_fraction`` of all games is always sampled
+  (a floor), so the predictor keeps seeing fresh targets.
 
 The predictor learns from the sampled games with :func:`uncertainty_interaction_loss` and the
 sampler's own variance ``se^2`` as ``target_var``: ``exp(log_var)`` is then the predictor's error
@@ -28,9 +32,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["InteractionPredictor", "UansilPolicy", "LOG_VAR_BOUND"]
+__all__ = ["InteractionPredictor", "UansilPolicy", "LOG_VAR_BOUND", "CALIB_STATS"]
 
 LOG_VAR_BOUND = 20.0  # the interaction loss is stable for log_var in [-20, 20]
+CALIB_STATS = 5  # per step: hits within 2 sigma, games, sum (I - mu)^2, sum I, sum I^2
 
 
 class InteractionPredictor(nn.Module):
@@ -77,8 +82,9 @@ class UansilPolicy(nn.Module):
         self.min_games = int(min_games)
         self.register_buffer("running_var", torch.zeros(()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        # per step of the rolling window: (calibration games within 2 sigma, calibration games)
-        self.register_buffer("calib_window", torch.zeros(window, 2, dtype=torch.float64))
+        # per step of the rolling window, over its calibration games: (within 2 sigma, games,
+        # sum (I - mu)^2, sum I, sum I^2) -- see :meth:`calibration_stats`
+        self.register_buffer("calib_window", torch.zeros(window, CALIB_STATS, dtype=torch.float64))
         self.register_buffer("calib_pos", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,11 +97,13 @@ class UansilPolicy(nn.Module):
 
     def decide(self, log_var: torch.Tensor, step: int, generator: torch.Generator, *, enabled: bool,
                warmup: int, threshold: float, calibration: float, min_fraction: float = 0.0,
-               min_calibration: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               min_calibration: float = 0.0, min_skill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sample, calib)`` bool ``[G]``: sample this game; it was confident and is sampled as a
         check of the prediction. ``log_var [G]`` are the predictions; ``step`` the caller's step
         (compared with ``warmup``); ``generator`` draws the calibration and floor games (on the CPU).
-        With ``min_calibration > 0`` nothing is skipped until :meth:`rolling_calibration` reaches it."""
+        With ``min_calibration > 0`` nothing is skipped until :meth:`rolling_calibration` reaches it;
+        with ``min_skill`` (a number, may be negative) nothing is skipped until :meth:`rolling_skill`
+        reaches it."""
         G = log_var.shape[0]
         sample = torch.ones(G, dtype=torch.bool, device=log_var.device)
         calib = torch.zeros(G, dtype=torch.bool, device=log_var.device)
@@ -109,22 +117,75 @@ class UansilPolicy(nn.Module):
             rolling = self.rolling_calibration()
             if rolling is None or rolling < min_calibration:  # not shown calibrated: sample all, check all
                 return sample, confident
+        if min_skill is not None:
+            skill = self.rolling_skill()
+            if skill is None or skill < min_skill:  # no better than the targets' mean: sample all, check all
+                return sample, confident
         u = torch.rand(2, G, generator=generator).to(log_var.device)
         checked = confident & ((u[0] < calibration) | (u[1] < min_fraction))
         return ~confident | checked, checked
 
+    @staticmethod
     @torch.no_grad()
-    def record_calibration(self, hits: int, games: int) -> None:
-        """One step's calibration checks: ``hits`` of ``games`` were within two standard deviations."""
+    def calibration_stats(sampled: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor,
+                          target_var: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """The calibration checks of one step, ``[CALIB_STATS]`` float64 on the CPU: (games with
+        ``|I - mu| < 2 sqrt(exp(log_var) + target_var)``, games, ``sum (I - mu)^2``, ``sum I``,
+        ``sum I^2``), over the checked games' sampled interactions ``sampled`` (any shape, one value per
+        game), predictions ``mu``, ``log_var`` and the sampler's variance ``target_var``."""
+        I, m = sampled.detach().double().reshape(-1), mu.detach().double().reshape(-1)
+        lv = log_var.detach().double().reshape(-1)
+        if not (I.shape == m.shape == lv.shape):
+            raise ValueError(f"calibration_stats: sampled, mu and log_var must hold one value per game, got "
+                             f"{list(sampled.shape)}, {list(mu.shape)}, {list(log_var.shape)}")
+        tv = torch.as_tensor(target_var, dtype=torch.float64, device=I.device).detach()
+        sd = (lv.exp() + tv).sqrt()
+        return torch.stack([((I - m).abs() < 2 * sd).double().sum(), torch.tensor(float(I.numel()), dtype=torch.float64,
+                            device=I.device), (I - m).pow(2).sum(), I.sum(), I.pow(2).sum()]).cpu()
+
+    @torch.no_grad()
+    def record_calibration(self, stats: torch.Tensor) -> None:
+        """One step's calibration checks (:meth:`calibration_stats`, or their sum over several calls)."""
+        stats = torch.as_tensor(stats, dtype=torch.float64).reshape(-1)
+        if stats.numel() != CALIB_STATS:
+            raise ValueError(f"record_calibration: expected {CALIB_STATS} statistics (calibration_stats), "
+                             f"got {stats.numel()}")
         W = self.calib_window.shape[0]
-        self.calib_window[int(self.calib_pos) % W] = torch.tensor([float(hits), float(games)], dtype=torch.float64)
+        self.calib_window[int(self.calib_pos) % W] = stats.to(self.calib_window.device)
         self.calib_pos.add_(1)
+
+    @staticmethod
+    def summarise(stats: torch.Tensor, min_games: int = 1) -> tuple[float | None, float | None]:
+        """``(coverage, skill)`` of summed :meth:`calibration_stats`: the share of checked games within
+        two standard deviations, and ``1 - sum (I - mu)^2 / sum (I - mean I)^2`` (1: exact; 0: no
+        better than the targets' mean; negative: worse). None where fewer than ``min_games`` (at
+        least 1) were checked; the skill is None too where the checked targets do not vary."""
+        hits, n, sse, s1, s2 = torch.as_tensor(stats, dtype=torch.float64).reshape(-1).tolist()
+        if n < max(1, min_games):
+            return None, None
+        sst = s2 - s1 * s1 / n
+        return hits / n, (1.0 - sse / sst if sst > 1e-12 * max(1.0, s2) else None)
 
     def rolling_calibration(self) -> float | None:
         """Share of the checked games of the last ``window`` steps within two standard deviations;
         None while fewer than ``min_games`` were checked."""
-        hits, games = self.calib_window.sum(0).tolist()
-        return hits / games if games >= max(1, self.min_games) else None
+        return self.summarise(self.calib_window.sum(0), self.min_games)[0]
+
+    def rolling_skill(self) -> float | None:
+        """The skill (:meth:`summarise`) of the checked games of the last ``window`` steps; None while
+        fewer than ``min_games`` were checked, or when their targets do not vary."""
+        return self.summarise(self.calib_window.sum(0), self.min_games)[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checkpoints written before the skill statistics hold a [window, 2] window: it restarts
+        # empty (the gate has to be earned again over one window)
+        key = prefix + "calib_window"
+        old = state_dict.get(key)
+        if old is not None and old.dim() == 2 and old.shape[1] == 2 and self.calib_window.shape[1] != 2:
+            state_dict[key] = torch.zeros(old.shape[0], CALIB_STATS, dtype=torch.float64)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.no_grad()
     def update(self, sampled: torch.Tensor, momentum: float = 0.99) -> None:

@@ -146,17 +146,97 @@ def test_bad_input(make, words):
         make()
 
 
+def _stats(hits, games, sse=0.0, s1=0.0, s2=0.0):
+    return torch.tensor([hits, games, sse, s1, s2], dtype=torch.float64)
+
+
 def test_rolling_calibration_over_a_window_of_steps():
     policy = UansilPolicy(4, hidden=8, window=3, min_games=10)
     assert policy.rolling_calibration() is None
-    policy.record_calibration(4, 5)
+    policy.record_calibration(_stats(4, 5))
     assert policy.rolling_calibration() is None  # 5 checked games < min_games
-    policy.record_calibration(5, 5)
+    policy.record_calibration(_stats(5, 5))
     assert policy.rolling_calibration() == pytest.approx(9 / 10)
-    policy.record_calibration(0, 10)
-    policy.record_calibration(10, 10)  # the first step leaves the window of 3
+    policy.record_calibration(_stats(0, 10))
+    policy.record_calibration(_stats(10, 10))  # the first step leaves the window of 3
     assert policy.rolling_calibration() == pytest.approx(15 / 25)
     assert {"calib_window", "calib_pos"} <= set(policy.state_dict())
+    with pytest.raises(ValueError, match="5 statistics"):
+        policy.record_calibration(torch.tensor([1.0, 2.0]))
+
+
+def test_calibration_stats_and_skill_match_their_definitions():
+    g = torch.Generator().manual_seed(0)
+    I, mu = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    lv, tv = torch.randn(40, generator=g), torch.rand(40, generator=g)
+    st = UansilPolicy.calibration_stats(I, mu, lv, tv)
+    I64, mu64 = I.double(), mu.double()
+    hits = ((I64 - mu64).abs() < 2 * (lv.double().exp() + tv.double()).sqrt()).sum()
+    assert st.dtype == torch.float64 and st.tolist() == pytest.approx(
+        [float(hits), 40.0, float(((I64 - mu64) ** 2).sum()), float(I64.sum()), float((I64 ** 2).sum())])
+    coverage, skill = UansilPolicy.summarise(st)
+    assert coverage == pytest.approx(float(hits) / 40)
+    assert skill == pytest.approx(1 - float(((I64 - mu64) ** 2).sum() / ((I64 - I64.mean()) ** 2).sum()))
+    # exact predictions: skill 1; the targets' own mean: skill 0; constant targets: no skill defined
+    assert UansilPolicy.summarise(UansilPolicy.calibration_stats(I, I, lv))[1] == pytest.approx(1.0)
+    assert UansilPolicy.summarise(UansilPolicy.calibration_stats(I, torch.full_like(I, float(I.double().mean())),
+                                                                 lv))[1] == pytest.approx(0.0, abs=1e-9)
+    assert UansilPolicy.summarise(UansilPolicy.calibration_stats(torch.ones(5), torch.ones(5), lv[:5]))[1] is None
+    assert UansilPolicy.summarise(st, min_games=41) == (None, None)
+    with pytest.raises(ValueError, match="one value per game"):
+        UansilPolicy.calibration_stats(I, mu[:3], lv)
+
+
+def _gate_stream(policy, predict, *, steps, G=400, min_skill, seed=0):
+    """Run the policy on a stream of games whose interactions vary (std 1); ``predict(I) -> (mu,
+    log_var)`` is the predictor. Returns the fraction of games sampled at each step."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(enabled=True, warmup=0, threshold=1e9, calibration=0.05, min_fraction=0.1,
+              min_calibration=0.8, min_skill=min_skill)
+    gen = torch.Generator().manual_seed(seed + 1)
+    fractions = []
+    for step in range(steps):
+        I = torch.randn(G, generator=g)
+        mu, lv = predict(I, g)
+        policy.update(I)
+        sample, calib = policy.decide(lv, step, gen, **kw)
+        fractions.append(float(sample.double().mean()))
+        policy.record_calibration(UansilPolicy.calibration_stats(I[calib], mu[calib], lv[calib]))
+    return fractions
+
+
+def test_a_flat_wide_predictor_passes_coverage_but_not_the_skill_gate():
+    """The collapse behind the gate (docs/METHOD-notes.md): a predictor that outputs the targets' mean
+    with a wide variance covers every target (coverage ~1) and carries nothing (skill ~0). The
+    coverage gate alone lets it skip; with the skill gate every game stays sampled. A predictor that
+    knows the targets up to small noise passes both and skips."""
+    def flat(I, g):
+        return torch.zeros_like(I), torch.full_like(I, math.log(25.0))  # sd 5 around the mean 0
+
+    def good(I, g):
+        return I + 0.1 * torch.randn(I.shape, generator=g), torch.full_like(I, math.log(0.01))
+
+    p = UansilPolicy(4, hidden=8, window=5, min_games=20)
+    f = _gate_stream(p, flat, steps=8, min_skill=None)
+    assert p.rolling_calibration() > 0.99 and abs(p.rolling_skill()) < 0.1
+    assert f[-1] < 0.3  # the coverage gate alone: skipping
+    p = UansilPolicy(4, hidden=8, window=5, min_games=20)
+    f = _gate_stream(p, flat, steps=8, min_skill=0.5)
+    assert all(x == 1.0 for x in f) and p.rolling_calibration() > 0.99 and abs(p.rolling_skill()) < 0.1
+    p = UansilPolicy(4, hidden=8, window=5, min_games=20)
+    f = _gate_stream(p, good, steps=8, min_skill=0.5)
+    assert p.rolling_skill() > 0.95 and f[0] == 1.0 and f[-1] < 0.3
+
+
+def test_an_old_checkpoint_window_restarts_empty():
+    """Policies saved before the skill statistics hold a [window, 2] window: it loads, and the gate
+    has to be earned again."""
+    p = UansilPolicy(4, hidden=8, window=3, min_games=1)
+    state = p.state_dict()
+    state["calib_window"] = torch.tensor([[4.0, 5.0], [5.0, 5.0], [0.0, 0.0]], dtype=torch.float64)
+    q = UansilPolicy(4, hidden=8, window=3, min_games=1)
+    q.load_state_dict(state)
+    assert q.calib_window.shape == (3, 5) and q.rolling_calibration() is None
 
 
 def test_policy_skips_only_while_calibrated_and_keeps_a_floor():
@@ -179,7 +259,7 @@ def test_policy_skips_only_while_calibrated_and_keeps_a_floor():
         assert torch.equal(sample, calib)  # every sampled confident game is a check
         good = step < 5
         hits = int(calib.sum()) if good else 0  # calibrated: all checks inside 2 sigma; then none
-        policy.record_calibration(hits, int(calib.sum()))
+        policy.record_calibration(_stats(hits, int(calib.sum())))
     # first step: nothing recorded -> all sampled; then skipping with ~5% + 10% sampled
     assert fractions[0] == 1.0
     assert all(0.1 < f < 0.2 for f in fractions[1:6])

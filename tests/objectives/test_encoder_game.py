@@ -293,7 +293,7 @@ def test_encoder_game_one_image_and_uansil_fill():
     assert torch.isfinite(out["loss_tsa"]) and out["diag_tsa_target_share"] == pytest.approx(2 / 64)
     # the skip policy on, warm, every game confident: the games not played take UANSIL's mean
     m = _tiny_loupe(encoder_images=1, encoder_boxes=2, encoder_samples=2, uansil=True, uansil_warmup=1,
-                    uansil_threshold=1e6, uansil_min_calibration=0.0, uansil_calibration=0.0,
+                    uansil_threshold=1e6, uansil_min_calibration=0.0, uansil_min_skill=None, uansil_calibration=0.0,
                     uansil_min_fraction=0.0).train()
     m(_batch(step=0))  # warm-up step: the running variance of the sampled interactions
     out = m(_batch(step=1, seed=4))

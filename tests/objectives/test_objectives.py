@@ -225,7 +225,7 @@ def test_uansil_policy_after_warmup():
     m = _tiny()
     mod = m.loss_modules["tsa"]
     mod.options = ObjectiveOptions(uansil=True, uansil_warmup=2, uansil_threshold=1e6, uansil_calibration=0.5,
-                                   uansil_min_calibration=0.0, uansil_min_fraction=0.0)
+                                   uansil_min_calibration=0.0, uansil_min_skill=None, uansil_min_fraction=0.0)
     for step in range(3):
         out = m(_batch(step=step))
     # threshold huge: every game is confident; only the calibration fraction is sampled
@@ -244,7 +244,7 @@ def test_uansil_never_fills_an_ssim_label():
     mod = m.loss_modules["tsa"]
     base = m(_batch(step=5, seed=9))
     mod.options = ObjectiveOptions(uansil=True, uansil_warmup=0, uansil_threshold=1e6, uansil_calibration=0.0,
-                                   uansil_min_calibration=0.0, uansil_min_fraction=0.0)
+                                   uansil_min_calibration=0.0, uansil_min_skill=None, uansil_min_fraction=0.0)
     mod.uansil.running_var.fill_(1.0)
     on = m(_batch(step=5, seed=9))
     assert on["uansil_warm"] == 1.0 and on["uansil_fraction_sampled"] < 1.0
@@ -254,19 +254,24 @@ def test_uansil_never_fills_an_ssim_label():
 
 def test_uansil_safety_samples_everything_until_calibrated():
     """With the safety on (the defaults of the policy), nothing is skipped before the rolling
-    calibration is known, and the check results are logged."""
-    m = _tiny()
-    mod = m.loss_modules["tsa"]
-    mod.options = ObjectiveOptions(uansil=True, uansil_warmup=1, uansil_threshold=1e6)
-    fr = []
-    for step in range(3):
-        out = m(_batch(step=step))
-        fr.append(out["uansil_fraction_sampled"])
-    # step 0 warms up; step 1 has no calibration record yet: all sampled, every game a check; the
-    # untrained predictor is unsure enough to be calibrated, so step 2 skips
-    assert fr[0] == 1.0 and fr[1] == 1.0 and fr[2] < 1.0
-    assert out["uansil_calibration_rolling"] >= 0.85
-    assert int(mod.uansil.calib_pos) == 3
+    calibration is known, and the check results are logged. The untrained predictor is wide enough
+    to cover the checked games (coverage >= 0.85) but has no skill: with the skill gate (default)
+    nothing is skipped; with coverage alone (the gate of before) step 2 skips."""
+    fr = {}
+    for min_skill in (ObjectiveOptions().uansil_min_skill, None):
+        m = _tiny()
+        mod = m.loss_modules["tsa"]
+        mod.options = ObjectiveOptions(uansil=True, uansil_warmup=1, uansil_threshold=1e6, uansil_min_skill=min_skill)
+        fr[min_skill] = []
+        for step in range(3):
+            out = m(_batch(step=step))
+            fr[min_skill].append(out["uansil_fraction_sampled"])
+        # step 0 warms up; step 1 has no calibration record yet: all sampled, every game a check
+        assert out["uansil_calibration_rolling"] >= 0.85
+        assert out["uansil_skill_rolling"] < ObjectiveOptions().uansil_min_skill
+        assert int(mod.uansil.calib_pos) == 3
+    assert fr[0.5] == [1.0, 1.0, 1.0]
+    assert fr[None][:2] == [1.0, 1.0] and fr[None][2] < 1.0
 
 
 def test_default_samples_every_game_and_still_trains_the_predictor():

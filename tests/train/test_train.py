@@ -107,7 +107,7 @@ def test_uansil_on_end_to_end_logs_what_it_samples_and_fills(tmp_path):
     cfg = json.loads(TINY)
     cfg["loupe_options"] = {"tsa_game": "encoder", "encoder_images": 1, "encoder_boxes": 2, "encoder_samples": 2,
                             "num_samples": 4, "uansil": True, "uansil_warmup": 3, "uansil_threshold": 1e6,
-                            "uansil_min_calibration": 0.0}
+                            "uansil_min_calibration": 0.0, "uansil_min_skill": None}
     cmd = launch_cmd(out, steps=6, objective="loupe")
     cmd[cmd.index("--model-config") + 1] = json.dumps(cfg)
     run(cmd)
