@@ -368,3 +368,46 @@ def test_every_ablation_variant_is_a_valid_config_and_runs():
         out = m(_batch(seed=1))
         assert torch.isfinite(out["loss"]), name
         assert ("loss_tsa" in out) == (over.get("loss_weights", {}).get("tsa", 1.0) != 0), name
+
+
+def test_position_balance_is_the_kl_of_the_mean_attention_to_uniform():
+    from loupe.objectives import position_balance
+    torch.manual_seed(0)
+    B, P, n, D = 3, 2, 9, 6
+    patches = torch.nn.functional.normalize(torch.randn(B, n, D), dim=-1).requires_grad_()
+    phrases = torch.nn.functional.normalize(torch.randn(B, P, D), dim=-1).requires_grad_()
+    pmask = torch.tensor([[True, True], [True, False], [False, False]])
+    got = position_balance(phrases, pmask, patches, 0.1)
+    val = float(got.detach())
+    att = [torch.softmax(patches[b].detach() @ phrases[b, p].detach() / 0.1, 0) for b in range(B) for p in range(P)
+           if pmask[b, p]]
+    mean = torch.stack(att).mean(0).double()
+    assert val == pytest.approx(float((mean * (mean * n).log()).sum()), rel=1e-5)
+    got.backward()
+    assert phrases.grad[pmask].abs().sum() > 0 and patches.grad.abs().sum() > 0
+    assert phrases.grad[~pmask].abs().sum() == 0
+    # every phrase on one position: log n; phrases spread one per position: 0
+    every = torch.zeros(1, n, n)
+    every[0, :, 0] = 1.0  # every phrase is the unit vector e0
+    reg = torch.zeros(1, n, n)
+    reg[0, 0, 0] = 1.0  # only patch 0 holds e0: every phrase attends to position 0
+    eye = torch.eye(n)[None]
+    assert float(position_balance(every, torch.ones(1, n, dtype=torch.bool), reg, 1e-3)) == pytest.approx(
+        math.log(n), rel=1e-4)
+    assert float(position_balance(eye, torch.ones(1, n, dtype=torch.bool), eye, 1e-3)) == pytest.approx(0.0, abs=1e-4)
+    assert float(position_balance(phrases, torch.zeros(B, P, dtype=torch.bool), patches, 0.1)) == 0.0
+    with pytest.raises(ValueError, match="position_balance"):
+        position_balance(phrases, pmask, patches[:, :, :4], 0.1)
+
+
+def test_position_balance_option_changes_only_l_fsa():
+    assert ObjectiveOptions().fsa_position_balance == 0.0  # off until measured
+    base = _tiny()(_batch(seed=5))
+    m = _tiny()
+    m.loss_modules["tsa"].options = ObjectiveOptions(fsa_position_balance=1.0)
+    out = m(_batch(seed=5))
+    assert float(out["loss_tsa"]) == float(base["loss_tsa"])
+    assert float(out["loss_fsa"]) == pytest.approx(float(base["loss_fsa"]) + out["diag_position_kl"], rel=1e-5)
+    assert out["diag_position_kl"] > 0 and "diag_position_kl" not in base
+    with pytest.raises(ValueError, match="fsa_position_balance"):
+        ObjectiveOptions(fsa_position_balance=-1.0)
