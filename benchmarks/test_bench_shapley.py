@@ -37,6 +37,14 @@ def inputs():
     return q, x, sim, subsets
 
 
+def _sim_variant(variant, sim, subsets, gen):
+    """(function, rounds, warmup rounds) of the paths that start from the similarity: "vectorised" or
+    "cpu"."""
+    if variant == "vectorised":
+        return (lambda: shapley_maxsim_vectorised(sim, subsets, K, gen)), 3, 1
+    return (lambda: lk.shapley_interaction(sim, subsets, num_samples=K, seed=1, backend="cpu")), 20, 2
+
+
 @pytest.mark.parametrize("variant", ["naive", "vectorised", "cpu"])
 def test_maxsim(benchmark, variant):
     if variant == "cpu" and not HAS_CPU:
@@ -50,15 +58,10 @@ def test_maxsim(benchmark, variant):
             C = draw_coalitions_torch(subsets, None, K, gen)
             return shapley_maxsim_naive(q, x, subsets, C)
         rounds, warmup = 1, 0
-    elif variant == "vectorised":
-        def fn():
-            return shapley_maxsim_vectorised(sim, subsets, K, gen)
-        rounds, warmup = 3, 1
     else:
-        def fn():
-            return lk.shapley_interaction(sim, subsets, num_samples=K, seed=1, backend="cpu")
+        fn, rounds, warmup = _sim_variant(variant, sim, subsets, gen)
+    if variant == "cpu":
         benchmark.extra_info["target"] = {"vs": "naive", "min_speedup": 100.0}
-        rounds, warmup = 20, 2
         benchmark.extra_info["note"] = ("cpu target also >= 10x vs vectorised; naive = masked feature copies "
                                         "per coalition and term, vectorised = torch RNG + where/amax per term")
     with torch.no_grad():
@@ -74,15 +77,9 @@ def test_maxsim_vs_vectorised(benchmark, variant):
     gen = torch.Generator().manual_seed(1)
     benchmark.group = GROUP + " / vs vectorised"
     benchmark.extra_info["variant"] = variant
-    if variant == "vectorised":
-        def fn():
-            return shapley_maxsim_vectorised(sim, subsets, K, gen)
-        rounds, warmup = 3, 1
-    else:
-        def fn():
-            return lk.shapley_interaction(sim, subsets, num_samples=K, seed=1, backend="cpu")
+    fn, rounds, warmup = _sim_variant(variant, sim, subsets, gen)
+    if variant == "cpu":
         benchmark.extra_info["target"] = {"vs": "vectorised", "min_speedup": 10.0}
-        rounds, warmup = 20, 2
     with torch.no_grad():
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
 

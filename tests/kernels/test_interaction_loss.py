@@ -8,60 +8,15 @@ import torch
 import torch.nn.functional as F
 
 import loupe_kernels as lk
+from _kernel_testing import uil_inputs as make
+from _kernel_testing import uil_oracle as oracle
+from _kernel_testing import uil_run as run
 from loupe_kernels.interaction_loss import uncertainty_interaction_loss_reference
 
 BACKENDS = [b for b in ("reference", "cpu") if b in lk.available_backends()]
 HAS_CPU = "cpu" in BACKENDS
 REDUCTIONS = ["mean", "sum", "none"]
 LOW = [torch.float32, torch.bfloat16, torch.float16]
-
-
-# ------------------------------------------------------------------------------------------------
-# independent float64 oracle: the closed-form loss and derivatives, element by element
-# ------------------------------------------------------------------------------------------------
-def oracle(mu, lv, t, tv=None, w=None, reduction="mean"):
-    """(loss, d loss / d mu, d loss / d log_var) in float64, from the formulas of METHOD section 8."""
-    mu, lv, t = mu.double(), lv.double(), t.double()
-    shape = mu.shape
-    tv = torch.zeros(shape, dtype=torch.float64) if tv is None else tv.double().expand(shape)
-    w = torch.ones(shape, dtype=torch.float64) if w is None else w.double().expand(shape)
-    live = w != 0
-    t = torch.where(live, t, mu)
-    tv = torch.where(live, tv, torch.zeros_like(tv))
-    var = torch.exp(lv) + tv
-    r = t - mu
-    loss = 0.5 * (r * r / var + torch.log(var))
-    dmu = -r / var
-    dlv = 0.5 * torch.exp(lv) / var * (1 - r * r / var)
-    loss, dmu, dlv = (torch.where(live, w * x, torch.zeros_like(x)) for x in (loss, dmu, dlv))
-    n = max(mu.numel(), 1)
-    if reduction == "none":
-        return loss, dmu, dlv
-    if reduction == "sum":
-        return loss.sum(), dmu, dlv
-    return loss.sum() / n, dmu / n, dlv / n
-
-
-def make(shape, gen, dtype=torch.float64, lv_scale=3.0, with_tv=False, with_w=False):
-    mu = torch.randn(shape, generator=gen, dtype=torch.float64)
-    lv = lv_scale * torch.randn(shape, generator=gen, dtype=torch.float64)
-    t = mu + torch.randn(shape, generator=gen, dtype=torch.float64) * torch.exp(0.5 * lv) * 1.5
-    tv = torch.rand(shape, generator=gen, dtype=torch.float64) * 0.5 if with_tv else None
-    w = None
-    if with_w:
-        w = torch.rand(shape, generator=gen, dtype=torch.float64) * 2
-        w[w < 0.3] = 0.0
-    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
-    return cast(mu), cast(lv), cast(t), cast(tv), cast(w)
-
-
-def run(backend, mu, lv, t, tv, w, reduction, grad_out=None):
-    mu = mu.detach().clone().requires_grad_()
-    lv = lv.detach().clone().requires_grad_()
-    out = lk.uncertainty_interaction_loss(mu, lv, t, target_var=tv, weight=w, reduction=reduction, backend=backend)
-    g = torch.ones_like(out) if grad_out is None else grad_out.to(out.dtype)
-    dmu, dlv = torch.autograd.grad(out, (mu, lv), g)
-    return out, dmu, dlv
 
 
 def tol_bound(dtype, ref_err, scale):

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import loupe_kernels as lk
+from _kernel_testing import (additive_game, check_invalid_players_change_nothing, check_shapley_close,
+                             shapley_references, shapley_tol)
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
@@ -61,17 +63,9 @@ def region_phrase_case(seed=0, G=4, M=4, Lq=12, n=36, sizes=(1, 2, 3)):
     return sim.to(DEV), sub.to(DEV), pm.to(DEV)
 
 
-def _tol(ref_lo, ref64, scale, dtype):
-    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    return 2 * float((ref_lo.double() - ref64.double()).abs().max()) + eps * scale
-
-
 def _check_close(out, ref_lo, ref64, scale, dtype):
-    assert out[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert out[0].device.type == "cuda"
-    for i in range(2):
-        err = float((out[i].double().cpu() - ref64[i].double().cpu()).abs().max())
-        assert err <= _tol(ref_lo[i].cpu(), ref64[i].cpu(), scale, dtype), (i, err)
+    check_shapley_close(out, ref_lo, ref64, scale, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,47 +102,39 @@ def _maxsim_all(sim, sub, backend, **kw):
     return lk.shapley_interaction(sim, sub, backend=backend, **kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("schedule", ["uniform", "round_robin"])
-def test_maxsim_matches_reference(dtype, schedule):
-    sim, qm, sub, pm = maxsim_case(3)
-    sim = sim.to(dtype)
-    kw = dict(query_mask=qm, player_mask=pm, num_samples=64, seed=5, size_schedule=schedule)
-    ref64 = _maxsim_all(sim.double(), sub, "reference", **kw)
-    ref_lo = _maxsim_all(sim, sub, "reference", **kw)
+def _check_backends(sim, sub, dtype, **kw):
+    """cuda, and cpu and triton where built, against the reference (in float64 and in the dtype of
+    ``sim``), and triton against cuda; returns the float64 reference."""
+    ref64, ref_lo = shapley_references(sim, sub, **kw)
     scale = 5 * float(sim.double().abs().max())
     out = _maxsim_all(sim, sub, "cuda", **kw)
     _check_close(out, ref_lo, ref64, scale, dtype)
     if HAS_CPU:
         cpu = _maxsim_all(sim.cpu().float() if dtype != torch.float64 else sim.cpu(), sub.cpu(), "cpu",
-                          **{**kw, "query_mask": qm.cpu(), "player_mask": pm.cpu()})
+                          **{k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()})
         _check_close(out, cpu, ref64, scale, dtype)
     if HAS_TRITON:
         tri = _maxsim_all(sim, sub, "triton", **kw)
         _check_close(tri, ref_lo, ref64, scale, dtype)
-        assert float((tri[0] - out[0]).abs().max()) <= 2 * _tol(ref_lo[0], ref64[0], scale, dtype)
+        assert float((tri[0] - out[0]).abs().max()) <= 2 * shapley_tol(ref_lo[0], ref64[0], scale, dtype)
+    return ref64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("schedule", ["uniform", "round_robin"])
+def test_maxsim_matches_reference(dtype, schedule):
+    sim, qm, sub, pm = maxsim_case(3)
+    _check_backends(sim.to(dtype), sub, dtype, query_mask=qm, player_mask=pm, num_samples=64, seed=5,
+                    size_schedule=schedule)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("schedule", ["uniform", "round_robin"])
 def test_region_phrase_matches_reference(dtype, schedule):
     sim, sub, pm = region_phrase_case(4)
-    sim = sim.to(dtype)
-    kw = dict(player_mask=pm, query_players=True, num_samples=64, seed=9, size_schedule=schedule)
-    ref64 = _maxsim_all(sim.double(), sub, "reference", **kw)
-    ref_lo = _maxsim_all(sim, sub, "reference", **kw)
+    ref64 = _check_backends(sim.to(dtype), sub, dtype, player_mask=pm, query_players=True, num_samples=64, seed=9,
+                            size_schedule=schedule)
     assert float(ref64[0].abs().max()) > 0.05
-    scale = 5 * float(sim.double().abs().max())
-    out = _maxsim_all(sim, sub, "cuda", **kw)
-    _check_close(out, ref_lo, ref64, scale, dtype)
-    if HAS_CPU:
-        cpu = _maxsim_all(sim.cpu().float() if dtype != torch.float64 else sim.cpu(), sub.cpu(), "cpu",
-                          **{**kw, "player_mask": pm.cpu()})
-        _check_close(out, cpu, ref64, scale, dtype)
-    if HAS_TRITON:
-        tri = _maxsim_all(sim, sub, "triton", **kw)
-        _check_close(tri, ref_lo, ref64, scale, dtype)
-        assert float((tri[0] - out[0]).abs().max()) <= 2 * _tol(ref_lo[0], ref64[0], scale, dtype)
 
 
 @pytest.mark.parametrize("Lq,n,K", [(48, 30, 300), (100, 20, 40), (20, 1000, 40), (1, 5, 7)])
@@ -157,14 +143,12 @@ def test_maxsim_kernel_paths(Lq, n, K):
     warp-per-sample kernel (Lq > 64; n * Lq too large for shared memory); both games."""
     sim, qm, sub, pm = maxsim_case(10, G=2, M=3, Lq=Lq, n=n)
     kw = dict(query_mask=qm, player_mask=pm, num_samples=K, seed=21)
-    ref64 = _maxsim_all(sim.double(), sub, "reference", **kw)
-    ref_lo = _maxsim_all(sim, sub, "reference", **kw)
+    ref64, ref_lo = shapley_references(sim, sub, **kw)
     _check_close(_maxsim_all(sim, sub, "cuda", **kw), ref_lo, ref64, 5 * float(sim.abs().max()), torch.float32)
     if n <= 100:
         sim, sub, pm = region_phrase_case(10, G=2, M=3, Lq=Lq, n=n)
         kw = dict(player_mask=pm, query_players=True, num_samples=K, seed=21)
-        ref64 = _maxsim_all(sim.double(), sub, "reference", **kw)
-        ref_lo = _maxsim_all(sim, sub, "reference", **kw)
+        ref64, ref_lo = shapley_references(sim, sub, **kw)
         _check_close(_maxsim_all(sim, sub, "cuda", **kw), ref_lo, ref64, 5 * float(sim.abs().max()),
                      torch.float32)
 
@@ -186,11 +170,7 @@ def test_singletons_exactly_zero(backend):
 
 
 def test_additive_game_exactly_zero_and_one_sample():
-    w = torch.tensor([1.0, 3.0, 0.0, 2.0, 5.0, 1.0, 4.0, 2.0])
-    sim = torch.diag(w)[None].repeat(2, 1, 1).to(DEV)
-    sub = torch.zeros(2, 2, 8, dtype=torch.bool, device=DEV)
-    sub[:, 0, [0, 1]] = True
-    sub[:, 1, [2, 3, 4]] = True
+    sim, sub = additive_game(DEV)
     est, se = lk.shapley_interaction(sim, sub, num_samples=17, seed=3, backend="cuda")
     assert torch.equal(est, torch.zeros_like(est)) and torch.equal(se, torch.zeros_like(se))
     est, se = lk.shapley_interaction(sim, sub, num_samples=1, seed=3, backend="cuda")
@@ -199,17 +179,9 @@ def test_additive_game_exactly_zero_and_one_sample():
 
 def test_invalid_players_change_nothing():
     sim, qm, sub, pm = maxsim_case(8)
-    a = lk.shapley_interaction(sim, sub, query_mask=qm, player_mask=pm, num_samples=40, seed=3, backend="cuda")
-    sim2 = torch.where(pm[:, None, :], sim, torch.full_like(sim, 1e4))
-    b = lk.shapley_interaction(sim2, sub, query_mask=qm, player_mask=pm, num_samples=40, seed=3, backend="cuda")
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    check_invalid_players_change_nothing(sim, sub, pm, "cuda", query_mask=qm, num_samples=40, seed=3)
     sim, sub, pm = region_phrase_case(8)
-    Lq = sim.shape[1]
-    a = lk.shapley_interaction(sim, sub, player_mask=pm, query_players=True, num_samples=40, seed=3, backend="cuda")
-    sim2 = torch.where(pm[:, None, Lq:], sim, torch.full_like(sim, 1e4))
-    b = lk.shapley_interaction(sim2, sub, player_mask=pm, query_players=True, num_samples=40, seed=3,
-                               backend="cuda")
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    check_invalid_players_change_nothing(sim, sub, pm, "cuda", query_players=True, num_samples=40, seed=3)
 
 
 def test_automatic_choice_is_cuda_and_deterministic():

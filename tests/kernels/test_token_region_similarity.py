@@ -7,55 +7,13 @@ import pytest
 import torch
 
 import loupe_kernels as lk
+from _kernel_testing import check_trs_compiles_fullgraph, quantized, random_masks, tol_bound
+from _kernel_testing import trs_oracle as oracle
 from loupe_kernels.token_region_similarity import token_region_similarity_reference
 
 BACKENDS = [b for b in ("reference", "cpu") if b in lk.available_backends()]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
-
-# ------------------------------------------------------------------------------------------------
-# independent float64 oracle: explicit loops over pairs, explicit arg-max, explicit gradients
-# ------------------------------------------------------------------------------------------------
-def oracle(q, k, qm, km, pairwise, grad_out=None):
-    q, k = q.double(), k.double()
-    Bq, Lq, _ = q.shape
-    Bk = k.shape[0]
-    pairs = [(a, b) for a in range(Bq) for b in range(Bk)] if pairwise else [(a, a) for a in range(Bq)]
-    out = torch.zeros((Bq, Bk) if pairwise else (Bq,), dtype=torch.float64)
-    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-    for a, b in pairs:
-        idx_out = (a, b) if pairwise else (a,)
-        qi = [j for j in range(Lq) if qm[a, j]]
-        ki = [i for i in range(k.shape[1]) if km[b, i]]
-        if not qi or not ki:
-            continue
-        g = 0.0 if grad_out is None else float(grad_out[idx_out]) / len(qi)
-        total = 0.0
-        for j in qi:
-            scores = [float(q[a, j] @ k[b, i]) for i in ki]
-            best = max(scores)
-            i_best = ki[scores.index(best)]  # first occurrence = lowest index
-            total += best
-            dq[a, j] += g * k[b, i_best]
-            dk[b, i_best] += g * q[a, j]
-        out[idx_out] = total / len(qi)
-    return out, dq, dk
-
-
-def random_masks(Bq, Lq, Bk, Lk, gen):
-    qm = torch.rand(Bq, Lq, generator=gen) > 0.3
-    km = torch.rand(Bk, Lk, generator=gen) > 0.3
-    if Bq > 1:
-        qm[1] = False  # a fully masked query item
-    if Bk > 2:
-        km[2] = False  # a fully masked key item
-    return qm, km
-
-
-def quantized(shape, gen):
-    """Entries k/4 with |k| <= 6: exact in fp16/bf16, and dot products exact in fp32, so every
-    backend sees the same scores and the same arg-max (ties included)."""
-    return torch.randint(-6, 7, shape, generator=gen).double() / 4
+needs_cpu = pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu backend not built")
 
 
 SHAPES = [  # Bq, Lq, Bk, Lk, D
@@ -64,12 +22,6 @@ SHAPES = [  # Bq, Lq, Bk, Lk, D
     (5, 7, 4, 13, 17),
     (4, 3, 6, 29, 31),
 ]
-
-
-def tol_bound(dtype, ref_err, scale):
-    """Allowed error of a backend in `dtype`: twice the error of the same PyTorch math in that dtype,
-    plus one unit of rounding of the output's magnitude."""
-    return 2 * ref_err + torch.finfo(dtype).eps * max(scale, 1.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,7 +37,7 @@ def test_forward_fp64_matches_oracle(backend, shape, pairwise, masked):
     k = torch.randn(Bk, Lk, D, generator=gen, dtype=torch.float64)
     qm, km = random_masks(Bq, Lq, Bk, Lk, gen) if masked else (torch.ones(Bq, Lq, dtype=torch.bool),
                                                               torch.ones(Bk, Lk, dtype=torch.bool))
-    want, _, _ = oracle(q, k, qm, km, pairwise)
+    want, _, _, _ = oracle(q, k, qm, km, pairwise)
     got = lk.token_region_similarity(q, k, qm if masked else None, km if masked else None,
                                      pairwise=pairwise, backend=backend)
     assert got.dtype == torch.float64 and got.shape == want.shape
@@ -104,10 +56,10 @@ def test_forward_low_precision_error_bounded_by_torch_math(backend, dtype, pairw
     q64 = torch.randn(Bq, Lq, D, generator=gen, dtype=torch.float64) / D**0.25
     k64 = torch.randn(Bk, Lk, D, generator=gen, dtype=torch.float64) / D**0.25
     qm, km = random_masks(Bq, Lq, Bk, Lk, gen)
-    want, _, _ = oracle(q64, k64, qm, km, pairwise)
+    want, _, _, _ = oracle(q64, k64, qm, km, pairwise)
     q, k = q64.to(dtype), k64.to(dtype)
     # the oracle of the *rounded* inputs: the backend should only add accumulation/output rounding
-    want_r, _, _ = oracle(q, k, qm, km, pairwise)
+    want_r, _, _, _ = oracle(q, k, qm, km, pairwise)
     ref = token_region_similarity_reference(q, k, qm, km, pairwise=pairwise)
     got = lk.token_region_similarity(q, k, qm, km, pairwise=pairwise, backend=backend)
     assert got.dtype == dtype
@@ -128,7 +80,7 @@ def test_gradients_match_oracle(backend, dtype, shape, pairwise):
     q64, k64 = quantized((Bq, Lq, D), gen), quantized((Bk, Lk, D), gen)
     qm, km = random_masks(Bq, Lq, Bk, Lk, gen)
     gout = torch.randn((Bq, Bk) if pairwise else (Bq,), generator=gen, dtype=torch.float64)
-    _, dq_want, dk_want = oracle(q64, k64, qm, km, pairwise, gout)
+    _, dq_want, dk_want, _ = oracle(q64, k64, qm, km, pairwise, gout)
 
     def grads(fn):
         q = q64.to(dtype).requires_grad_()
@@ -166,10 +118,9 @@ def test_negative_scores_padding_never_wins():
         assert lk.token_region_similarity(q, k, key_mask=km, backend=backend).item() == -1.0
 
 
+@needs_cpu
 @pytest.mark.parametrize("pairwise", [True, False])
 def test_gradcheck_fp64_cpu(pairwise):
-    if "cpu" not in BACKENDS:
-        pytest.skip("cpu backend not built")
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(3, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -179,9 +130,8 @@ def test_gradcheck_fp64_cpu(pairwise):
         lambda q, k: lk.token_region_similarity(q, k, qm, km, pairwise=pairwise, backend="cpu"), (q, k))
 
 
+@needs_cpu
 def test_cpu_backward_deterministic():
-    if "cpu" not in BACKENDS:
-        pytest.skip("cpu backend not built")
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(16, 8, 32, generator=gen, requires_grad=True)
     k = torch.randn(16, 12, 32, generator=gen, requires_grad=True)
@@ -236,7 +186,7 @@ def _block_case(dtype, Bq, Lq, Bk, Lk, D, seed):
     return q, k, qm, km
 
 
-@pytest.mark.skipif("cpu" not in lk.available_backends(), reason="cpu backend not built")
+@needs_cpu
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_cpu_blocked_forward_argmax_and_ties(case):
     dtype, *shape = case
@@ -267,7 +217,7 @@ def test_cpu_blocked_forward_argmax_and_ties(case):
     assert ((out_a.double() - exact[idx, idx]).abs() <= 2 * eps * exact[idx, idx].abs()).all()
 
 
-@pytest.mark.skipif("cpu" not in lk.available_backends(), reason="cpu backend not built")
+@needs_cpu
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("pairwise", [True, False])
 def test_cpu_blocked_backward_matches_reference(case, pairwise):
@@ -298,7 +248,7 @@ def test_cpu_blocked_backward_matches_reference(case, pairwise):
         assert torch.equal(g, w.to(dtype))
 
 
-@pytest.mark.skipif("cpu" not in lk.available_backends(), reason="cpu backend not built")
+@needs_cpu
 @pytest.mark.parametrize("case", BLOCK_CASES[:2], ids=lambda c: "-".join(map(str, c)))
 def test_cpu_blocked_dual_matches_single_directions(case):
     dtype, *shape = case
@@ -356,7 +306,7 @@ print("BASELINE_ISA_OK")
 """
 
 
-@pytest.mark.skipif("cpu" not in lk.available_backends(), reason="cpu backend not built")
+@needs_cpu
 def test_cpu_baseline_isa_copies():
     """The kernels' baseline-ISA copies (what a machine without AVX2 runs; here forced by
     LOUPE_CPU_BASELINE_ISA=1 in a fresh process) give the same arg-max, the same exact gradients
@@ -380,7 +330,7 @@ def test_non_contiguous_inputs(backend):
     qm = (torch.rand(5, 4, generator=gen) > 0.2).t()
     assert not q.is_contiguous() and not qm.is_contiguous()
     km = torch.ones(3, 6, dtype=torch.bool)
-    want, _, _ = oracle(q, k, qm, km, True)
+    want, _, _, _ = oracle(q, k, qm, km, True)
     torch.testing.assert_close(lk.token_region_similarity(q, k, qm, backend=backend), want, rtol=1e-12, atol=1e-12)
 
 
@@ -424,9 +374,8 @@ def test_bad_input(call, exc, words):
 # ------------------------------------------------------------------------------------------------
 # torch.compile / custom op
 # ------------------------------------------------------------------------------------------------
+@needs_cpu
 def test_opcheck_custom_op():
-    if "cpu" not in BACKENDS:
-        pytest.skip("cpu backend not built")
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(3, 4, 8, generator=gen, requires_grad=True)
     k = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
@@ -435,24 +384,12 @@ def test_opcheck_custom_op():
     torch.library.opcheck(torch.ops.loupe_kernels.trs_forward.default, (q, k, qm, km, True, "cpu"))
 
 
+@needs_cpu
 def test_torch_compile_through_op():
-    if "cpu" not in BACKENDS:
-        pytest.skip("cpu backend not built")
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(4, 5, 8, generator=gen, requires_grad=True)
     k = torch.randn(3, 6, 8, generator=gen, requires_grad=True)
-
-    def loss(q, k):
-        return (lk.token_region_similarity(q, k, backend="cpu") * 2.0).logsumexp(dim=1).sum()
-
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    got = compiled(q, k)
-    gq, gk = torch.autograd.grad(got, (q, k))
-    want = loss(q, k)
-    wq, wk = torch.autograd.grad(want, (q, k))
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(gq, wq)
-    torch.testing.assert_close(gk, wk)
+    check_trs_compiles_fullgraph(q, k, "cpu")
 
 
 def test_available_backends_and_env_report():

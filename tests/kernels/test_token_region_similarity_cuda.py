@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import loupe_kernels as lk
+from _kernel_testing import quantized, random_masks
+from _kernel_testing import trs_oracle as oracle
 from loupe_kernels._backends import backend_status
 
 if not torch.cuda.is_available():
@@ -22,47 +24,11 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
-def oracle(q, k, qm, km, pairwise, gout):
-    """(out, d_query, d_key, argmax) in float64 by loops; argmax -1 where undefined."""
-    q, k, qm, km, gout = q.double().cpu(), k.double().cpu(), qm.cpu(), km.cpu(), gout.double().cpu()
-    Bq, Lq, _ = q.shape
-    Bk, Lk = k.shape[:2]
-    shape = (Bq, Bk) if pairwise else (Bq,)
-    pairs = [(a, b) for a in range(Bq) for b in range(Bk)] if pairwise else [(a, a) for a in range(Bq)]
-    out = torch.zeros(shape, dtype=torch.float64)
-    amax = torch.full((*shape, Lq), -1, dtype=torch.int32)
-    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-    for a, b in pairs:
-        at = (a, b) if pairwise else (a,)
-        qi = [j for j in range(Lq) if qm[a, j]]
-        ki = [i for i in range(Lk) if km[b, i]]
-        if not qi or not ki:
-            continue
-        w = float(gout[at]) / len(qi)
-        scores = (q[a, qi] @ k[b, ki].T).tolist()
-        total = 0.0
-        for r, j in enumerate(qi):
-            best = max(scores[r])
-            i = ki[scores[r].index(best)]
-            total += best
-            amax[(*at, j)] = i
-            dq[a, j] += w * k[b, i]
-            dk[b, i] += w * q[a, j]
-        out[at] = total / len(qi)
-    return out, dq, dk, amax
-
-
 def masks(Bq, Lq, Bk, Lk, gen):
-    qm = torch.rand(Bq, Lq, generator=gen) > 0.3
-    km = torch.rand(Bk, Lk, generator=gen) > 0.3
-    qm[1] = False  # a query item without valid tokens
-    km[min(2, Bk - 1)] = False  # a key item without valid tokens
+    """random_masks, with a fully masked key item also where Bk <= 2 (the last one)."""
+    qm, km = random_masks(Bq, Lq, Bk, Lk, gen)
+    km[min(2, Bk - 1)] = False
     return qm, km
-
-
-def quantized(shape, gen):
-    """m/4 with |m| <= 6: exact in every dtype, exact dot products in fp32 -> exact ties everywhere."""
-    return torch.randint(-6, 7, shape, generator=gen).double() / 4
 
 
 def run(q64, k64, qm, km, pairwise, gout, dtype, backend):

@@ -12,31 +12,16 @@ compiled (about 90 s on 2 cores with an empty Triton cache). The default test co
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-import loupe_kernels
+from _kernel_testing import run_aot_script
 
 H100_SMEM_PER_BLOCK = 232448  # 227 KiB: the most one block may opt in to on an H100
 D_SWEEP = (64, 128, 256, 384, 512, 768, 1024)
 
+# run after _kernel_testing.AOT_PRELUDE (imports, compile_one, the rows in `out`)
 _SCRIPT = r'''
-import json, os, re, subprocess, sys, tempfile
-sys.path.insert(0, sys.argv[1])
-try:
-    import torch
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print("SKIP", e); sys.exit(3)
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-if not os.path.exists(cuobjdump):
-    print("SKIP no cuobjdump in the triton wheel"); sys.exit(3)
 from loupe_kernels import triton_token_region_similarity as T
 from loupe_kernels import triton_shapley as S
 from loupe_kernels import triton_interaction_loss as U
@@ -46,36 +31,6 @@ FULL = sys.argv[3] == "full"
 DT = {"fp32": (torch.float32, "*fp32", "tf32x3"), "bf16": (torch.bfloat16, "*bf16", "ieee"),
       "fp16": (torch.float16, "*fp16", "ieee"), "fp64": (torch.float64, "*fp64", "ieee")}
 ACC = {"fp64": tl.float64}
-seen, out = {}, []
-
-
-def compile_one(fn, consts, ptr_types, vals, warps, row):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ptr_types.get(name, ptr_types["*"])
-        elif name == "seed":
-            sig[name] = "u64"
-        else:
-            sig[name] = "i32"
-    # as the launcher specialises them: aligned pointers and ints divisible by 16 get the hint
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig[name].startswith("*") or (sig[name] == "i32" and vals.get(name, 1) % 16 == 0 and vals.get(name))}
-    key = (fn.__name__, repr(sorted(consts.items(), key=str)), repr(sorted(sig.items())), warps,
-           repr(sorted(attrs)))
-    if key not in seen:
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        os.unlink(f.name)
-        m = re.search(r"REG:(\d+)\s+STACK:(\d+)", usage)
-        seen[key] = dict(regs=int(m.group(1)), stack=int(m.group(2)), smem=int(k.metadata.shared))
-    out.append({"kernel": fn.__name__, **row, **seen[key]})
-
 
 # token-region similarity: forward, d_query, d_key at the GPU target shape, every D and dtype
 Bq, Bk, Lq, Lk = 1024, 1024, 32, 196
@@ -134,16 +89,7 @@ print(json.dumps(out))
 
 
 def _compile(full: bool) -> list[dict]:
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(loupe_kernels.__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, pkg_root, json.dumps(list(D_SWEEP)),
-                           "full" if full else "subset"],
-                          capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode == 3:
-        pytest.skip(proc.stdout.strip())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_aot_script(_SCRIPT, json.dumps(list(D_SWEEP)), "full" if full else "subset", timeout=900)
 
 
 def _check(rows: list[dict], full: bool, record_property) -> None:

@@ -5,61 +5,26 @@ Runs under the Triton interpreter (TRITON_INTERPRET=1 set by the runner) with sm
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported) or a CUDA device",
-                allow_module_level=True)
-pytest.importorskip("triton")
+from _kernel_testing import require_triton_runs, uil_inputs
+from _kernel_testing import uil_oracle as oracle
+from _kernel_testing import uil_run as run
+
+DEV = require_triton_runs()
 
 import loupe_kernels as lk  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 REDUCTIONS = ["mean", "sum", "none"]
 FLAGS = list(itertools.product([False, True], [False, True]))
 
 
-def oracle(mu, lv, t, tv=None, w=None, reduction="mean"):
-    mu, lv, t = mu.double(), lv.double(), t.double()
-    tv = torch.zeros_like(mu) if tv is None else tv.double().expand(mu.shape)
-    w = torch.ones_like(mu) if w is None else w.double().expand(mu.shape)
-    live = w != 0
-    t = torch.where(live, t, mu)
-    tv = torch.where(live, tv, torch.zeros_like(tv))
-    var = torch.exp(lv) + tv
-    r = t - mu
-    out = [0.5 * (r * r / var + torch.log(var)), -r / var, 0.5 * torch.exp(lv) / var * (1 - r * r / var)]
-    out = [torch.where(live, w * x, torch.zeros_like(x)) for x in out]
-    n = max(mu.numel(), 1)
-    if reduction == "none":
-        return tuple(out)
-    if reduction == "sum":
-        return out[0].sum(), out[1], out[2]
-    return out[0].sum() / n, out[1] / n, out[2] / n
-
-
 def make(shape, seed, dtype, with_tv, with_w):
-    g = torch.Generator().manual_seed(seed)
-    mu = torch.randn(shape, generator=g, dtype=torch.float64)
-    lv = 3 * torch.randn(shape, generator=g, dtype=torch.float64)
-    t = mu + torch.randn(shape, generator=g, dtype=torch.float64) * torch.exp(0.5 * lv) * 1.5
-    tv = torch.rand(shape, generator=g, dtype=torch.float64) * 0.5 if with_tv else None
-    w = None
-    if with_w:
-        w = torch.rand(shape, generator=g, dtype=torch.float64) * 2
-        w[w < 0.3] = 0.0
-    return tuple(None if x is None else x.to(dtype).to(DEV) for x in (mu, lv, t, tv, w))
-
-
-def run(backend, mu, lv, t, tv, w, reduction, grad_out):
-    mu = mu.detach().clone().requires_grad_()
-    lv = lv.detach().clone().requires_grad_()
-    out = lk.uncertainty_interaction_loss(mu, lv, t, target_var=tv, weight=w, reduction=reduction, backend=backend)
-    dmu, dlv = torch.autograd.grad(out, (mu, lv), grad_out.to(out.dtype))
-    return out, dmu, dlv
+    """uil_inputs from a generator seeded with `seed`, on DEV."""
+    xs = uil_inputs(shape, torch.Generator().manual_seed(seed), dtype, with_tv=with_tv, with_w=with_w)
+    return tuple(None if x is None else x.to(DEV) for x in xs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

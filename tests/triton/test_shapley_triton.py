@@ -4,19 +4,15 @@ Runs under the Triton interpreter (TRITON_INTERPRET=1 set by the runner) with ti
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported) or a CUDA device",
-                allow_module_level=True)
-pytest.importorskip("triton")
+from _kernel_testing import (additive_game, check_invalid_players_change_nothing, check_shapley_close,
+                             require_triton_runs, shapley_references)
+
+DEV = require_triton_runs()
 
 import loupe_kernels as lk  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case(seed=0, G=2, M=3, Lq=5, n=11):
@@ -42,39 +38,19 @@ def test_coalitions_identical_to_reference(schedule, seed):
     assert torch.equal(out.cpu(), ref.cpu())
 
 
-def _tol(ref_lo, ref64, scale, dtype):
-    """2x the error of the same PyTorch math in the working dtype, plus one rounding unit of the
-    magnitude of a sample (``scale``: (max |S| + 2) times the largest value a term can take)."""
-    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    return 2 * float((ref_lo.double() - ref64).abs().max()) + eps * scale
-
-
-def _check_close(out, ref_lo, ref64, scale, dtype):
-    assert out[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    for i in range(2):
-        err = float((out[i].double() - ref64[i]).abs().max())
-        assert err <= _tol(ref_lo[i], ref64[i], scale, dtype), (i, err)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("schedule", ["uniform", "round_robin"])
 def test_estimates_match_reference(dtype, schedule):
     sim, qm, sub, pm = _case(1)
     sim = sim.to(dtype)
     kw = dict(query_mask=qm, player_mask=pm, num_samples=20, seed=7, size_schedule=schedule)
-    ref64 = lk.shapley_interaction(sim.double(), sub, backend="reference", **kw)
-    ref_lo = lk.shapley_interaction(sim, sub, backend="reference", **kw)
+    ref64, ref_lo = shapley_references(sim, sub, **kw)
     out = lk.shapley_interaction(sim, sub, backend="triton", **kw)
-    _check_close(out, ref_lo, ref64, 5 * float(sim.double().abs().max()), dtype)
+    check_shapley_close(out, ref_lo, ref64, 5 * float(sim.double().abs().max()), dtype)
 
 
 def test_additive_game_and_singletons_exactly_zero():
-    w = torch.tensor([1.0, 3.0, 0.0, 2.0, 5.0, 1.0, 4.0, 2.0])
-    sim = torch.diag(w)[None].repeat(2, 1, 1).to(DEV)
-    sub = torch.zeros(2, 3, 8, dtype=torch.bool, device=DEV)
-    sub[:, 0, [0, 1]] = True
-    sub[:, 1, [2, 3, 4]] = True
-    sub[:, 2, 5] = True
+    sim, sub = additive_game(DEV, M=3)
     est, se = lk.shapley_interaction(sim, sub, num_samples=17, seed=3, backend="triton")
     assert torch.equal(est, torch.zeros_like(est)) and torch.equal(se, torch.zeros_like(se))
     sim2, _, _, _ = _case(2, n=8)
@@ -102,11 +78,10 @@ def test_region_phrase_estimates_match_reference(dtype, schedule):
     sim, sub, pm = _rp_case(3)
     sim = sim.to(dtype)
     kw = dict(player_mask=pm, query_players=True, num_samples=20, seed=11, size_schedule=schedule)
-    ref64 = lk.shapley_interaction(sim.double(), sub, backend="reference", **kw)
-    ref_lo = lk.shapley_interaction(sim, sub, backend="reference", **kw)
+    ref64, ref_lo = shapley_references(sim, sub, **kw)
     out = lk.shapley_interaction(sim, sub, backend="triton", **kw)
     assert float(ref64[0].abs().max()) > 0.05          # a non-trivial game
-    _check_close(out, ref_lo, ref64, 5 * float(sim.double().abs().max()), dtype)
+    check_shapley_close(out, ref_lo, ref64, 5 * float(sim.double().abs().max()), dtype)
 
 
 def test_singletons_exactly_zero_region_phrase():
@@ -126,18 +101,9 @@ def test_invalid_players_never_drawn_nor_used():
     assert not bool((C & ~pm[:, None, None, :]).any()) and not bool((C & sub[:, :, None, :]).any())
     assert bool(C.any())
     sim, qm, sub, pm = _case(9)
-    a = lk.shapley_interaction(sim, sub, query_mask=qm, player_mask=pm, num_samples=20, seed=3, backend="triton")
-    sim2 = torch.where(pm[:, None, :], sim, torch.full_like(sim, 1e4))
-    b = lk.shapley_interaction(sim2, sub, query_mask=qm, player_mask=pm, num_samples=20, seed=3, backend="triton")
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    check_invalid_players_change_nothing(sim, sub, pm, "triton", query_mask=qm, num_samples=20, seed=3)
     sim, sub, pm = _rp_case(9)
-    Lq = sim.shape[1]
-    a = lk.shapley_interaction(sim, sub, player_mask=pm, query_players=True, num_samples=20, seed=3,
-                               backend="triton")
-    sim2 = torch.where(pm[:, None, Lq:], sim, torch.full_like(sim, 1e4))
-    b = lk.shapley_interaction(sim2, sub, player_mask=pm, query_players=True, num_samples=20, seed=3,
-                               backend="triton")
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    check_invalid_players_change_nothing(sim, sub, pm, "triton", query_players=True, num_samples=20, seed=3)
 
 
 def test_many_players_coalitions_and_determinism():

@@ -9,78 +9,23 @@ items per program) are exercised by odd, non-multiple-of-16 sizes too.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported) or a CUDA device",
-                allow_module_level=True)
-pytest.importorskip("triton")
+from _kernel_testing import (check_trs_compiles_fullgraph, quantized, random_masks, require_triton_runs,
+                             run_aot_script, tol_bound)
+from _kernel_testing import trs_oracle as oracle
+
+DEV = require_triton_runs()
 
 import loupe_kernels as lk  # noqa: E402
 from loupe_kernels import triton_token_region_similarity as T  # noqa: E402
 from loupe_kernels.token_region_similarity import token_region_similarity_reference  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_CPU = "cpu" in lk.available_backends()
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="cpu backend (C++ extension) not built")
-
-
-# ------------------------------------------------------------------------------------------------
-# independent float64 oracle: loops over pairs and tokens, explicit first arg-max, explicit grads
-# ------------------------------------------------------------------------------------------------
-def oracle(q, k, qm, km, pairwise, gout=None):
-    """(out, d_query, d_key, argmax) in float64; argmax -1 where no valid query token or key item."""
-    q, k, qm, km = q.double().cpu(), k.double().cpu(), qm.cpu(), km.cpu()
-    Bq, Lq, _ = q.shape
-    Bk, Lk = k.shape[0], k.shape[1]
-    shape = (Bq, Bk) if pairwise else (Bq,)
-    pairs = [(a, b) for a in range(Bq) for b in range(Bk)] if pairwise else [(a, a) for a in range(Bq)]
-    out = torch.zeros(shape, dtype=torch.float64)
-    amax = torch.full((*shape, Lq), -1, dtype=torch.int32)
-    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-    for a, b in pairs:
-        at = (a, b) if pairwise else (a,)
-        qi = [j for j in range(Lq) if qm[a, j]]
-        ki = [i for i in range(Lk) if km[b, i]]
-        if not qi or not ki:
-            continue
-        w = 0.0 if gout is None else float(gout.double().cpu()[at]) / len(qi)
-        scores = (q[a, qi] @ k[b, ki].T).tolist()
-        total = 0.0
-        for r, j in enumerate(qi):
-            best = max(scores[r])
-            i = ki[scores[r].index(best)]  # first occurrence = lowest key index
-            total += best
-            amax[(*at, j)] = i
-            dq[a, j] += w * k[b, i]
-            dk[b, i] += w * q[a, j]
-        out[at] = total / len(qi)
-    return out, dq, dk, amax
-
-
-def random_masks(Bq, Lq, Bk, Lk, gen):
-    qm = torch.rand(Bq, Lq, generator=gen) > 0.3
-    km = torch.rand(Bk, Lk, generator=gen) > 0.3
-    if Bq > 1:
-        qm[1] = False  # a fully masked query item
-    if Bk > 2:
-        km[2] = False  # a fully masked key item
-    return qm, km
-
-
-def quantized(shape, gen, levels=6):
-    """Entries m/4 with |m| <= levels: exact in fp16/bf16, dot products exact in fp32, so every
-    backend sees the same scores and the same arg-max (ties included)."""
-    return torch.randint(-levels, levels + 1, shape, generator=gen).double() / 4
-
-
-def tol_bound(dtype, ref_err, scale):
-    """Twice the error of the same PyTorch math in `dtype`, plus one rounding unit of the output."""
-    return 2 * ref_err + torch.finfo(dtype).eps * max(scale, 1.0)
 
 
 def assert_bounded(got, ref, want, dtype, what=""):
@@ -332,19 +277,8 @@ def test_torch_compile_fullgraph():
     gen = torch.Generator().manual_seed(2)
     q = quantized((4, 5, 8), gen).float().to(DEV).requires_grad_()
     k = quantized((3, 6, 8), gen).float().to(DEV).requires_grad_()
-
-    def loss(q, k):
-        return (lk.token_region_similarity(q, k, backend="triton") * 2.0).logsumexp(dim=1).sum()
-
     t0 = time.time()
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    got = compiled(q, k)
-    gq, gk = torch.autograd.grad(got, (q, k))
-    want = loss(q, k)
-    wq, wk = torch.autograd.grad(want, (q, k))
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(gq, wq)
-    torch.testing.assert_close(gk, wk)
+    check_trs_compiles_fullgraph(q, k, "triton")
     assert time.time() - t0 < 60
 
 
@@ -384,65 +318,27 @@ def test_bad_dtype_is_a_clear_error():
 # ------------------------------------------------------------------------------------------------
 # the real compiler: the kernels compile for sm_90 at the GPU target shape (no GPU needed)
 # ------------------------------------------------------------------------------------------------
+# run after _kernel_testing.AOT_PRELUDE (imports, compile_one, the rows in `out`)
 _AOT_SCRIPT = r'''
-import json, os, re, subprocess, sys, tempfile
-sys.path.insert(0, sys.argv[1])
-try:
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print("SKIP", e); sys.exit(3)
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-if not os.path.exists(cuobjdump):
-    print("SKIP no cuobjdump in the triton wheel"); sys.exit(3)
 from loupe_kernels import triton_token_region_similarity as T
 
 Bq, Bk, Lq, Lk, D = 1024, 1024, 32, 196, 256
 TYPES = {"bf16": ("*bf16", 2, "ieee"), "fp32": ("*fp32", 4, "tf32x3")}
-out = []
 for dt, pw in [("bf16", True), ("bf16", False), ("fp32", True)]:
     P, size, prec = TYPES[dt]
     c = T._config(Bq, Bk, Lq, Lk, D, pw, size)
     common = dict(PAIRWISE=pw, LQ_PAD=c.lq_pad, ACC=tl.float32)
-    kernels = [
-        (T._fwd_kernel, dict(ITEMS_B=c.items_b, BLOCK_A=c.fwd_block_a, ROWS=c.fwd_block_a * c.lq_pad,
-                             BLOCK_K=c.block_k, BLOCK_D=c.fwd_block_d, ONE_D=c.one_d, UPCAST=False, PREC=prec),
-         c.fwd_warps),
-        (T._dq_kernel, dict(BLOCK_A=c.dq_block_a, ROWS=c.dq_block_a * c.lq_pad, BLOCK_D=c.dq_block_d), c.bwd_warps),
-        (T._dk_kernel, dict(BLOCK_A=c.dk_block_a, COLS=c.dk_block_a * c.lq_pad, BLOCK_KR=c.dk_block_kr,
-                            BLOCK_D=c.dk_block_d, UPCAST=False, PREC=prec), c.bwd_warps),
-    ]
-    for fn, consts, warps in kernels:
-        consts = {**common, **consts}
-        sig = {}
-        for name in fn.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name in ("qm_ptr", "km_ptr"):
-                sig[name] = "*u8"
-            elif name == "amax_ptr":
-                sig[name] = "*i32"
-            elif name == "cnt_ptr":
-                sig[name] = "*fp32"
-            elif name.endswith("_ptr"):
-                sig[name] = P
-            else:
-                sig[name] = "i32"
-        # as the launcher specialises them: aligned pointers and ints divisible by 16 get the hint
-        vals = dict(Bq=Bq, Bk=Bk, Lq=Lq, Lk=Lk, D=D, s_ga=Bk if pw else 1, s_gb=1 if pw else 0)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if sig[name].startswith("*") or (sig[name] == "i32" and vals[name] % 16 == 0 and vals[name])}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        os.unlink(f.name)
-        m = re.search(r"REG:(\d+)\s+STACK:(\d+)", usage)
-        out.append(dict(kernel=fn.__name__, dtype=dt, pairwise=pw, regs=int(m.group(1)), stack=int(m.group(2)),
-                        smem=int(k.metadata.shared), pipelined=k.asm["ttgir"].count("async_copy_global_to_local")))
+    ptrs = {"*": P, "qm_ptr": "*u8", "km_ptr": "*u8", "amax_ptr": "*i32", "cnt_ptr": "*fp32"}
+    vals = dict(Bq=Bq, Bk=Bk, Lq=Lq, Lk=Lk, D=D, s_ga=Bk if pw else 1, s_gb=1 if pw else 0)
+    row = dict(dtype=dt, pairwise=pw)
+    compile_one(T._fwd_kernel, {**common, **dict(
+        ITEMS_B=c.items_b, BLOCK_A=c.fwd_block_a, ROWS=c.fwd_block_a * c.lq_pad, BLOCK_K=c.block_k,
+        BLOCK_D=c.fwd_block_d, ONE_D=c.one_d, UPCAST=False, PREC=prec)}, ptrs, vals, c.fwd_warps, row)
+    compile_one(T._dq_kernel, {**common, **dict(
+        BLOCK_A=c.dq_block_a, ROWS=c.dq_block_a * c.lq_pad, BLOCK_D=c.dq_block_d)}, ptrs, vals, c.bwd_warps, row)
+    compile_one(T._dk_kernel, {**common, **dict(
+        BLOCK_A=c.dk_block_a, COLS=c.dk_block_a * c.lq_pad, BLOCK_KR=c.dk_block_kr, BLOCK_D=c.dk_block_d,
+        UPCAST=False, PREC=prec)}, ptrs, vals, c.bwd_warps, row)
 print(json.dumps(out))
 '''
 
@@ -450,19 +346,7 @@ print(json.dumps(out))
 def test_kernels_compile_for_sm90_at_the_target_shape():
     """The Triton compiler (not the interpreter) builds every kernel for sm_90 at Bq=Bk=1024, Lq=32,
     Lk=196, D=256: shared memory within the H100 limit, and no register spills in bf16."""
-    import json
-    import subprocess
-    import sys
-
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(T.__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, pkg_root], capture_output=True, text=True,
-                          env=env, timeout=300)
-    if proc.returncode == 3:
-        pytest.skip(proc.stdout.strip())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = run_aot_script(_AOT_SCRIPT, timeout=300)
     assert len(rows) == 9
     for r in rows:
         assert r["smem"] <= 232448, r  # 227 KiB: the most one block may use on an H100
