@@ -254,12 +254,6 @@ class ObjectiveOptions:
     # contrast with, so its best region is the patch that holds the whole image. 2 by default
     # [ours, measured: docs/METHOD-notes.md]
     fsa_min_phrases: int = 2
-    # weight of a position-balance term added to L_FSA [ours, not yet measured]: the phrases of a
-    # (local) batch attend over the patch grid (softmax of <p, patch> / tau); their mean attention
-    # should not pile on one grid position (the register mode: one patch is every third phrase's top
-    # patch). The term is KL(mean attention || uniform over positions) = log n - H(mean attention).
-    # It assumes objects anywhere on the canvas (the built-in sets). 0: off
-    fsa_position_balance: float = 0.0
     # where the SSIM labels come from: "shapley" (the region-phrase Shapley interaction, METHOD 7), or,
     # for the ablation only, "similarity" (the raw cosine <p, r>) or "uniform" (no label information:
     # only the cross-image term teaches) [ours]
@@ -295,10 +289,6 @@ class ObjectiveOptions:
                 raise ValueError(f"loupe_options.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.tsa_top + self.tsa_random < 1:
             raise ValueError("loupe_options: tsa_top + tsa_random must be >= 1")
-        if not (isinstance(self.fsa_position_balance, (int, float)) and not isinstance(self.fsa_position_balance, bool)
-                and 0.0 <= self.fsa_position_balance < float("inf")):
-            raise ValueError(f"loupe_options.fsa_position_balance must be a finite number >= 0, "
-                             f"got {self.fsa_position_balance!r}")
         for name in ("tau_i", "tau_s", "tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"loupe_options.{name} must be > 0, got {getattr(self, name)!r}")

@@ -8,7 +8,6 @@ uncertainty-weighted interaction loss). :data:`SHAPLEY_TERMS` gives their defaul
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -24,7 +23,7 @@ from loupe_kernels.uansil import CALIB_STATS, UansilPolicy
 from . import regions as _regions
 from .config import GAMES, options_from_config
 
-__all__ = ["region_targets", "position_balance", "box_subsets", "coalition_samples", "encoder_interactions",
+__all__ = ["region_targets", "box_subsets", "coalition_samples", "encoder_interactions",
            "encoder_subsample", "SceneSpec", "constructed_scene", "LoupeShapleyTerms",
            "tsa_candidates", "fsa_candidates", "phrase_region_interactions", "phrase_contrast", "cross_image_lse", "soft_kl",
            "loupe_losses", "SHAPLEY_TERMS", "term_fn", "build_module"]
@@ -526,25 +525,6 @@ def _find_module(model: nn.Module) -> "LoupeShapleyTerms | None":
     return None
 
 
-def position_balance(phrases: torch.Tensor, pmask: torch.Tensor, patches: torch.Tensor, tau: float) -> torch.Tensor:
-    """KL(mean attention || uniform) of the phrases of a batch over the patch grid [ours]:
-    ``phrases [B, P, D]`` (``pmask [B, P]`` the real ones), ``patches [B, n, D]``; each phrase attends
-    over its own image's patches with ``softmax(<p, patch> / tau)``, the attentions are averaged over
-    the batch's phrases, and the result is ``log n - H(mean)``: 0 when the phrases' attention covers
-    the grid evenly, ``log n`` when every phrase attends to the same position (the register mode).
-    Differentiable in both inputs; 0 without phrases."""
-    if phrases.dim() != 3 or patches.dim() != 3 or phrases.shape[0] != patches.shape[0] \
-            or phrases.shape[-1] != patches.shape[-1] or pmask.shape != phrases.shape[:2]:
-        raise ValueError(f"position_balance: expected phrases [B, P, D], pmask [B, P], patches [B, n, D], got "
-                         f"{list(phrases.shape)}, {list(pmask.shape)}, {list(patches.shape)}")
-    if not bool(pmask.any()):
-        return phrases.sum() * 0.0 + patches.sum() * 0.0
-    att = torch.softmax(torch.einsum("bpd,bnd->bpn", phrases.float(), patches.float()) / tau, dim=-1)[pmask]
-    mean = att.mean(0)
-    n = mean.shape[0]
-    return math.log(n) + (mean * mean.clamp_min(1e-30).log()).sum()
-
-
 def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     """Compute L_TSA, L_FSA, L_UA, the UANSIL statistics and diagnostics once per forward (cached in
     ``out["_loupe_shapley"]``)."""
@@ -648,7 +628,6 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
 
     # ---------------------------------------------------------------- FSA
     pf, pmask = _phrases(out, batch)
-    pmask_all = pmask  # every phrase, lone ones too: the position balance sees them all
     if opts.fsa_min_phrases > 1 and pmask.shape[1] > 0:
         pmask = pmask & (pmask.sum(1, keepdim=True) >= opts.fsa_min_phrases)
     if "fsa" in weights or "ua" in weights:
@@ -692,10 +671,6 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         kl = soft_kl(z / opts.tau_s, pred, pair_ok, extra)
         rows = pair_ok.sum(-1) >= 2
         res["loss_fsa"] = kl.sum() / rows.sum().clamp(min=1) + 0.0 * pred.sum()
-        if opts.fsa_position_balance > 0 and bool(pmask_all.any()):
-            kl_pos = position_balance(pf, pmask_all, patches, opts.tau)
-            res["diag_position_kl"] = float(kl_pos.detach())
-            res["loss_fsa"] = res["loss_fsa"] + opts.fsa_position_balance * kl_pos
         n_games += int(pair_ok.sum())
         n_sampled += int(sample.sum())
         if pol is not None:
