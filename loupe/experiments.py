@@ -62,6 +62,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("grounding.test.map_diagnostics.box_area_ratio", "chosen / true box area, median, x100 (test)"),
     ("grounding.test.map_diagnostics.patch_pair_cos", "patch-pair cosine x100 (test)"),
     ("grounding.test.map_diagnostics.top_patch_share", "top-patch share x100 (test; register collapse when high)"),
+    ("grounding.test.map_diagnostics.inside_above_outside", "maps higher inside the own box, share x100 (test; 50: no localisation)"),
     ("retrieval.i2t_r1", "retrieval i2t R@1"),
     ("retrieval.t2i_r1", "retrieval t2i R@1"),
     ("retrieval.i2t_r5", "retrieval i2t R@5"),
@@ -165,6 +166,7 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("grounding.pointing", "pointing (test)"),
     ("retrieval.i2t_r1", "i2t R@1"),
     ("grounding.test.map_diagnostics.top_patch_share", "top-patch share (test)"),
+    ("grounding.test.map_diagnostics.inside_above_outside", "maps higher inside the own box (test; 50: none)"),
 )
 
 

@@ -33,7 +33,9 @@ sizes); ``--model-config`` overrides its fields. The data are drawn at the model
 Collapse signals (issue 19): every ``--diag-every`` steps (and at every ``--eval-every``) the log
 holds ``val_top_patch_share`` (the share of phrases whose most similar patch is the most common
 such patch index), ``val_patch_pair_cos`` (the mean cosine of two patch tokens of one image) and
-``val_phrase_map_corr`` (the correlation of the maps of two phrases of one image), computed without
+``val_phrase_map_corr`` (the correlation of the maps of two phrases of one image) and
+``val_inside_above_outside`` (the share of phrases whose map is higher inside their own box: 0.5 when
+the maps do not localise, the failure of the final seed 11), computed without
 gradient on a fixed validation batch with :func:`loupe.metrics.map_diagnostics` and
 :func:`loupe.metrics.patch_pair_cos`, the definitions of ``python -m loupe.evaluate``.
 """
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0: never); the full evaluation runs at the end")
     r.add_argument("--diag-every", type=int, default=50,
                    help="every N steps (and at every --eval-every), log the register-collapse signals "
-                        "val_top_patch_share, val_patch_pair_cos, val_phrase_map_corr on a fixed validation "
+                        "val_top_patch_share, val_patch_pair_cos, val_phrase_map_corr, val_inside_above_outside on a fixed validation "
                         "batch (0: never)")
     r.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     r.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
@@ -470,7 +472,7 @@ def validation_batches(args, ldata, collate, global_batch: int, rank: int, world
     return [collate([val_set[i] for i in idx]) for idx in vs]
 
 
-COLLAPSE_KEYS = ("val_top_patch_share", "val_patch_pair_cos", "val_phrase_map_corr")
+COLLAPSE_KEYS = ("val_top_patch_share", "val_patch_pair_cos", "val_phrase_map_corr", "val_inside_above_outside")
 
 
 def collapse_signals(out: dict, batch: dict, grid: int, patch_size: int, device: torch.device,
@@ -481,14 +483,18 @@ def collapse_signals(out: dict, batch: dict, grid: int, patch_size: int, device:
     patch index (1/n for spread maps; near 1 when one register patch wins every phrase);
     ``val_patch_pair_cos``: the mean cosine of two different patch tokens of one image;
     ``val_phrase_map_corr``: the mean correlation of the patch-similarity maps of two phrases of one
-    image. The definitions of ``python -m loupe.evaluate`` (:func:`loupe.metrics.map_diagnostics`,
-    :func:`loupe.metrics.patch_pair_cos`); None where the batch has no phrase (or phrase pair).
+    image; ``val_inside_above_outside``: the share of phrases whose map is higher inside their own
+    box than outside it (0.5: the maps do not localise; the failed final seed 11 read 0.52 on test,
+    good seeds 0.70-0.93), only where the batch has boxes. The definitions of
+    ``python -m loupe.evaluate`` (:func:`loupe.metrics.map_diagnostics`,
+    :func:`loupe.metrics.patch_pair_cos`); None where the batch has no phrase (or phrase pair, or box).
     """
     from loupe.metrics import map_diagnostics, patch_pair_cos
     patches = out["patch_tokens"].detach().float()
     B, n, _ = patches.shape
-    # [best-patch counts per patch index (n), sum of patch-pair cos, images, sum of map corr, pairs]
-    acc = torch.zeros(n + 4, dtype=torch.float64, device=device)
+    # [best-patch counts per patch index (n), sum of patch-pair cos, images, sum of map corr, pairs,
+    #  phrases higher inside their box, phrases with a box that leaves patches outside]
+    acc = torch.zeros(n + 6, dtype=torch.float64, device=device)
     acc[n] = patch_pair_cos(patches).sum().to(device)
     acc[n + 1] = B
     pmask = out.get("phrase_mask")
@@ -503,6 +509,10 @@ def collapse_signals(out: dict, batch: dict, grid: int, patch_size: int, device:
         acc[:n] += torch.bincount(d["best_patch"], minlength=n).to(device=device, dtype=torch.float64)
         acc[n + 2] = d["pair_corr"].nan_to_num(0.0).sum().to(device)
         acc[n + 3] = int(torch.isfinite(d["pair_corr"]).sum())
+        io = d["inside_minus_outside"]
+        io = io[torch.isfinite(io)]  # NaN: no box, or a box over every patch
+        acc[n + 4] = int((io > 0).sum())
+        acc[n + 5] = io.numel()
     if world > 1:
         import torch.distributed as dist
         dist.all_reduce(acc)
@@ -510,7 +520,8 @@ def collapse_signals(out: dict, batch: dict, grid: int, patch_size: int, device:
     ratio = lambda a, b: float(a) / float(b) if float(b) > 0 else None  # noqa: E731
     return {"val_top_patch_share": ratio(counts.max(), phrases),
             "val_patch_pair_cos": ratio(acc[n], acc[n + 1]),
-            "val_phrase_map_corr": ratio(acc[n + 2], acc[n + 3])}
+            "val_phrase_map_corr": ratio(acc[n + 2], acc[n + 3]),
+            "val_inside_above_outside": ratio(acc[n + 4], acc[n + 5])}
 
 
 # ------------------------------------------------------------------------------------------------

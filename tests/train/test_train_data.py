@@ -17,7 +17,7 @@ from loupe.metrics import map_diagnostics, patch_pair_cos
 
 from .test_train import launch_cmd, read_log, run
 
-COLLAPSE = ("val_top_patch_share", "val_patch_pair_cos", "val_phrase_map_corr")
+COLLAPSE = train_mod.COLLAPSE_KEYS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,6 +186,12 @@ def test_collapse_signals_are_the_evaluation_definitions():
     assert got["val_top_patch_share"] == pytest.approx(float(best.max()) / len(bi))
     assert got["val_patch_pair_cos"] == pytest.approx(float(patch_pair_cos(patches).mean()))
     assert got["val_phrase_map_corr"] == pytest.approx(float(d["pair_corr"].mean()))
+    io = d["inside_minus_outside"]
+    assert got["val_inside_above_outside"] == pytest.approx(float((io > 0).double().mean()))
+    # maps that localise: each phrase is the patch inside its box (patch 0, in the top-left 32x32)
+    loc = {"patch_tokens": patches, "phrase_feats": patches[:, :1].expand(B, P, D).contiguous(), "phrase_mask": pmask}
+    assert train_mod.collapse_signals(loc, {"boxes": boxes}, grid, patch, torch.device("cpu"), 1)[
+        "val_inside_above_outside"] == 1.0
     # one patch that every phrase prefers (a register): share 1
     u = torch.zeros(D)
     u[0] = 1.0
@@ -199,6 +205,7 @@ def test_collapse_signals_are_the_evaluation_definitions():
     got = train_mod.collapse_signals({**out, "phrase_mask": torch.zeros_like(pmask)}, {}, grid, patch,
                                      torch.device("cpu"), 1)
     assert got["val_top_patch_share"] is None and got["val_phrase_map_corr"] is None
+    assert got["val_inside_above_outside"] is None
     assert got["val_patch_pair_cos"] is not None
 
 
@@ -211,7 +218,7 @@ def test_collapse_signals_are_logged_and_leave_training_unchanged(tmp_path):
     for r in diag:
         if r["step"] % 2 == 0:
             assert 0.0 < r["val_top_patch_share"] <= 1.0 and -1.0 <= r["val_patch_pair_cos"] <= 1.0
-            assert -1.0 <= r["val_phrase_map_corr"] <= 1.0
+            assert -1.0 <= r["val_phrase_map_corr"] <= 1.0 and 0.0 <= r["val_inside_above_outside"] <= 1.0
         else:
             assert not any(k in r for k in COLLAPSE)
     assert not any(k in r for r in none for k in COLLAPSE)
