@@ -29,7 +29,7 @@ from .config import OBJECTIVES
 from .evaluate import evaluate_checkpoint
 from .report import get_path
 
-__all__ = ["compare", "ablate", "run_arms", "ABLATIONS", "merge_config", "summarise", "comparison_table", "METRICS",
+__all__ = ["compare", "ablate", "run_arms", "table_from_runs", "bars_table", "ABLATIONS", "merge_config", "summarise", "comparison_table", "METRICS",
            "HEADLINE", "per_seed_table", "train_command"]
 
 #: (dotted path in the evaluation JSON, label) of the rows of the comparison table
@@ -188,6 +188,98 @@ def per_seed_table(results: dict[str, list[dict]], seeds: Sequence[int],
                                              else f"{100 * s['mean']:.1f}")
             lines.append(f"| {label} | {arm} | " + " | ".join(cells) + f" | {tail} |")
     return "\n".join(lines)
+
+
+def bars_table(results: dict[str, list[dict]], seeds: Sequence[int]) -> str:
+    """Markdown tables of what ignores the phrase, per seed: the text-free (1/k) and attribute bars
+    of the evaluation scenes (read from the first arm that has them: every arm of a seed sees the
+    same scenes), and each model's computed text-free boxes (its best box for the caption's mean
+    token; for models with a region head also the top objectness box), own / any Acc@0.5, mean
+    over seeds. Empty when no run has the finding-vs-naming figures."""
+    splits = ("test", "compositional", "hard", "relation")
+    bars = (("text_free", "text-free (1/k)"), ("attribute_color", "colour-only"), ("attribute_shape", "shape-only"))
+    ref = next((rs for rs in results.values() if rs and _get(rs[0], "grounding.test.finding.text_free") is not None),
+               None)
+    if ref is None:
+        return ""
+    lines = ["### The bars that ignore the phrase, per evaluation seed (the same scenes for every model)", "",
+             "| split | bar | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|" + "---|" * len(seeds)]
+    for split in splits:
+        for key, label in bars:
+            vals = [_get(r, f"grounding.{split}.finding.{key}") for r in ref]
+            if all(v is None for v in vals):
+                continue
+            lines.append(f"| {split} | {label} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in vals)
+                         + " |")
+    cols = [(arm, "text_free_caption", arm) for arm in results]
+    cols += [(arm, "text_free_objectness", f"{arm}, top objectness box") for arm in results
+             if any(_get(r, "grounding.test.finding.text_free_objectness.any_acc50") is not None for r in results[arm])]
+    lines += ["", "### Computed text-free rows: each model's best box for the caption's mean token (one box for "
+              "every phrase of a caption), own / any Acc@0.5, mean over seeds", "",
+              "| split | " + " | ".join(c[2] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for split in ("test", "hard", "relation"):
+        cells = []
+        for arm, key, _ in cols:
+            own = summarise([_get(r, f"grounding.{split}.finding.{key}.own_acc50") for r in results[arm]])
+            anyv = summarise([_get(r, f"grounding.{split}.finding.{key}.any_acc50") for r in results[arm]])
+            cells.append("-" if own["n"] == 0 else f"{100 * own['mean']:.1f} / {100 * anyv['mean']:.1f}")
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_from_runs(out: str, seeds: Sequence[int], arms: Sequence[str] | None = None,
+                    dataset_type: str = "synthetic", title: str = "", name: str = "table",
+                    eval_seed_offset: int | None = None) -> dict:
+    """The tables of finished runs, from their ``eval.json`` alone (nothing is trained or evaluated):
+    the mean ± std table, every seed's values and the bars. Runs are ``out/<dataset>/<arm>-seed<s>``
+    (the layout of :func:`run_arms`); ``arms`` default to every arm that has a run for every seed.
+    With ``eval_seed_offset`` each run must have been evaluated on the test scenes of seed offset +
+    its training seed. Writes ``out/<name>.md`` and ``out/<name>.json``; raises ``FileNotFoundError``
+    naming a missing evaluation and ``ValueError`` naming a run evaluated on other scenes."""
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("table: at least one seed")
+    root = os.path.join(out, dataset_type)
+    if arms is None:
+        found = sorted({d.rsplit("-seed", 1)[0] for d in (os.listdir(root) if os.path.isdir(root) else [])
+                        if "-seed" in d})
+        arms = [a for a in found if all(os.path.exists(os.path.join(root, f"{a}-seed{s}", "eval.json")) for s in seeds)]
+        order: dict[str, int] = {}
+        for a in list(OBJECTIVES) + ["clip_matched"] + list(ABLATIONS):
+            order.setdefault(a, len(order))
+        arms = sorted(arms, key=lambda a: (order.get(a, len(order)), a))
+        if not arms:
+            raise FileNotFoundError(f"table: no arm under {root} has an eval.json for every seed {seeds}")
+    results: dict[str, list[dict]] = {a: [] for a in arms}
+    dirs: dict[str, list[str]] = {a: [] for a in arms}
+    for s in seeds:
+        for a in arms:
+            path = os.path.join(root, f"{a}-seed{s}", "eval.json")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"table: {path} is missing (train and evaluate that run first)")
+            with open(path) as f:
+                r = json.load(f)
+            data = r.get("data") or {}
+            if eval_seed_offset is not None and (data.get("eval_seed") != eval_seed_offset + s or data.get("validation")):
+                raise ValueError(f"table: {path} was evaluated on scenes of seed {data.get('eval_seed')!r}"
+                                 f"{' (validation)' if data.get('validation') else ''}, not on the test scenes of "
+                                 f"seed {eval_seed_offset + s}")
+            results[a].append(r)
+            dirs[a].append(os.path.dirname(os.path.abspath(path)))
+    table, summary = comparison_table(results, title=title)
+    text = "\n\n".join(x for x in (table, "### Per seed\n\n" + per_seed_table(results, seeds), bars_table(results, seeds))
+                        if x)
+    payload = {"seeds": seeds, "arms": list(arms), "dataset_type": dataset_type, "eval_seed_offset": eval_seed_offset,
+               "runs": dirs, "summary": summary,
+               "per_seed": {a: {str(s): {p: _get(r, p) for p, _ in METRICS} for s, r in zip(seeds, results[a])}
+                            for a in arms}}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    payload["table"] = text
+    return payload
 
 
 def merge_config(base: dict | None, extra: dict | None) -> dict:
@@ -408,11 +500,30 @@ def main(argv=None) -> int:
     c.add_argument("--post-hoc-centring", nargs="+", default=[], choices=OBJECTIVES, metavar="OBJECTIVE",
                    help="evaluate these objectives with word tokens centred on their caption, whatever they were "
                         "trained with (FILIP's best variant: trained without --model-config centring)")
+    t = sub.add_parser("table", help="the tables of finished runs from their eval.json (nothing is trained or "
+                                     "evaluated), e.g. after runs of one comparison were split over processes",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--out", required=True, help="the --out of the comparison or ablation")
+    t.add_argument("--seeds", type=int, nargs="+", required=True)
+    t.add_argument("--arms", nargs="+", default=None, help="default: every arm with a run for every seed")
+    t.add_argument("--dataset-type", default="synthetic", choices=("synthetic", "fashion", "emoji"))
+    t.add_argument("--eval-seed-offset", type=int, default=None,
+                   help="check that every run was evaluated on the test scenes of seed OFFSET + its training seed")
+    t.add_argument("--title", default="")
+    t.add_argument("--name", default="table", help="writes OUT/NAME.md and OUT/NAME.json")
     b = sub.add_parser("ablate", help="LOUPE at its defaults against the same run with one part taken out",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common_args(b, 600, "runs/ablate")
     b.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
     a = ap.parse_args(argv)
+    if a.cmd == "table":
+        try:
+            res = table_from_runs(a.out, a.seeds, a.arms, a.dataset_type, a.title, a.name, a.eval_seed_offset)
+        except (FileNotFoundError, ValueError) as e:
+            ap.error(str(e))
+        print(res["table"])
+        print(f"\nwrote {os.path.join(a.out, a.name + '.md')} and {a.name}.json")
+        return 0
     if a.steps < 1 or a.batch_size < 1 or a.procs < 1:
         ap.error("--steps, --batch-size and --procs must be >= 1")
     if a.eval_seed is not None and a.eval_seed_offset is not None:

@@ -204,3 +204,43 @@ def test_objective_configs_apply_to_their_objective_only(tmp_path, monkeypatch):
     assert seen["arms"]["filip"] == ("filip", {"text_center_words": False}) and seen["arms"]["clip"] == ("clip", None)
     with pytest.raises(SystemExit):
         X.main(["compare", "--objective-config", "filip=[1]", "--out", str(tmp_path)])
+
+
+def _fake_eval(tmp_path, arm, seed, eval_seed, hard, validation=False, finding=True):
+    d = tmp_path / "synthetic" / f"{arm}-seed{seed}"
+    d.mkdir(parents=True)
+    g = {"acc50": hard / 2, "hard": {"finding": {"discrimination": hard, "own_acc50": hard / 4}}}
+    if finding:
+        g["test"] = {"finding": {"text_free": 0.5, "attribute_color": 0.9, "attribute_shape": 0.8,
+                                 "text_free_caption": {"own_acc50": 0.1, "any_acc50": 0.2}}}
+    (d / "eval.json").write_text(json.dumps({"data": {"eval_seed": eval_seed, "validation": validation},
+                                             "grounding": g}))
+
+
+def test_table_from_runs_reads_finished_runs_only(tmp_path):
+    """The tables of runs split over processes, from their eval.json: every arm with a run for every
+    seed, per-seed values, the bars; a missing run or one evaluated on other scenes is named."""
+    for arm, vals in (("loupe", (0.4, 0.6)), ("clip", (0.1, 0.3)), ("clip_matched", (0.2, 0.2))):
+        for seed, v in zip((10, 11), vals):
+            _fake_eval(tmp_path, arm, seed, 100 + seed, v)
+    _fake_eval(tmp_path, "filip", 10, 110, 0.5)  # no seed 11: left out
+    res = X.table_from_runs(str(tmp_path), [10, 11], eval_seed_offset=100, title="t")
+    assert res["arms"] == ["clip", "loupe", "clip_matched"]
+    assert res["summary"]["grounding.hard.finding.discrimination"]["loupe"]["mean"] == pytest.approx(0.5)
+    assert res["per_seed"]["clip"]["11"]["grounding.hard.finding.discrimination"] == pytest.approx(0.3)
+    text = (tmp_path / "table.md").read_text()
+    assert "| discrimination (hard) | loupe | 40.0 | 60.0 | 50.0 ± 14.1 |" in text
+    assert "| test | colour-only | 90.0 | 90.0 |" in text and "| test | 10.0 / 20.0 |" in text
+    assert json.loads((tmp_path / "table.json").read_text())["seeds"] == [10, 11]
+    with pytest.raises(FileNotFoundError, match="filip-seed11"):
+        X.table_from_runs(str(tmp_path), [10, 11], arms=["filip"])
+    _fake_eval(tmp_path, "sparc", 10, 10, 0.3)
+    _fake_eval(tmp_path, "sparc", 11, 111, 0.3, validation=True)
+    with pytest.raises(ValueError, match="seed 10.*not on the test scenes of seed 110"):
+        X.table_from_runs(str(tmp_path), [10], arms=["sparc"], eval_seed_offset=100)
+    with pytest.raises(ValueError, match="validation"):
+        X.table_from_runs(str(tmp_path), [11], arms=["sparc"], eval_seed_offset=100)
+    assert X.main(["table", "--out", str(tmp_path), "--seeds", "10", "11", "--name", "cli"]) == 0
+    assert (tmp_path / "cli.md").exists()
+    with pytest.raises(SystemExit):
+        X.main(["table", "--out", str(tmp_path / "none"), "--seeds", "10"])
