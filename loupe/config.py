@@ -11,6 +11,8 @@ set types and kernel backends.
 """
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import json
 import os
@@ -310,9 +312,8 @@ class ObjectiveOptions:
         for name in ("uansil_calibration", "uansil_min_calibration", "uansil_min_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"loupe_options.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.uansil_min_skill is not None and not (isinstance(self.uansil_min_skill, (int, float))
-                                                      and not isinstance(self.uansil_min_skill, bool)
-                                                      and -1e9 < self.uansil_min_skill <= 1.0):
+        v = self.uansil_min_skill
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not -math.inf < v <= 1.0):
             raise ValueError(f"loupe_options.uansil_min_skill must be None or a number <= 1 (1 - SSE / SST), "
                              f"got {self.uansil_min_skill!r}")
 

@@ -368,3 +368,11 @@ def test_every_ablation_variant_is_a_valid_config_and_runs():
         out = m(_batch(seed=1))
         assert torch.isfinite(out["loss"]), name
         assert ("loss_tsa" in out) == (over.get("loss_weights", {}).get("tsa", 1.0) != 0), name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, float("-inf"), True, "0.5"])
+def test_uansil_min_skill_rejects_what_is_not_a_skill_bound(bad):
+    with pytest.raises(ValueError, match="uansil_min_skill"):
+        ObjectiveOptions(uansil_min_skill=bad)
+    ObjectiveOptions(uansil_min_skill=None)  # coverage alone
+    ObjectiveOptions(uansil_min_skill=-2.0)  # a skill may be negative
