@@ -482,13 +482,16 @@ class RunLock:
         except OSError:
             return None
         try:
-            info = cls(directory)._read(fd)
+            reader = cls(directory)
             try:
                 import fcntl
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except (BlockingIOError, PermissionError):
-                return info or {}
+                # read after the failed lock, not before: a run that takes the lock writes its own
+                # record after flock, so a read made earlier could name the previous (ended) holder
+                return reader._read(fd) or {}
             except (ImportError, OSError):  # no flock here: the content is the lock
+                info = reader._read(fd)
                 if info and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
                         and _pid_alive(info["pid"]):
                     return info
