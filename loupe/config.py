@@ -73,6 +73,10 @@ class LoupeConfig:
     # objective
     objective: str = "loupe"          # "clip" | "filip" | "loupe" | "sparc" (see loupe.losses)
     loss_weights: dict[str, float] | None = None  # overrides of the objective's term weights
+    # term name -> training steps over which its weight rises linearly from 0 to its full weight
+    # (weight * min(1, step / N), step counted from 0; absent or 0 = full weight from the start). It
+    # acts only on training batches, which carry their step; evaluation sees the full weights [ours]
+    loss_ramp: dict[str, int] | None = None
     loupe_options: dict[str, Any] | None = None   # settings of the Shapley terms (loupe.objectives.ObjectiveOptions)
     logit_scale_init: float = 1.0 / 0.07
     logit_scale_max: float = 100.0
@@ -100,6 +104,13 @@ class LoupeConfig:
             self.loss_weights = {str(k): float(v) for k, v in dict(self.loss_weights).items()}
         if self.loupe_options is not None:
             self.loupe_options = {str(k): v for k, v in dict(self.loupe_options).items()}
+        if self.loss_ramp is not None:
+            if not isinstance(self.loss_ramp, Mapping):
+                raise ValueError(f"LoupeConfig.loss_ramp must be a dict of term name -> steps, got {self.loss_ramp!r}")
+            for k, v in dict(self.loss_ramp).items():
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise ValueError(f"LoupeConfig.loss_ramp[{k!r}] must be an int >= 0 (steps), got {v!r}")
+            self.loss_ramp = {str(k): int(v) for k, v in dict(self.loss_ramp).items()}
         self.validate()
 
     def validate(self) -> None:

@@ -55,6 +55,11 @@ class LoupeModel(nn.Module):
         self.config = config
         self.tokenizer = None  # set by loupe.load when a tokenizer was saved with the model
         self.loss_weights = _losses.resolve_loss_weights(config.objective, config.loss_weights)
+        self.loss_ramp = dict(config.loss_ramp or {})
+        unknown = sorted(set(self.loss_ramp) - set(self.loss_weights))
+        if unknown:
+            raise ValueError(f"LoupeConfig.loss_ramp names {unknown}, which objective {config.objective!r} does not "
+                             f"train; its terms: {sorted(self.loss_weights)}")
         terms = [_losses.LOSS_TERMS[name] for name in self.loss_weights]
         needs = {n for t in terms for n in t.needs}
         self.needs_regions = "regions" in needs
@@ -417,7 +422,10 @@ class LoupeModel(nn.Module):
         if self.needs_regions or batch.get("return_regions", False):
             out.update(self.regions(patch_tokens, dense_features=bool(batch.get("return_box_feats", False))))
         total = None
+        step = batch.get("step")  # training batches only: evaluation uses the full weights
         for name, weight in self.loss_weights.items():
+            if step is not None and self.loss_ramp.get(name, 0) > 0:
+                weight = weight * min(1.0, int(step) / self.loss_ramp[name])
             term = _losses.LOSS_TERMS.get(name)
             if term is None:
                 raise RuntimeError(f"loss term {name!r} was unregistered after the model was built")

@@ -410,3 +410,32 @@ def test_batches_of_the_data_layer(tmp_path):
     loaded = loupe.load(tmp_path)
     assert loaded.tokenizer is not None
     torch.testing.assert_close(loaded.encode_captions(batch["captions"][:2]), out["text_emb"][:2])
+
+
+# --------------------------------------------------------------------------------------- loss ramp
+def test_loss_ramp_scales_a_term_by_the_training_step_and_leaves_evaluation_at_full_weight():
+    cfg = tiny("filip", loss_ramp={"filip": 100})
+    model = build(cfg)
+    batch = make_batch(cfg, B=3)
+    for step, factor in ((0, 0.0), (25, 0.25), (100, 1.0), (400, 1.0)):
+        out = model({**batch, "step": step})
+        torch.testing.assert_close(out["loss"], out["loss_cmc"] + factor * out["loss_filip"])
+    out = model(batch)  # no step: an evaluation batch
+    torch.testing.assert_close(out["loss"], out["loss_cmc"] + out["loss_filip"])
+    # at step 0 the ramped term sends no gradient to its own scale
+    model.zero_grad()
+    model({**batch, "step": 0})["loss"].backward()
+    assert model.filip_logit_scale.grad is None or float(model.filip_logit_scale.grad.abs().sum()) == 0.0
+    assert LoupeConfig.from_dict(cfg.to_dict()).loss_ramp == {"filip": 100}
+
+
+@pytest.mark.parametrize("ramp, match", [({"filip": -1}, "int >= 0"), ({"filip": 1.5}, "int >= 0"),
+                                         ({"filip": True}, "int >= 0"), ([1], "dict")])
+def test_loss_ramp_rejects_bad_steps(ramp, match):
+    with pytest.raises(ValueError, match=match):
+        tiny("filip", loss_ramp=ramp)
+
+
+def test_loss_ramp_rejects_a_term_the_objective_does_not_train():
+    with pytest.raises(ValueError, match=r"loss_ramp names \['filip'\]"):
+        build(tiny("clip", loss_ramp={"filip": 10}))
