@@ -55,8 +55,11 @@ class LoupeModel(nn.Module):
         self.config = config
         self.tokenizer = None  # set by loupe.load when a tokenizer was saved with the model
         self.loss_weights = _losses.resolve_loss_weights(config.objective, config.loss_weights)
-        self.loss_ramp = dict(config.loss_ramp or {})
-        unknown = sorted(set(self.loss_ramp) - set(self.loss_weights))
+        self.loss_ramp = {k: v for k, v in (config.loss_ramp or {}).items() if k in self.loss_weights}
+        # a ramp of a term the objective has but weighs 0 (an ablation) is moot; one of a term the
+        # objective does not have is a mistake
+        own = {n for n, t in _losses.LOSS_TERMS.items() if config.objective in t.objectives} | set(self.loss_weights)
+        unknown = sorted(set(config.loss_ramp or {}) - own)
         if unknown:
             raise ValueError(f"LoupeConfig.loss_ramp names {unknown}, which objective {config.objective!r} does not "
                              f"train; its terms: {sorted(self.loss_weights)}")

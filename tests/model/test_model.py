@@ -439,3 +439,16 @@ def test_loss_ramp_rejects_bad_steps(ramp, match):
 def test_loss_ramp_rejects_a_term_the_objective_does_not_train():
     with pytest.raises(ValueError, match=r"loss_ramp names \['filip'\]"):
         build(tiny("clip", loss_ramp={"filip": 10}))
+
+
+def test_loss_ramp_defaults_per_objective_and_for_old_configs():
+    from loupe.config import LOSS_RAMP_DEFAULTS
+    assert tiny("loupe").loss_ramp == LOSS_RAMP_DEFAULTS["loupe"] == {"filip": 200}
+    assert tiny("filip").loss_ramp == {} and tiny("clip").loss_ramp == {}
+    assert tiny("loupe", loss_ramp={}).loss_ramp == {}  # switched off
+    old = tiny("loupe").to_dict()
+    del old["loss_ramp"]  # a config saved before the field: trained without a ramp, resumes without one
+    assert LoupeConfig.from_dict(old).loss_ramp == {}
+    # an ablation without FILIP keeps the default ramp of a term it weighs 0: moot, not an error
+    model = build(tiny("loupe", loss_weights={"filip": 0.0}))
+    assert "filip" not in model.loss_weights and model.loss_ramp == {}

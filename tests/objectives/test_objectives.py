@@ -166,7 +166,12 @@ def test_forward_shapes_terms_and_diagnostics():
     for k in ("diag_phrase_iou50", "diag_phrase_iou50_topm", "diag_top_box_overlap", "uansil_fraction_sampled"):
         assert 0.0 <= out[k] <= 1.0
     assert out["diag_phrase_iou50"] >= out["diag_phrase_iou50_topm"]
-    total = sum(m.loss_weights[n] * out[f"loss_{n}"] for n in m.loss_weights)
+    # L_FILIP is ramped in over the first 200 training steps (LOSS_RAMP_DEFAULTS): 0 at step 0
+    assert m.loss_ramp == {"filip": 200}
+    total = sum(m.loss_weights[n] * out[f"loss_{n}"] for n in m.loss_weights if n != "filip")
+    assert torch.allclose(out["loss"], total)
+    out = m(_batch(step=100))
+    total = sum(m.loss_weights[n] * out[f"loss_{n}"] * (0.5 if n == "filip" else 1.0) for n in m.loss_weights)
     assert torch.allclose(out["loss"], total)
 
 
