@@ -108,14 +108,8 @@ class LoupeConfig:
             self.loupe_options = {str(k): v for k, v in dict(self.loupe_options).items()}
         if self.loss_ramp is None:
             self.loss_ramp = dict(LOSS_RAMP_DEFAULTS.get(self.objective, {}))
-        else:
-            if not isinstance(self.loss_ramp, Mapping):
-                raise ValueError(f"LoupeConfig.loss_ramp must be a dict of term name -> steps, got {self.loss_ramp!r}")
-            for k, v in dict(self.loss_ramp).items():
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise ValueError(f"LoupeConfig.loss_ramp[{k!r}] must be an int >= 0 (steps), got {v!r}")
-            self.loss_ramp = {str(k): int(v) for k, v in dict(self.loss_ramp).items()}
         self.validate()
+        self.loss_ramp = {str(k): int(v) for k, v in dict(self.loss_ramp).items()}
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
@@ -143,6 +137,11 @@ class LoupeConfig:
             raise ValueError(f"LoupeConfig.text_pool must be 'first', 'last' or 'mean', got {self.text_pool!r}")
         if self.loupe_options:
             options_from_config(self)  # validates names and values
+        if not isinstance(self.loss_ramp, Mapping):
+            raise ValueError(f"LoupeConfig.loss_ramp must be a dict of term name -> steps, got {self.loss_ramp!r}")
+        for k, v in dict(self.loss_ramp).items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"LoupeConfig.loss_ramp[{k!r}] must be an int >= 0 (steps), got {v!r}")
         if self.vision_pool not in ("cls", "mean"):
             raise ValueError(f"LoupeConfig.vision_pool must be 'cls' or 'mean', got {self.vision_pool!r}")
         if self.kernel_backend is not None and self.kernel_backend not in KERNEL_BACKENDS:

@@ -425,7 +425,9 @@ class LoupeModel(nn.Module):
         if self.needs_regions or batch.get("return_regions", False):
             out.update(self.regions(patch_tokens, dense_features=bool(batch.get("return_box_feats", False))))
         total = None
-        step = batch.get("step")  # training batches only: evaluation uses the full weights
+        # the ramp follows the training step, in training mode only: evaluation and the in-training
+        # validation losses (eval mode, batches that carry a step) use the full weights
+        step = batch.get("step") if self.training else None
         for name, weight in self.loss_weights.items():
             if step is not None and self.loss_ramp.get(name, 0) > 0:
                 weight = weight * min(1.0, int(step) / self.loss_ramp[name])

@@ -422,6 +422,10 @@ def test_loss_ramp_scales_a_term_by_the_training_step_and_leaves_evaluation_at_f
         torch.testing.assert_close(out["loss"], out["loss_cmc"] + factor * out["loss_filip"])
     out = model(batch)  # no step: an evaluation batch
     torch.testing.assert_close(out["loss"], out["loss_cmc"] + out["loss_filip"])
+    model.eval()  # the in-training validation losses: eval mode, a batch that carries its step
+    out = model({**batch, "step": 25})
+    torch.testing.assert_close(out["loss"], out["loss_cmc"] + out["loss_filip"])
+    model.train()
     # at step 0 the ramped term sends no gradient to its own scale
     model.zero_grad()
     model({**batch, "step": 0})["loss"].backward()
@@ -434,6 +438,16 @@ def test_loss_ramp_scales_a_term_by_the_training_step_and_leaves_evaluation_at_f
 def test_loss_ramp_rejects_bad_steps(ramp, match):
     with pytest.raises(ValueError, match=match):
         tiny("filip", loss_ramp=ramp)
+
+
+def test_loss_ramp_is_checked_by_validate_after_a_change():
+    cfg = tiny("filip", loss_ramp={"filip": 10})
+    cfg.loss_ramp = {"filip": -5}
+    with pytest.raises(ValueError, match=r"loss_ramp\['filip'\] must be an int >= 0"):
+        build(cfg)
+    cfg.loss_ramp = [("filip", 10)]
+    with pytest.raises(ValueError, match="must be a dict"):
+        cfg.validate()
 
 
 def test_loss_ramp_rejects_a_term_the_objective_does_not_train():
