@@ -290,12 +290,14 @@ class ObjectiveOptions:
     uansil_warmup: int = 500
     uansil_threshold: float = 0.5   # skip when predicted std < threshold * running std of sampled I
     uansil_calibration: float = 0.1
-    # the policy's safety [ours, not yet measured at the default budget]: skip only while the rolling
-    # calibration (last 50 steps) is at least this, and always sample this share of all games
+    # the policy's safety [ours]: skip only while the rolling calibration (last 50 steps) is at least
+    # this, and always sample this share of all games
     uansil_min_calibration: float = 0.85
     # and only while the checked predictions have skill: 1 - SSE / SST over the same window at least
-    # this [ours, not yet measured]; coverage alone is passed by a flat, wide predictor (the collapse
-    # behind a gate at 0.96-1.0, docs/METHOD-notes.md). None: coverage alone (the gate of before)
+    # this [ours]; coverage alone is passed by a flat, wide predictor (the collapse behind a gate at
+    # 0.96-1.0). None: coverage alone (the gate of before). Measured in training (validation seeds
+    # 0-2, eleventh session): no collapse, but the headline and the objectness regions lose on every
+    # seed and ~68% of games are still sampled, so the policy stays off (docs/METHOD-notes.md)
     uansil_min_skill: float | None = 0.5
     uansil_min_fraction: float = 0.1
     uansil_hidden: int = 128
