@@ -75,7 +75,8 @@ class LoupeConfig:
     loss_weights: dict[str, float] | None = None  # overrides of the objective's term weights
     # term name -> training steps over which its weight rises linearly from 0 to its full weight
     # (weight * min(1, step / N), step counted from 0; absent or 0 = full weight from the start). It
-    # acts only on training batches, which carry their step; evaluation sees the full weights. None:
+    # acts only in training mode on batches that carry their step; evaluation and the in-training
+    # validation losses (eval mode) see the full weights. None:
     # the objective's default, LOSS_RAMP_DEFAULTS (LOUPE: L_FILIP over 200 steps [ours, measured on
     # validation: docs/METHOD-notes.md, tenth session]); {}: no ramp
     loss_ramp: dict[str, int] | None = None
