@@ -270,8 +270,10 @@ class ObjectiveOptions:
     fsa_phrase_contrast: bool = True
     # SSIM prediction normalised over the phrase's regions and the candidate regions of the other
     # images of the local batch (negatives with label 0): a region that looks the same in every
-    # image (a positional constant token) cannot be any phrase's region. On by default [ours]
-    fsa_cross_image: bool = True
+    # image (a positional constant token) cannot be any phrase's region. The value is the weight of
+    # the negatives in the normaliser (each counts w times; 0 = off; true/false load as 1/0).
+    # 1 by default [ours]
+    fsa_cross_image: float = 1.0
     # L_FSA only on captions with at least this many phrases. With word-centred phrases a phrase that
     # is its whole caption ("a cyan ring") centres to noise, and a lone phrase has no other phrase to
     # contrast with, so its best region is the patch that holds the whole image. 2 by default
@@ -330,6 +332,13 @@ class ObjectiveOptions:
                              f"reproduces runs that used it")
         if self.tsa_game not in GAMES:
             raise ValueError(f"loupe_options.tsa_game must be one of {GAMES}, got {self.tsa_game!r}")
+        w = self.fsa_cross_image
+        if isinstance(w, bool):
+            self.fsa_cross_image = w = float(w)
+        if not isinstance(w, (int, float)) or not 0.0 <= w < math.inf:
+            raise ValueError(f"loupe_options.fsa_cross_image must be a weight >= 0 (0 = off; true/false = 1/0), "
+                             f"got {w!r}")
+        self.fsa_cross_image = float(w)
         if self.fsa_labels not in FSA_LABELS:
             raise ValueError(f"loupe_options.fsa_labels must be one of {FSA_LABELS}, got {self.fsa_labels!r}")
         for name in ("uansil_calibration", "uansil_min_calibration", "uansil_min_fraction"):

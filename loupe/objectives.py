@@ -8,6 +8,7 @@ uncertainty-weighted interaction loss). :data:`SHAPLEY_TERMS` gives their defaul
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -667,7 +668,9 @@ def loupe_losses(out: dict, batch: Mapping[str, Any], model: nn.Module) -> dict[
         z = _standardise(phrase_contrast(inter, pair_ok) if opts.fsa_phrase_contrast else inter, pair_ok,
                          opts.min_spread)
         pred = torch.einsum("bpd,brd->bpr", pf.float(), rfeat.float()) / opts.tau
-        extra = cross_image_lse(pf, rfeat, rvalid, opts.tau) if opts.fsa_cross_image else None
+        # the negatives count fsa_cross_image times each in the normaliser
+        extra = (cross_image_lse(pf, rfeat, rvalid, opts.tau) + math.log(opts.fsa_cross_image)
+                 if opts.fsa_cross_image > 0 else None)
         kl = soft_kl(z / opts.tau_s, pred, pair_ok, extra)
         rows = pair_ok.sum(-1) >= 2
         res["loss_fsa"] = kl.sum() / rows.sum().clamp(min=1) + 0.0 * pred.sum()

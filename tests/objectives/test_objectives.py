@@ -291,6 +291,26 @@ def test_default_samples_every_game_and_still_trains_the_predictor():
     assert mod.uansil.predictor.net[0].weight.grad.abs().sum() > 0
 
 
+def test_fsa_cross_image_weight_interpolates_between_off_and_on():
+    """The negatives' weight w scales their share of the normaliser: w=0 is the term without them,
+    w=1 (and true) the full term, and L_FSA rises with w (each row's KL grows with its normaliser)."""
+    assert ObjectiveOptions(fsa_cross_image=True).fsa_cross_image == 1.0
+    assert ObjectiveOptions(fsa_cross_image=False).fsa_cross_image == 0.0
+    for bad in (-0.5, float("nan"), float("inf"), "yes"):
+        with pytest.raises(ValueError, match="fsa_cross_image"):
+            ObjectiveOptions(fsa_cross_image=bad)
+    losses = {}
+    for w in (0.0, 1e-12, 0.3, 1.0, True):
+        m = _tiny()
+        m.loss_modules["tsa"].options = ObjectiveOptions(fsa_cross_image=w)
+        out = m(_batch(seed=5))
+        losses[w] = (out["loss_fsa"].item(), out["loss_tsa"].item())
+    assert losses[True] == losses[1.0]
+    assert losses[1e-12][0] == pytest.approx(losses[0.0][0], rel=1e-6)
+    assert losses[0.0][0] < losses[0.3][0] < losses[1.0][0]
+    assert len({v[1] for v in losses.values()}) == 1  # L_TSA does not read it
+
+
 def test_fsa_contrast_options_change_only_l_fsa():
     assert ObjectiveOptions().fsa_phrase_contrast and ObjectiveOptions().fsa_cross_image  # the defaults
     off = {"fsa_phrase_contrast": False, "fsa_cross_image": False}
