@@ -272,7 +272,8 @@ class ObjectiveOptions:
     # images of the local batch (negatives with label 0): a region that looks the same in every
     # image (a positional constant token) cannot be any phrase's region. The value is the weight of
     # the negatives in the normaliser (each counts w times; 0 = off; true/false load as 1/0).
-    # 1 by default [ours]
+    # 1 by default [ours]; w = 0.01 won the headline on one emoji seed and lost on every synthetic
+    # validation seed (docs/METHOD-notes.md, twelfth session)
     fsa_cross_image: float = 1.0
     # L_FSA only on captions with at least this many phrases. With word-centred phrases a phrase that
     # is its whole caption ("a cyan ring") centres to noise, and a lone phrase has no other phrase to
