@@ -333,9 +333,7 @@ class ObjectiveOptions:
                              f"reproduces runs that used it")
         if self.tsa_game not in GAMES:
             raise ValueError(f"loupe_options.tsa_game must be one of {GAMES}, got {self.tsa_game!r}")
-        w = self.fsa_cross_image
-        if isinstance(w, bool):
-            self.fsa_cross_image = w = float(w)
+        w = self.fsa_cross_image  # a bool is an int: true / false become 1 / 0
         if not isinstance(w, (int, float)) or not 0.0 <= w < math.inf:
             raise ValueError(f"loupe_options.fsa_cross_image must be a weight >= 0 (0 = off; true/false = 1/0), "
                              f"got {w!r}")

@@ -299,15 +299,15 @@ def test_fsa_cross_image_weight_interpolates_between_off_and_on():
     for bad in (-0.5, float("nan"), float("inf"), "yes"):
         with pytest.raises(ValueError, match="fsa_cross_image"):
             ObjectiveOptions(fsa_cross_image=bad)
-    losses = {}
-    for w in (0.0, 1e-12, 0.3, 1.0, True):
+    losses = {}  # keyed by name: True and 1.0 are the same dict key
+    for name, w in (("0", 0.0), ("1e-12", 1e-12), ("0.3", 0.3), ("1", 1.0), ("true", True)):
         m = _tiny()
         m.loss_modules["tsa"].options = ObjectiveOptions(fsa_cross_image=w)
         out = m(_batch(seed=5))
-        losses[w] = (out["loss_fsa"].item(), out["loss_tsa"].item())
-    assert losses[True] == losses[1.0]
-    assert losses[1e-12][0] == pytest.approx(losses[0.0][0], rel=1e-6)
-    assert losses[0.0][0] < losses[0.3][0] < losses[1.0][0]
+        losses[name] = (out["loss_fsa"].item(), out["loss_tsa"].item())
+    assert losses["true"] == losses["1"]
+    assert losses["1e-12"][0] == pytest.approx(losses["0"][0], rel=1e-6)
+    assert losses["0"][0] < losses["0.3"][0] < losses["1"][0]
     assert len({v[1] for v in losses.values()}) == 1  # L_TSA does not read it
 
 
