@@ -29,7 +29,7 @@ from .config import OBJECTIVES
 from .evaluate import evaluate_checkpoint
 from .report import get_path
 
-__all__ = ["compare", "ablate", "run_arms", "table_from_runs", "bars_table", "ABLATIONS", "merge_config", "summarise", "comparison_table", "METRICS",
+__all__ = ["compare", "ablate", "run_arms", "table_from_runs", "collapse_report", "collapse_signals_of_run", "bars_table", "ABLATIONS", "merge_config", "summarise", "comparison_table", "METRICS",
            "HEADLINE", "per_seed_table", "train_command"]
 
 #: (dotted path in the evaluation JSON, label) of the rows of the comparison table
@@ -282,6 +282,142 @@ def table_from_runs(out: str, seeds: Sequence[int], arms: Sequence[str] | None =
     return payload
 
 
+#: issue 19 item 4, declared before the fresh seeds 20-29 were run (thirteenth session) [ours]: a
+#: collapse signal of the training log is flat when its mean over the last sixth of the run (steps
+#: 500-600 of 600) exceeds its mean over the window after the FILIP ramp (steps 200-300: a third to
+#: a half of the run) by at most this much
+FLAT_RISE = 0.10
+#: and a run localises on the test scenes when its maps are higher inside the phrase's own box than
+#: outside for at least this share of phrases (0.5: no localisation), its pointing is above chance
+#: and its discrimination (own / any) above the text-free bar 1/k
+LOCALISES_INSIDE = 0.60
+
+
+def _log_records(path: str) -> list[dict]:
+    """The records of a training ``log.jsonl`` (a torn last line is skipped)."""
+    recs = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                recs.append(rec)
+    return recs
+
+
+def collapse_signals_of_run(run_dir: str) -> dict:
+    """The register-collapse signals of one finished run: ``series`` (each log key of
+    :data:`loupe.train.COLLAPSE_KEYS` -> ``[(step, value), ...]``), per key its mean over the
+    window after the ramp (``early``: steps in (T/3, T/2]) and over the end (``late``: steps >
+    5T/6), ``rise`` = late - early and ``flat`` (rise <= :data:`FLAT_RISE`), T being the last step
+    logged; and from ``eval.json`` (when present) the test scenes' diagnostics and whether the run
+    ``localises`` (:data:`LOCALISES_INSIDE`, pointing above chance, discrimination above the
+    text-free bar). Raises ``FileNotFoundError`` naming a missing log and ``ValueError`` naming a
+    log without the signals (a run trained with ``--diag-every 0`` or before they were logged)."""
+    from .train import COLLAPSE_KEYS
+    run = RunPaths(run_dir)
+    if not os.path.exists(run.log):
+        raise FileNotFoundError(f"collapse: {run.log} is missing (train that run first)")
+    recs = _log_records(run.log)
+    series = {k: [(r["step"], float(r[k])) for r in recs if isinstance(r.get(k), (int, float))] for k in COLLAPSE_KEYS}
+    if not any(series.values()):
+        raise ValueError(f"collapse: {run.log} has no collapse signals ({', '.join(COLLAPSE_KEYS)}): train with "
+                         f"--diag-every N > 0")
+    last = max(r["step"] for r in recs)
+    out: dict = {"run": os.path.abspath(run_dir), "last_step": last, "series": series, "signals": {}}
+    for k, pts in series.items():
+        early = [v for st, v in pts if last / 3 < st <= last / 2]
+        late = [v for st, v in pts if st > 5 * last / 6]
+        e = sum(early) / len(early) if early else None
+        lt = sum(late) / len(late) if late else None
+        rise = lt - e if e is not None and lt is not None else None
+        out["signals"][k] = {"early": e, "late": lt, "rise": rise, "flat": None if rise is None else rise <= FLAT_RISE}
+    if os.path.exists(run.eval):
+        with open(run.eval) as f:
+            ev = json.load(f)
+        ev_vals = {"top_patch_share": _get(ev, "grounding.test.map_diagnostics.top_patch_share"),
+                   "patch_pair_cos": _get(ev, "grounding.test.map_diagnostics.patch_pair_cos"),
+                   "phrase_map_corr": _get(ev, "grounding.test.map_diagnostics.phrase_map_corr"),
+                   "inside_above_outside": _get(ev, "grounding.test.map_diagnostics.inside_above_outside"),
+                   "pointing": _get(ev, "grounding.pointing"), "chance_pointing": _get(ev, "grounding.chance_pointing"),
+                   "acc50": _get(ev, "grounding.acc50"),
+                   "discrimination": _get(ev, "grounding.test.finding.discrimination"),
+                   "text_free": _get(ev, "grounding.test.finding.text_free")}
+        checks = [(ev_vals["inside_above_outside"], LOCALISES_INSIDE, True),
+                  (ev_vals["pointing"], ev_vals["chance_pointing"], False),
+                  (ev_vals["discrimination"], ev_vals["text_free"], False)]
+        ev_vals["localises"] = (None if any(v is None or bar is None for v, bar, _ in checks)
+                                else all((v >= bar) if at_least else (v > bar) for v, bar, at_least in checks))
+        out["eval"] = ev_vals
+    return out
+
+
+def collapse_report(out: str, seeds: Sequence[int], arm: str = "loupe", dataset_type: str = "synthetic",
+                    name: str = "collapse", title: str = "", figure: bool = True) -> dict:
+    """Issue 19 item 4: the collapse signals of the runs ``out/<dataset>/<arm>-seed<s>`` (the layout
+    of :func:`run_arms`), per seed (:func:`collapse_signals_of_run`): a Markdown table, the JSON and
+    (``figure``) a PNG of the signals against the step, one line per seed. Writes ``out/<name>.md``,
+    ``.json`` and ``.png``."""
+    from .report import figure_collapse_signals
+    from .train import COLLAPSE_KEYS
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("collapse: at least one seed")
+    runs = {s: collapse_signals_of_run(os.path.join(out, dataset_type, f"{arm}-seed{s}")) for s in seeds}
+    short = {"val_top_patch_share": "top-patch share", "val_patch_pair_cos": "patch-pair cosine",
+             "val_phrase_map_corr": "phrase-map correlation", "val_inside_above_outside": "inside > outside"}
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    def flag(v):
+        return "-" if v is None else ("yes" if v else "**no**")
+
+    lines = ([f"## {title}", ""] if title else []) + [
+        f"Training log (validation batch), x100: the mean over steps ({runs[seeds[0]]['last_step']}/3, "
+        f"{runs[seeds[0]]['last_step']}/2] -> the mean over the last sixth of the run; flat: a rise of at "
+        f"most {100 * FLAT_RISE:.0f}.", "",
+        "| seed | " + " | ".join(short[k] for k in COLLAPSE_KEYS[:2]) + " | flat | "
+        + " | ".join(short[k] for k in COLLAPSE_KEYS[2:]) + " |", "|---|" + "---|" * 5]
+    for s, r in runs.items():
+        sig = r["signals"]
+        cells = [f"{pct(sig[k]['early'])} -> {pct(sig[k]['late'])}" for k in COLLAPSE_KEYS]
+        flat = [sig[k]["flat"] for k in COLLAPSE_KEYS[:2]]
+        both = None if None in flat else all(flat)
+        lines.append(f"| {s} | {cells[0]} | {cells[1]} | {flag(both)} | {cells[2]} | {cells[3]} |")
+    if any("eval" in r for r in runs.values()):
+        lines += ["", f"Evaluation, test scenes, x100; localises: maps higher inside the own box for >= "
+                      f"{100 * LOCALISES_INSIDE:.0f}% of phrases, pointing above chance, discrimination above "
+                      f"the text-free bar.", "",
+                  "| seed | top-patch share | patch-pair cosine | inside > outside | pointing / chance | "
+                  "discrimination / text-free | Acc@0.5 | localises |", "|---|" + "---|" * 7]
+        for s, r in runs.items():
+            e = r.get("eval")
+            if e is None:
+                lines.append(f"| {s} | not evaluated |" + " |" * 6)
+                continue
+            lines.append(f"| {s} | {pct(e['top_patch_share'])} | {pct(e['patch_pair_cos'])} | "
+                         f"{pct(e['inside_above_outside'])} | {pct(e['pointing'])} / {pct(e['chance_pointing'])} | "
+                         f"{pct(e['discrimination'])} / {pct(e['text_free'])} | {pct(e['acc50'])} | "
+                         f"{flag(e['localises'])} |")
+    text = "\n".join(lines)
+    payload = {"seeds": seeds, "arm": arm, "dataset_type": dataset_type, "flat_rise": FLAT_RISE,
+               "localises_inside": LOCALISES_INSIDE, "runs": {str(s): r for s, r in runs.items()}}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    if figure:
+        payload["figure"] = figure_collapse_signals(
+            {s: r["series"] for s, r in runs.items()}, os.path.join(out, f"{name}.png"),
+            title=title or f"{arm}, {dataset_type}: register-collapse signals per seed")
+    payload["table"] = text
+    return payload
+
+
 def merge_config(base: dict | None, extra: dict | None) -> dict:
     """``base`` updated by ``extra``, one level deep for the dict-valued fields (``loupe_options``,
     ``loss_weights``)."""
@@ -511,11 +647,29 @@ def main(argv=None) -> int:
                    help="check that every run was evaluated on the test scenes of seed OFFSET + its training seed")
     t.add_argument("--title", default="")
     t.add_argument("--name", default="table", help="writes OUT/NAME.md and OUT/NAME.json")
+    k = sub.add_parser("collapse", help="the register-collapse signals of finished runs, per seed (training log "
+                                        "and evaluation; issue 19 item 4): OUT/NAME.md, .json, .png",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    k.add_argument("--out", required=True, help="the --out of the comparison or ablation")
+    k.add_argument("--seeds", type=int, nargs="+", required=True)
+    k.add_argument("--arm", default="loupe", help="the runs OUT/DATASET/ARM-seedS")
+    k.add_argument("--dataset-type", default="synthetic", choices=("synthetic", "fashion", "emoji"))
+    k.add_argument("--title", default="")
+    k.add_argument("--name", default="collapse", help="writes OUT/NAME.md, .json and .png")
+    k.add_argument("--no-figures", action="store_true")
     b = sub.add_parser("ablate", help="LOUPE at its defaults against the same run with one part taken out",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common_args(b, 600, "runs/ablate")
     b.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
     a = ap.parse_args(argv)
+    if a.cmd == "collapse":
+        try:
+            res = collapse_report(a.out, a.seeds, a.arm, a.dataset_type, a.name, a.title, figure=not a.no_figures)
+        except (FileNotFoundError, ValueError) as e:
+            ap.error(str(e))
+        print(res["table"])
+        print(f"\nwrote {os.path.join(a.out, a.name + '.md')}, {a.name}.json" + ("" if a.no_figures else f", {a.name}.png"))
+        return 0
     if a.cmd == "table":
         try:
             res = table_from_runs(a.out, a.seeds, a.arms, a.dataset_type, a.title, a.name, a.eval_seed_offset)

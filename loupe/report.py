@@ -152,6 +152,37 @@ def figure_training_curves(log_path: str, path: str) -> str | None:
     return path
 
 
+def figure_collapse_signals(series: dict, path: str, title: str = "") -> str:
+    """The register-collapse signals of training logs against the step, one line per run:
+    ``series[label][key] = [(step, value), ...]`` for the keys of ``loupe.train.COLLAPSE_KEYS``."""
+    plt = _plt()
+    keys = list(dict.fromkeys(k for per in series.values() for k in per))
+    cols = min(2, max(1, len(keys)))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, k in zip(axes.flat, keys):
+        for label, per in series.items():
+            pts = per.get(k) or []
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=1.0, label=f"seed {label}")
+        ax.set_title(k.replace("val_", "").replace("_", " "), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylim(-1.0 if "corr" in k else 0.0, 1.0)
+        if "inside" in k:
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)  # 0.5: no localisation
+        ax.grid(alpha=0.3)
+    if keys:
+        axes.flat[0].legend(fontsize=6, ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_figures(model, test_ds, result: dict, examples: list[dict], directory: str,
                   log_path: str | None = None) -> dict[str, str]:
     """Write the PNG figures into ``directory``; returns name -> path."""

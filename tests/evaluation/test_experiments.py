@@ -244,3 +244,68 @@ def test_table_from_runs_reads_finished_runs_only(tmp_path):
     assert (tmp_path / "cli.md").exists()
     with pytest.raises(SystemExit):
         X.main(["table", "--out", str(tmp_path / "none"), "--seeds", "10"])
+
+
+def _fake_log(tmp_path, seed, top, cos=0.5, last=600, diag_every=50, arm="loupe"):
+    """A log.jsonl whose top-patch share is ``top(step)``; losses on every step, signals every 50."""
+    d = tmp_path / "synthetic" / f"{arm}-seed{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "log.jsonl", "w") as f:
+        for step in range(1, last + 1):
+            rec = {"step": step, "loss": 1.0}
+            if step % diag_every == 0:
+                rec.update(val_top_patch_share=top(step), val_patch_pair_cos=cos, val_phrase_map_corr=None,
+                           val_inside_above_outside=0.8)
+            f.write(json.dumps(rec) + "\n")
+        f.write('{"step": 601, "lo')  # a torn last line is skipped
+    return d
+
+
+def test_collapse_report_rise_flatness_and_localisation(tmp_path):
+    """Issue 19 item 4: per seed the signals' mean over (T/3, T/2] and over the last sixth, the rise
+    and whether it is flat; from eval.json whether the run localises (inside > outside, pointing
+    above chance, discrimination above the text-free bar); missing logs and logs without the
+    signals are named."""
+    _fake_log(tmp_path, 20, lambda s: 0.2)  # flat
+    _fake_log(tmp_path, 21, lambda s: 0.2 if s <= 300 else 0.5)  # rises by 0.3: collapse
+    d22 = _fake_log(tmp_path, 22, lambda s: 0.2 + 0.05 * (s > 300))  # rises by half of FLAT_RISE: flat
+    ev = {"grounding": {"pointing": 0.4, "chance_pointing": 0.1, "acc50": 0.3,
+                        "test": {"map_diagnostics": {"top_patch_share": 0.2, "patch_pair_cos": 0.8,
+                                                     "inside_above_outside": 0.9},
+                                 "finding": {"discrimination": 0.9, "text_free": 0.5}}}}
+    (d22 / "eval.json").write_text(json.dumps(ev))
+    res = X.collapse_report(str(tmp_path), [20, 21, 22], figure=True, title="t")
+    sig = {s: res["runs"][str(s)]["signals"]["val_top_patch_share"] for s in (20, 21, 22)}
+    assert sig[20]["early"] == pytest.approx(0.2) and sig[20]["rise"] == pytest.approx(0.0) and sig[20]["flat"]
+    # early window: steps 250, 300 (0.2); late: 550, 600 (0.5)
+    assert sig[21]["early"] == pytest.approx(0.2) and sig[21]["late"] == pytest.approx(0.5)
+    assert sig[21]["flat"] is False
+    assert sig[22]["rise"] == pytest.approx(0.05) and sig[22]["flat"] and X.FLAT_RISE == 0.10
+    assert res["runs"]["20"]["signals"]["val_phrase_map_corr"] == {"early": None, "late": None, "rise": None,
+                                                                    "flat": None}
+    assert res["runs"]["22"]["eval"]["localises"] is True and "eval" not in res["runs"]["20"]
+    text = (tmp_path / "collapse.md").read_text()
+    assert "| 21 | 20.0 -> 50.0 | 50.0 -> 50.0 | **no** |" in text
+    assert "| 22 | 20.0 | 80.0 | 90.0 | 40.0 / 10.0 | 90.0 / 50.0 | 30.0 | yes |" in text
+    assert "| 20 | not evaluated |" in text
+    assert (tmp_path / "collapse.png").stat().st_size > 0
+    # each localisation check can fail alone
+    for path, value in (("test.map_diagnostics.inside_above_outside", 0.55), ("pointing", 0.1),
+                        ("test.finding.discrimination", 0.5)):
+        bad = json.loads(json.dumps(ev))
+        cur = bad["grounding"]
+        *head, last = path.split(".")
+        for part in head:
+            cur = cur[part]
+        cur[last] = value
+        (d22 / "eval.json").write_text(json.dumps(bad))
+        assert X.collapse_signals_of_run(str(d22))["eval"]["localises"] is False, path
+    with pytest.raises(FileNotFoundError, match="loupe-seed23"):
+        X.collapse_report(str(tmp_path), [23])
+    _fake_log(tmp_path, 24, lambda s: 0.2, diag_every=10_000)
+    with pytest.raises(ValueError, match="--diag-every"):
+        X.collapse_report(str(tmp_path), [24])
+    assert X.main(["collapse", "--out", str(tmp_path), "--seeds", "20", "21", "--name", "cli", "--no-figures"]) == 0
+    assert (tmp_path / "cli.md").exists() and not (tmp_path / "cli.png").exists()
+    with pytest.raises(SystemExit):
+        X.main(["collapse", "--out", str(tmp_path), "--seeds", "23"])
