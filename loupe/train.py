@@ -625,12 +625,25 @@ def remove_stale_shm_buffers(min_age_s: float = 60.0, shm_dir: str = "/dev/shm")
     return removed
 
 
+# the stop requested by SIGTERM / SIGINT, and whether main() has begun releasing the lock and buffer
+_STOP: dict = {"signal": None, "releasing": False}
+
+
 def _on_signal(signum, frame):  # noqa: ARG001
-    """SIGTERM / SIGINT: unwind through the ``finally`` blocks (lock, log, shared memory)."""
-    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-    print(f"loupe: {signal.Signals(signum).name} received, stopping (the last checkpoint stays the newest)",
-          file=sys.stderr)
-    raise SystemExit(128 + signum)
+    """SIGTERM / SIGINT: unwind through the ``finally`` blocks (lock, log, shared memory).
+
+    The ``deepspeed`` launcher relays a SIGTERM it gets to its children, so after ``kill`` of the
+    launch's process group a training process gets the signal twice or more while it unwinds. A
+    repeat raises again (the first may have been swallowed, say inside a ``__del__``; the training
+    loop also checks :data:`_STOP` every step) until main() begins its release, and is ignored from
+    then on, so that no repeat cuts the release short: the default action of a repeat used to kill
+    the process with its ``.lock`` still naming it. ``kill -9`` still ends the process at once."""
+    if _STOP["signal"] is None:
+        _STOP["signal"] = signum
+        print(f"loupe: {signal.Signals(signum).name} received, stopping (the last checkpoint stays the newest)",
+              file=sys.stderr)
+    if not _STOP["releasing"]:
+        raise SystemExit(128 + signum)
 
 
 def _nonfinite_error(exc: BaseException) -> bool:
@@ -668,9 +681,11 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     import threading
+    _STOP.update(signal=None, releasing=False)
+    previous = {}  # the handlers to restore when main() returns (callers in-process, tests)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _on_signal)
+            previous[sig] = signal.signal(sig, _on_signal)
 
     on_gpu = torch.cuda.is_available()
     if on_gpu:  # before any collective: NCCL object broadcasts use the current device
@@ -702,9 +717,12 @@ def main(argv=None) -> int:
             _stop(refusal, rank)
         return _train(args)
     finally:
+        _STOP["releasing"] = True  # from here on a repeated signal is ignored (_on_signal)
         if lock is not None:
             lock.release()
         release_shm_buffer(rank)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _train(args) -> int:
@@ -918,6 +936,8 @@ def _train(args) -> int:
     log_f = open(log_path, "a") if is_main else None
     try:
         for batch in batches:
+            if _STOP["signal"] is not None:  # a stop whose SystemExit was swallowed on its way up
+                raise SystemExit(128 + _STOP["signal"])
             t_data = time.perf_counter() - t_prev
             torch.manual_seed(step_seed(args.seed, step, rank))
             skipped_step = int(batch.pop("skipped", 0))
