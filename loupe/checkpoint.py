@@ -465,10 +465,10 @@ class RunLock:
         if argv is not None:
             holder["argv"] = list(argv)
         data = json.dumps(holder).encode()
+        self.fd = fd  # before the record is written: release() empties whatever part of it a signal leaves
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
         os.fsync(fd)
-        self.fd = fd
         return self
 
     @classmethod

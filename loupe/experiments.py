@@ -294,8 +294,9 @@ LOCALISES_INSIDE = 0.60
 
 
 def _log_records(path: str) -> list[dict]:
-    """The records of a training ``log.jsonl`` (a torn last line is skipped)."""
-    recs = []
+    """The records of a training ``log.jsonl`` in step order, the last record of each step (a resumed
+    run logs the steps after its checkpoint again; a torn last line is skipped)."""
+    by_step: dict[int, dict] = {}
     with open(path) as f:
         for line in f:
             try:
@@ -303,16 +304,17 @@ def _log_records(path: str) -> list[dict]:
             except ValueError:
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                recs.append(rec)
-    return recs
+                by_step[rec["step"]] = rec
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def collapse_signals_of_run(run_dir: str) -> dict:
-    """The register-collapse signals of one finished run: ``series`` (each log key of
+    """The register-collapse signals of one run: ``series`` (each log key of
     :data:`loupe.train.COLLAPSE_KEYS` -> ``[(step, value), ...]``), per key its mean over the
     window after the ramp (``early``: steps in (T/3, T/2]) and over the end (``late``: steps >
     5T/6), ``rise`` = late - early and ``flat`` (rise <= :data:`FLAT_RISE`), T being the last step
-    logged; and from ``eval.json`` (when present) the test scenes' diagnostics and whether the run
+    logged (``last_step``; ``steps`` is the run's ``--steps`` from config.json, to tell an unfinished
+    run; each step's last record counts, non-finite values are left out); and from ``eval.json`` (when present) the test scenes' diagnostics and whether the run
     ``localises`` (:data:`LOCALISES_INSIDE`, pointing above chance, discrimination above the
     text-free bar). Raises ``FileNotFoundError`` naming a missing log and ``ValueError`` naming a
     log without the signals (a run trained with ``--diag-every 0`` or before they were logged)."""
@@ -321,12 +323,22 @@ def collapse_signals_of_run(run_dir: str) -> dict:
     if not os.path.exists(run.log):
         raise FileNotFoundError(f"collapse: {run.log} is missing (train that run first)")
     recs = _log_records(run.log)
-    series = {k: [(r["step"], float(r[k])) for r in recs if isinstance(r.get(k), (int, float))] for k in COLLAPSE_KEYS}
+    series = {k: [(r["step"], float(r[k])) for r in recs
+                  if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) and math.isfinite(r[k])]
+              for k in COLLAPSE_KEYS}
     if not any(series.values()):
         raise ValueError(f"collapse: {run.log} has no collapse signals ({', '.join(COLLAPSE_KEYS)}): train with "
                          f"--diag-every N > 0")
     last = max(r["step"] for r in recs)
-    out: dict = {"run": os.path.abspath(run_dir), "last_step": last, "series": series, "signals": {}}
+    steps = None  # the run's --steps, from config.json: a run that stopped early is marked, not scaled silently
+    if os.path.exists(run.config):
+        try:
+            with open(run.config) as f:
+                steps = (json.load(f).get("train") or {}).get("steps")
+        except (OSError, ValueError, AttributeError):
+            steps = None
+    out: dict = {"run": os.path.abspath(run_dir), "last_step": last,
+                 "steps": steps if isinstance(steps, int) else None, "series": series, "signals": {}}
     for k, pts in series.items():
         early = [v for st, v in pts if last / 3 < st <= last / 2]
         late = [v for st, v in pts if st > 5 * last / 6]
@@ -376,17 +388,18 @@ def collapse_report(out: str, seeds: Sequence[int], arm: str = "loupe", dataset_
         return "-" if v is None else ("yes" if v else "**no**")
 
     lines = ([f"## {title}", ""] if title else []) + [
-        f"Training log (validation batch), x100: the mean over steps ({runs[seeds[0]]['last_step']}/3, "
-        f"{runs[seeds[0]]['last_step']}/2] -> the mean over the last sixth of the run; flat: a rise of at "
-        f"most {100 * FLAT_RISE:.0f}.", "",
-        "| seed | " + " | ".join(short[k] for k in COLLAPSE_KEYS[:2]) + " | flat | "
-        + " | ".join(short[k] for k in COLLAPSE_KEYS[2:]) + " |", "|---|" + "---|" * 5]
+        f"Training log (validation batch), x100: the mean over steps (T/3, T/2] -> the mean over the last "
+        f"sixth (steps > 5T/6), T the last step logged; flat: top-patch share and patch-pair cosine rise "
+        f"by at most {100 * FLAT_RISE:.0f}.", "",
+        "| seed | T | " + " | ".join(short[k] for k in COLLAPSE_KEYS[:2]) + " | flat (top-patch, cosine) | "
+        + " | ".join(short[k] for k in COLLAPSE_KEYS[2:]) + " |", "|---|" + "---|" * 6]
     for s, r in runs.items():
         sig = r["signals"]
         cells = [f"{pct(sig[k]['early'])} -> {pct(sig[k]['late'])}" for k in COLLAPSE_KEYS]
         flat = [sig[k]["flat"] for k in COLLAPSE_KEYS[:2]]
         both = None if None in flat else all(flat)
-        lines.append(f"| {s} | {cells[0]} | {cells[1]} | {flag(both)} | {cells[2]} | {cells[3]} |")
+        t = str(r["last_step"]) + ("" if r["steps"] in (None, r["last_step"]) else f" (of {r['steps']}: unfinished)")
+        lines.append(f"| {s} | {t} | {cells[0]} | {cells[1]} | {flag(both)} | {cells[2]} | {cells[3]} |")
     if any("eval" in r for r in runs.values()):
         lines += ["", f"Evaluation, test scenes, x100; localises: maps higher inside the own box for >= "
                       f"{100 * LOCALISES_INSIDE:.0f}% of phrases, pointing above chance, discrimination above "

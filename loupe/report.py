@@ -169,7 +169,7 @@ def figure_collapse_signals(series: dict, path: str, title: str = "") -> str:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=1.0, label=f"seed {label}")
         ax.set_title(k.replace("val_", "").replace("_", " "), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-        ax.set_ylim(-1.0 if "corr" in k else 0.0, 1.0)
+        ax.set_ylim(-1.0 if ("corr" in k or "cos" in k) else 0.0, 1.0)
         if "inside" in k:
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)  # 0.5: no localisation
         ax.grid(alpha=0.3)

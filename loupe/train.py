@@ -632,16 +632,21 @@ _STOP: dict = {"signal": None, "releasing": False}
 def _on_signal(signum, frame):  # noqa: ARG001
     """SIGTERM / SIGINT: unwind through the ``finally`` blocks (lock, log, shared memory).
 
-    The ``deepspeed`` launcher relays a SIGTERM it gets to its children, so after ``kill`` of the
-    launch's process group a training process gets the signal twice or more while it unwinds. A
-    repeat raises again (the first may have been swallowed, say inside a ``__del__``; the training
-    loop also checks :data:`_STOP` every step) until main() begins its release, and is ignored from
-    then on, so that no repeat cuts the release short: the default action of a repeat used to kill
-    the process with its ``.lock`` still naming it. ``kill -9`` still ends the process at once."""
+    The ``deepspeed`` launcher relays the SIGTERM or SIGINT it gets to its children as SIGTERM, so
+    after ``kill`` or Ctrl-C of a launch a training process gets SIGTERM twice or more while it
+    unwinds. A repeated SIGTERM raises again (the first stop may have been swallowed, say inside a
+    ``__del__``; the training loop also checks :data:`_STOP` every step) until main() begins its
+    release, and is ignored from then on, so that no repeat cuts the release short: the default
+    action of a repeat used to kill the process with its ``.lock`` still naming it. A second SIGINT
+    (Ctrl-C twice) is a person's demand to stop now: it takes the default action and ends the
+    process at once, as does ``kill -9`` (the lock file then names the dead run, which the next run
+    takes over as stale). If the unwinding blocks in a collective, the launcher's SIGKILL after 30 s
+    ends it."""
     if _STOP["signal"] is None:
         _STOP["signal"] = signum
         print(f"loupe: {signal.Signals(signum).name} received, stopping (the last checkpoint stays the newest)",
               file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a further Ctrl-C ends the process at once
     if not _STOP["releasing"]:
         raise SystemExit(128 + signum)
 
@@ -686,14 +691,13 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, _on_signal)
-
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:  # before any collective: NCCL object broadcasts use the current device
-        torch.cuda.set_device(args.local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    rank = dist.get_rank()
-    lock = None
+    rank, lock = None, None
     try:
+        on_gpu = torch.cuda.is_available()
+        if on_gpu:  # before any collective: NCCL object broadcasts use the current device
+            torch.cuda.set_device(args.local_rank)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        rank = dist.get_rank()
         # init_distributed has mapped every local rank's shared-memory buffer on every rank once all
         # have returned from it: unlink this rank's now, so that no exit (not even kill -9) leaks it
         dist.barrier()
@@ -703,11 +707,13 @@ def main(argv=None) -> int:
             if stale:
                 print(f"loupe: removed {len(stale)} shared-memory buffer(s) of ended DeepSpeed runs: "
                       f"{', '.join(stale)}", file=sys.stderr)
-        # the run directory's lock, before anything in the directory is read or written
+        # the run directory's lock, before anything in the directory is read or written; bound before
+        # it is taken, so that a signal during acquire() still finds it to release
         refusal = None
         if rank == 0:
+            lock = ckpt.RunLock(args.output)
             try:
-                lock = ckpt.RunLock(args.output).acquire(argv=sys.argv)
+                lock.acquire(argv=sys.argv)
                 if lock.note:
                     print(f"loupe: {lock.note}", file=sys.stderr)
             except (ckpt.RunLocked, OSError) as e:
@@ -717,12 +723,16 @@ def main(argv=None) -> int:
             _stop(refusal, rank)
         return _train(args)
     finally:
-        _STOP["releasing"] = True  # from here on a repeated signal is ignored (_on_signal)
-        if lock is not None:
-            lock.release()
-        release_shm_buffer(rank)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _STOP["releasing"] = True  # from here on a repeated SIGTERM is ignored (_on_signal)
+        try:
+            if lock is not None:
+                lock.release()
+            if rank is not None:
+                release_shm_buffer(rank)
+        finally:
+            for sig, handler in previous.items():
+                if handler is not None:  # None: a handler installed outside Python, which cannot be restored
+                    signal.signal(sig, handler)
 
 
 def _train(args) -> int:

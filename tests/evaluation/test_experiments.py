@@ -285,10 +285,23 @@ def test_collapse_report_rise_flatness_and_localisation(tmp_path):
                                                                     "flat": None}
     assert res["runs"]["22"]["eval"]["localises"] is True and "eval" not in res["runs"]["20"]
     text = (tmp_path / "collapse.md").read_text()
-    assert "| 21 | 20.0 -> 50.0 | 50.0 -> 50.0 | **no** |" in text
+    assert "| 21 | 600 | 20.0 -> 50.0 | 50.0 -> 50.0 | **no** |" in text
     assert "| 22 | 20.0 | 80.0 | 90.0 | 40.0 / 10.0 | 90.0 / 50.0 | 30.0 | yes |" in text
     assert "| 20 | not evaluated |" in text
     assert (tmp_path / "collapse.png").stat().st_size > 0
+    # the windows: a signal equal to step / 1000 has the mean of steps 250, 300 early and of 550, 600
+    # late; a resumed run's repeated steps count once (the last record), non-finite values not at all
+    d25 = _fake_log(tmp_path, 25, lambda s: s / 1000)
+    with open(d25 / "log.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"step": 550, "val_top_patch_share": 0.55}) + "\n")
+        f.write(json.dumps({"step": 600, "val_top_patch_share": float("nan"), "val_patch_pair_cos": 0.5}) + "\n")
+    (d25 / "config.json").write_text(json.dumps({"train": {"steps": 800}}))
+    r25 = X.collapse_signals_of_run(str(d25))
+    assert r25["signals"]["val_top_patch_share"]["early"] == pytest.approx(0.275)
+    assert r25["signals"]["val_top_patch_share"]["late"] == pytest.approx(0.55)  # 600 is NaN now: left out
+    assert r25["last_step"] == 600 and r25["steps"] == 800
+    X.collapse_report(str(tmp_path), [25], name="c25", figure=False)
+    assert "| 25 | 600 (of 800: unfinished) |" in (tmp_path / "c25.md").read_text()
     # each localisation check can fail alone
     for path, value in (("test.map_diagnostics.inside_above_outside", 0.55), ("pointing", 0.1),
                         ("test.finding.discrimination", 0.5)):

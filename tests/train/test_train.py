@@ -492,12 +492,15 @@ def test_a_killed_run_leaves_no_shm_buffer_and_its_stale_lock_is_taken_over(tmp_
 
 
 def training_processes(launcher_pid: int) -> list:
-    """The ``loupe/train.py`` processes under a ``deepspeed`` launch."""
+    """The ``loupe/train.py`` processes of a ``deepspeed`` launch (each has ``--local_rank``; the
+    launcher ``deepspeed.launcher.launch`` names train.py too but is not one)."""
     import psutil
     found = []
     for child in psutil.Process(launcher_pid).children(recursive=True):
         try:
-            if any(a.endswith("train.py") for a in child.cmdline()):
+            argv = child.cmdline()
+            if (any(a.startswith("--local_rank") for a in argv) and "deepspeed.launcher.launch" not in argv
+                    and any(a.endswith("train.py") for a in argv)):
                 found.append(child)
         except psutil.Error:
             pass
@@ -509,8 +512,10 @@ def test_repeated_stop_signals_unwind_until_the_release_and_are_ignored_during_i
     # unwinds; the handler used to leave the default action for the repeat, which killed the process
     # with its .lock still naming it (a CI failure under load)
     stop = train_mod._STOP
-    previous = signal.signal(signal.SIGTERM, train_mod._on_signal)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        for sig in previous:
+            signal.signal(sig, train_mod._on_signal)
         stop.update(signal=None, releasing=False)
         for _ in range(2):  # the stop, then a relayed repeat: each unwinds
             with pytest.raises(SystemExit) as e:
@@ -518,10 +523,13 @@ def test_repeated_stop_signals_unwind_until_the_release_and_are_ignored_during_i
             assert e.value.code == 128 + signal.SIGTERM
             assert signal.getsignal(signal.SIGTERM) is train_mod._on_signal  # not the default action
         assert stop["signal"] == signal.SIGTERM
+        # a person's further Ctrl-C takes the default action: the process ends at once
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
         stop["releasing"] = True
         assert train_mod._on_signal(signal.SIGTERM, None) is None  # ignored while main() releases
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         stop.update(signal=None, releasing=False)
 
 
