@@ -305,6 +305,11 @@ class ObjectiveOptions:
     uansil_min_skill: float | None = 0.5
     uansil_min_fraction: float = 0.1
     uansil_hidden: int = 128
+    # the ``patch_spread`` loss term (``loss_weights``; weight 0 = off, the default) [ours, not yet
+    # measured]: it penalises an image's mean patch-pair cosine above this target. The seeds that
+    # never localised (docs/METHOD-notes.md, thirteenth session) had their patch tokens alike early
+    # (0.87-0.92 at steps 200-300, the others 0.81-0.86); 0.85 lies between
+    patch_spread_target: float = 0.85
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "uansil_hidden"):
@@ -340,6 +345,10 @@ class ObjectiveOptions:
         self.fsa_cross_image = float(w)
         if self.fsa_labels not in FSA_LABELS:
             raise ValueError(f"loupe_options.fsa_labels must be one of {FSA_LABELS}, got {self.fsa_labels!r}")
+        t = self.patch_spread_target
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not -1.0 <= t < 1.0:
+            raise ValueError(f"loupe_options.patch_spread_target must be a cosine in [-1, 1), got {t!r}")
+        self.patch_spread_target = float(t)
         for name in ("uansil_calibration", "uansil_min_calibration", "uansil_min_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"loupe_options.{name} must be in [0, 1], got {getattr(self, name)!r}")

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loupe.losses import (LOSS_TERMS, cmc_loss, dist_info, filip_loss, gather_padded, resolve_loss_weights)
+from loupe.losses import (LOSS_TERMS, cmc_loss, dist_info, filip_loss, gather_padded, patch_spread_loss,
+                          resolve_loss_weights)
+from loupe.metrics import patch_pair_cos
 
 
 def direct_cmc(img, txt, scale):
@@ -138,6 +140,57 @@ def test_objective_weights():
         resolve_loss_weights("loupe", {"tsa_typo": 1.0})
     with pytest.raises(ValueError, match="finite number"):
         resolve_loss_weights("clip", {"cmc": -1.0})
+
+
+def test_patch_spread_loss_against_the_pair_loop_float64():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 1, 8, dtype=torch.float64, generator=g)
+    x = base + 0.4 * torch.randn(3, 6, 8, dtype=torch.float64, generator=g)  # alike patches: cosine ~0.8
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4:] = False   # image 1 keeps 4 patches
+    mask[2, 1:] = False   # image 2 has one patch: no pair, counts 0
+
+    def loop(target):
+        total = 0.0
+        for b in range(3):
+            idx = [i for i in range(6) if mask[b, i]]
+            if len(idx) < 2:
+                continue
+            c = [float(F.cosine_similarity(x[b, i], x[b, j], dim=0)) for i in idx for j in idx if i != j]
+            total += max(0.0, sum(c) / len(c) - target)
+        return total / 3
+
+    for target in (-1.0, 0.5, 0.8, 0.99):
+        got = patch_spread_loss(x, mask, target)
+        assert got.dtype == torch.float64
+        assert float(got) == pytest.approx(loop(target), abs=1e-12)
+    # without a mask it is relu(patch_pair_cos - target), averaged over images
+    torch.testing.assert_close(patch_spread_loss(x, None, 0.3), F.relu(patch_pair_cos(x) - 0.3).mean())
+    assert float(patch_spread_loss(x, mask, 0.999)) == 0.0
+
+
+def test_patch_spread_gradient_spreads_the_patches_and_checks_input():
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(2, 1, 16, generator=g) + 0.3 * torch.randn(2, 5, 16, generator=g)).requires_grad_(True)
+    before = patch_pair_cos(x.detach()).mean()
+    loss = patch_spread_loss(x, None, 0.0)
+    loss.backward()
+    after = patch_pair_cos((x - 0.5 * x.grad).detach()).mean()
+    assert after < before - 1e-3
+    with pytest.raises(ValueError, match=r"patch_tokens \[B, n, D\]"):
+        patch_spread_loss(torch.randn(5, 16), None, 0.5)
+    with pytest.raises(ValueError, match="patch_mask"):
+        patch_spread_loss(torch.randn(2, 5, 16), torch.ones(2, 4, dtype=torch.bool), 0.5)
+
+
+def test_patch_spread_is_off_by_default_and_a_weight_switches_it_on():
+    from loupe.config import ObjectiveOptions
+    assert "patch_spread" not in resolve_loss_weights("loupe")
+    assert resolve_loss_weights("loupe", {"patch_spread": 2.0})["patch_spread"] == 2.0
+    assert ObjectiveOptions().patch_spread_target == 0.85
+    for bad in (1.0, -1.5, True, "0.8", float("nan")):
+        with pytest.raises(ValueError, match="patch_spread_target"):
+            ObjectiveOptions(patch_spread_target=bad)
 
 
 def _free_port() -> int:

@@ -274,6 +274,18 @@ def test_registered_term_extends_the_loupe_objective():
         LOSS_TERMS.pop("probe", None)
 
 
+def test_patch_spread_term_in_the_model_forward():
+    from loupe.losses import patch_spread_loss
+    cfg = tiny("loupe", loss_weights={"patch_spread": 3.0}, loupe_options={"patch_spread_target": -1.0})
+    model = build(cfg)
+    assert model.loss_weights["patch_spread"] == 3.0
+    out = model(make_batch(cfg, B=3))
+    expect = patch_spread_loss(out["patch_tokens"], out["patch_mask"], -1.0)
+    torch.testing.assert_close(out["loss_patch_spread"], expect)
+    assert out["loss_patch_spread"].item() > 0
+    assert "loss_patch_spread" not in build(tiny("loupe"))(make_batch(cfg, B=3))
+
+
 # --------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("objective", ["filip"])
 def test_a_few_steps_lower_each_term(objective):
