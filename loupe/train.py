@@ -66,7 +66,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from loupe import checkpoint as ckpt  # noqa: E402  (after the path fix above)
-from loupe.config import (CONFIG_DIR, DATASET_TYPES, DEFAULT_MODEL, HARD_MIX_DEFAULT, OBJECTIVES, LoupeConfig, describe_models,  # noqa: E402
+from loupe.config import (CONFIG_DIR, DATASET_TYPES, DEFAULT_MODEL, HARD_MIX_DEFAULT, OBJECTIVES, WARMUP_DEFAULT, WARMUP_DEFAULTS, LoupeConfig, default_warmup, describe_models,  # noqa: E402
                           list_models, model_preset)
 
 DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "ds_config.json")
@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total optimizer steps (a resumed run continues up to this step)")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     o.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (not on norms, biases, scale)")
-    o.add_argument("--warmup", type=int, default=40, help="linear warm-up steps, then cosine decay to 0")
+    o.add_argument("--warmup", type=int, default=None,
+                   help=f"linear warm-up steps, then cosine decay to 0 (default: {WARMUP_DEFAULT}; LOUPE "
+                        f"{WARMUP_DEFAULTS['loupe']}, at most a third of --steps [ours, chosen on validation and "
+                        f"development seeds, docs/METHOD-notes.md]; a resumed run keeps its own)")
     o.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and sampling")
     o.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
                    help="ZeRO stage (overrides the DeepSpeed config)")
@@ -186,6 +189,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     problem = output_problem(args.output)
     if problem:
         p.error(f"--output {args.output!r}: {problem}")
+    args.warmup_given = args.warmup is not None
+    if args.warmup is None:
+        args.warmup = default_warmup(args.objective, args.steps)
     if args.warmup < 0 or args.save_every < 1 or args.eval_every < 0 or args.diag_every < 0:
         p.error("--warmup, --eval-every and --diag-every must be >= 0, --save-every >= 1")
     if args.hard_mix is None:
@@ -361,6 +367,15 @@ def lr_lambda(warmup: int, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+def resumed_warmup(client: dict, warmup: int, given: bool) -> int:
+    """The warm-up a resumed run continues with: ``--warmup`` when given, else the one its checkpoint
+    recorded; checkpoints saved before the record were trained with the old default for every
+    objective, WARMUP_DEFAULT."""
+    if given:
+        return int(warmup)
+    return int(client.get("warmup", WARMUP_DEFAULT))
 
 
 LOGGED_PREFIXES = ("loss", "uansil", "diag", "logit_scale", "filip_logit_scale")
@@ -849,6 +864,13 @@ def _train(args) -> int:
         if path is None:
             raise SystemExit(f"loupe: --resume: could not load checkpoint {resume_tag!r} from {ckpt_dir}")
         start = int(client["step"])
+        saved_warmup = resumed_warmup(client, args.warmup, args.warmup_given)
+        if saved_warmup != args.warmup:
+            if is_main:
+                print(f"loupe: the resumed run keeps its learning-rate warm-up of {saved_warmup} steps "
+                      f"(pass --warmup to change it)")
+            args.warmup = saved_warmup
+            scheduler.lr_lambdas = [lr_lambda(args.warmup, args.steps)] * len(scheduler.lr_lambdas)
         if is_main:
             dropped = ckpt.truncate_log(log_path, start)
             print(f"loupe: resumed from {resume_tag} at step {start}"
@@ -929,7 +951,8 @@ def _train(args) -> int:
         if not params_finite():  # never save (or point latest at) weights that are already lost
             _stop(f"training diverged: non-finite weights after step {step}; {last_good()}", rank)
         tag = f"step{step:07d}"
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step}, save_latest=False)
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step, "warmup": args.warmup},
+                               save_latest=False)
         dist.barrier()  # every rank's files are written
         if is_main:
             ckpt.finish_tag(ckpt_dir, tag, step)  # sync, manifest, then latest

@@ -199,6 +199,43 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, zero):
             assert abs(ra[key] - rb[key]) <= 1e-6 * max(1.0, abs(ra[key])), (key, ra, rb)
 
 
+def _with_warmup(cmd, warmup):
+    """``cmd`` with ``--warmup warmup`` (None: without the flag, the objective's default)."""
+    i = cmd.index("--warmup")
+    return cmd[:i] + cmd[i + 2:] + ([] if warmup is None else ["--warmup", str(warmup)])
+
+
+@pytest.mark.timeout(900)
+def test_a_resumed_run_keeps_its_warmup_unless_told_otherwise(tmp_path):
+    from loupe.train import lr_lambda
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(_with_warmup(launch_cmd(full, steps=6), 3))
+    run(_with_warmup(launch_cmd(part, steps=4), 3))
+    # resumed without --warmup: not the objective's default (40 for filip) but the checkpoint's 3
+    p = run(_with_warmup(launch_cmd(part, steps=6, extra=["--resume", "latest"]), None))
+    assert "keeps its learning-rate warm-up of 3 steps" in p.stdout + p.stderr
+    a, b = read_log(full), read_log(part)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a[4:], b[4:]):  # the same schedule lr_lambda(3, 6) from the resume on
+        assert abs(ra["lr"] - rb["lr"]) <= 1e-9, (ra["step"], ra["lr"], rb["lr"])
+    # the lr logged at step s is the schedule's value for the next step, lambda(s)
+    assert abs(b[4]["lr"] - 2e-3 * lr_lambda(3, 6)(5)) <= 1e-9
+    assert abs(b[4]["lr"] - 2e-3 * lr_lambda(40, 6)(5)) > 1e-5  # what the objective's default would give
+
+
+def test_default_warmup_per_objective_and_what_a_resume_keeps():
+    from loupe.config import WARMUP_DEFAULT, default_warmup
+    from loupe.train import resumed_warmup
+    assert WARMUP_DEFAULT == 40
+    assert default_warmup("loupe", 600) == 200 and default_warmup("loupe", 1200) == 200
+    assert default_warmup("loupe", 30) == 10  # at most a third of a short run
+    for objective in ("clip", "filip", "sparc"):
+        assert default_warmup(objective, 600) == 40 and default_warmup(objective, 30) == 40
+    assert resumed_warmup({"step": 4, "warmup": 200}, 40, given=False) == 200
+    assert resumed_warmup({"step": 4, "warmup": 200}, 7, given=True) == 7
+    assert resumed_warmup({"step": 4}, 200, given=False) == WARMUP_DEFAULT  # saved before the record
+
+
 # ------------------------------------------------------------------------------------------------
 # issue 21: runs that cannot overwrite each other, resume that never restarts silently, no leaked
 # shared memory, non-finite training stopped by the trainer
