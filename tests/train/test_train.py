@@ -408,7 +408,9 @@ def test_stale_shm_buffers_are_removed_only_when_no_process_holds_them(tmp_path)
 @pytest.mark.timeout(900)
 def test_a_second_run_on_the_same_output_refuses(tmp_path):
     out = tmp_path / "run"
-    first = start(launch_cmd(out, steps=1500, extra=["--save-every", "500"]))
+    # long enough that the second launch (its start-up included) ends before the first, also on a
+    # loaded machine (1500 steps were not, with twelve other runs on two cores)
+    first = start(launch_cmd(out, steps=3000, extra=["--save-every", "1000"]))
     try:
         wait_for_step(first, out, 1)
         holder = json.loads((out / ".lock").read_text())
@@ -425,10 +427,10 @@ def test_a_second_run_on_the_same_output_refuses(tmp_path):
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
     assert first.returncode == 0, stderr[-3000:]
-    assert [r["step"] for r in read_log(out)] == list(range(1, 1501))  # nothing of the second run in it
+    assert [r["step"] for r in read_log(out)] == list(range(1, 3001))  # nothing of the second run in it
     assert not (out / "log.jsonl.old").exists()
     assert loupe.load(str(out)) is not None
-    assert (out / "checkpoints" / "latest").read_text() == "step0001500"
+    assert (out / "checkpoints" / "latest").read_text() == "step0003000"
     assert (out / ".lock").read_text() == ""  # released
 
 
