@@ -37,6 +37,7 @@ from loupe_kernels import token_region_similarity, token_region_similarity_dual
 from . import objectives as _objectives
 from . import sparc as _sparc
 from .config import OBJECTIVES, options_from_config
+from .metrics import patch_pair_cos
 
 __all__ = ["dist_info", "gather_with_grad", "gather_padded", "cmc_loss", "filip_loss", "filip_scores", "patch_spread_loss",
            "LossTerm", "LOSS_TERMS", "register_loss_term", "resolve_loss_weights"]
@@ -218,14 +219,10 @@ def patch_spread_loss(patch_tokens: torch.Tensor, patch_mask: torch.Tensor | Non
         raise ValueError(f"patch_spread_loss: patch_mask {list(patch_mask.shape)} does not match "
                          f"patch_tokens {list(patch_tokens.shape)}")
     work = torch.float64 if patch_tokens.dtype == torch.float64 else torch.float32
-    x = F.normalize(patch_tokens.to(work), dim=-1)
-    m = (torch.ones(x.shape[:2], dtype=work, device=x.device) if patch_mask is None
-         else patch_mask.to(device=x.device, dtype=work))
-    x = x * m[..., None]
-    n = m.sum(1)
-    s = x.sum(1)
-    pairs = ((s * s).sum(-1) - (x * x).sum((1, 2))) / (n * (n - 1)).clamp_min(1.0)
-    excess = F.relu(pairs - float(target)) * (n >= 2).to(work)
+    mask = (torch.ones(patch_tokens.shape[:2], dtype=torch.bool, device=patch_tokens.device)
+            if patch_mask is None else patch_mask.to(patch_tokens.device))
+    pairs = patch_pair_cos(patch_tokens, mask, dtype=work)
+    excess = F.relu(pairs - float(target)) * (mask.sum(1) >= 2).to(work)
     return excess.mean()
 
 

@@ -120,18 +120,31 @@ def map_diagnostics(phrase_feats: torch.Tensor, patch_tokens: torch.Tensor, true
     return {"inside_minus_outside": diff, "best_patch": sim.argmax(1), "pair_corr": pair_corr}
 
 
-def patch_pair_cos(patch_tokens: torch.Tensor) -> torch.Tensor:
+def patch_pair_cos(patch_tokens: torch.Tensor, patch_mask: torch.Tensor | None = None,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Mean cosine between two different patch tokens of the same image: ``[B, n, D]`` -> ``[B]``.
 
     Near 1 when the patches carry one shared component (the image's global content) rather than
     their own; CLIP here keeps about 0.7, runs whose phrases all point at one patch 0.85 and more.
+    ``patch_mask [B, n]`` (bool, optional) keeps only the real patches; an image with fewer than two
+    of them gets 0. Computed in ``dtype`` (float64 for diagnostics; the training term
+    :func:`loupe.losses.patch_spread_loss` uses its working dtype) and differentiable.
     """
-    if patch_tokens.dim() != 3 or patch_tokens.shape[1] < 2:
+    if patch_tokens.dim() != 3 or (patch_mask is None and patch_tokens.shape[1] < 2):
         raise ValueError(f"patch_pair_cos: expected [B, n >= 2, D], got {list(patch_tokens.shape)}")
-    x = torch.nn.functional.normalize(patch_tokens.double(), dim=-1)
-    n = x.shape[1]
+    if patch_mask is not None and patch_mask.shape != patch_tokens.shape[:2]:
+        raise ValueError(f"patch_pair_cos: patch_mask {list(patch_mask.shape)} does not match "
+                         f"patch_tokens {list(patch_tokens.shape)}")
+    x = torch.nn.functional.normalize(patch_tokens.to(dtype), dim=-1)
+    if patch_mask is None:
+        n = torch.full(x.shape[:1], float(x.shape[1]), dtype=dtype, device=x.device)
+    else:
+        m = patch_mask.to(device=x.device, dtype=dtype)
+        x = x * m[..., None]
+        n = m.sum(1)
     s = x.sum(1)
-    return ((s * s).sum(-1) - n) / (n * (n - 1))  # sum over i != j of <x_i, x_j>, each x_i unit
+    # sum over i != j of <x_i, x_j>: |sum x_i|^2 minus the diagonal (each kept x_i a unit vector)
+    return ((s * s).sum(-1) - (x * x).sum((1, 2))) / (n * (n - 1)).clamp_min(1.0)
 
 
 def chance_acc(true_boxes: torch.Tensor, candidates: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

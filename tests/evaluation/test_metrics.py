@@ -292,6 +292,30 @@ def test_patch_pair_cos_hand_computed():
         M.patch_pair_cos(torch.ones(2, 1, 3))
 
 
+def test_patch_pair_cos_with_a_mask_against_the_pair_loop():
+    """With a patch mask only the kept patches count (float64 loop over pairs); an image with fewer
+    than two kept patches gets 0; the float32 result matches float64 to float32's precision; a mask
+    of the wrong shape is an error."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 0, 0], [0, 0, 0, 1, 0, 0], [1, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    got = M.patch_pair_cos(x, mask)
+    for b in range(4):
+        keep = x[b][mask[b]]
+        k = keep.shape[0]
+        pairs = [torch.nn.functional.cosine_similarity(keep[i], keep[j], dim=0)
+                 for i in range(k) for j in range(k) if i != j]
+        expect = torch.stack(pairs).mean() if pairs else torch.tensor(0.0, dtype=torch.float64)
+        assert abs(float(got[b]) - float(expect)) < 1e-12, b
+    assert torch.equal(M.patch_pair_cos(x, torch.ones(4, 6, dtype=torch.bool)), M.patch_pair_cos(x))
+    low = M.patch_pair_cos(x.float(), mask, dtype=torch.float32)
+    assert low.dtype == torch.float32
+    eps = torch.finfo(torch.float32).eps
+    assert (low.double() - got).abs().max() < 50 * eps
+    with pytest.raises(ValueError, match="patch_mask"):
+        M.patch_pair_cos(x, mask[:, :5])
+
+
 def test_map_diagnostics_hand_computed():
     """2x2 grid, 16-pixel patches, D=2. Image 0: phrase 0 likes the top-left patch (its box), phrase 1
     the bottom-right; image 1: one phrase whose box covers the whole image (no outside -> NaN)."""
