@@ -322,8 +322,8 @@ class ObjectiveOptions:
     uansil_min_fraction: float = 0.1
     uansil_hidden: int = 128
     # the ``patch_spread`` loss term (``loss_weights``; weight 0 = off, the default) [ours, measured:
-    # at weight 1 it rescued one of two failing seeds and lowered pointing on validation, so it stays
-    # off; docs/METHOD-notes.md, fourteenth session]: it penalises an image's mean patch-pair cosine
+    # at weight 1 it rescued one of three failing seeds and lowered pointing on validation, so it
+    # stays off; docs/METHOD-notes.md, fourteenth and fifteenth sessions]: it penalises an image's mean patch-pair cosine
     # above this target. The seeds that never localised (thirteenth session) had their patch tokens
     # alike early (0.87-0.92 at steps 200-300, the others 0.81-0.86); 0.85 lies between
     patch_spread_target: float = 0.85

@@ -321,8 +321,8 @@ register_loss_term(LossTerm("filip", _filip_term, 1.0, objectives=("filip", "lou
 for _name, _weight in _objectives.SHAPLEY_TERMS.items():
     register_loss_term(LossTerm(_name, _objectives.term_fn(_name), _weight, objectives=("loupe",),
                                 needs=("regions",), build=_objectives.build_module(_name)))
-# [ours, off by default; measured: rescued one of two failing seeds, stays off]: aimed at the seeds
-# whose patch tokens become alike early and never localise (docs/METHOD-notes.md, fourteenth session)
+# [ours, off by default; measured: rescued one of three failing seeds, stays off]: aimed at the seeds
+# whose patch tokens become alike early and never localise (docs/METHOD-notes.md, 14th/15th sessions)
 register_loss_term(LossTerm("patch_spread", _patch_spread_term, 0.0))  # in no objective unless weighted
 register_loss_term(LossTerm("sparc", _sparc.sparc_term, _sparc.SPARC_WEIGHT, objectives=("sparc",),
                             build=_sparc.build_module))
