@@ -40,6 +40,9 @@ GAMES: tuple[str, ...] = ("maxsim", "encoder")
 _RETIRED_GAMES: dict[str, str] = {"pooled": "72b2211 (tag pre-retire-pooled)"}
 #: sources of the SSIM labels (``ObjectiveOptions.fsa_labels``; the last two for the ablation)
 FSA_LABELS: tuple[str, ...] = ("shapley", "similarity", "uniform")
+#: ``LoupeConfig.filip_queries``: which tokens query in L_FILIP ("both": FILIP's two directions;
+#: "words": the words' max over patches scores a pair both ways [ours], loupe.losses.filip_loss)
+FILIP_QUERIES: tuple[str, ...] = ("both", "words")
 #: ``LoupeConfig.kernel_backend``: None = automatic, else one ``loupe_kernels`` backend for every op
 KERNEL_BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
 
@@ -85,6 +88,7 @@ class LoupeConfig:
     logit_scale_max: float = 100.0
     kernel_backend: str | None = None  # backend of loupe_kernels ops (None = automatic)
     filip_center: bool = False         # L_FILIP on per-item centred token similarities (loupe.losses)
+    filip_queries: str = "both"        # FILIP_QUERIES: "words" scores pairs by word queries only [ours]
     # SPARC's fine-grained term (loupe.sparc): sparsity threshold sigma on the min-max normalised
     # token-patch similarities (None = 1/P, the paper's), and its inverse temperature (None = learned,
     # initialised at logit_scale_init, as in the paper; a number = fixed)
@@ -143,6 +147,8 @@ class LoupeConfig:
         for k, v in dict(self.loss_ramp).items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"LoupeConfig.loss_ramp[{k!r}] must be an int >= 0 (steps), got {v!r}")
+        if self.filip_queries not in FILIP_QUERIES:
+            raise ValueError(f"LoupeConfig.filip_queries must be one of {FILIP_QUERIES}, got {self.filip_queries!r}")
         if self.vision_pool not in ("cls", "mean"):
             raise ValueError(f"LoupeConfig.vision_pool must be 'cls' or 'mean', got {self.vision_pool!r}")
         if self.kernel_backend is not None and self.kernel_backend not in KERNEL_BACKENDS:

@@ -36,7 +36,7 @@ from loupe_kernels import token_region_similarity, token_region_similarity_dual
 
 from . import objectives as _objectives
 from . import sparc as _sparc
-from .config import OBJECTIVES, options_from_config
+from .config import FILIP_QUERIES, OBJECTIVES, options_from_config
 from .metrics import patch_pair_cos
 
 __all__ = ["dist_info", "gather_with_grad", "gather_padded", "cmc_loss", "filip_loss", "filip_scores", "patch_spread_loss",
@@ -167,13 +167,19 @@ def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def filip_loss(patch_tokens: torch.Tensor, patch_mask: torch.Tensor | None, word_tokens: torch.Tensor,
                word_mask: torch.Tensor, logit_scale: torch.Tensor, *, backend: str | None = None,
-               center: bool = False) -> torch.Tensor:
+               center: bool = False, queries: str = "both") -> torch.Tensor:
     """Token-wise (FILIP) contrastive loss, both directions, through ``token_region_similarity``.
 
     ``center=True`` [ours] plays the max-sim on similarities centred per query token over the key
     item's tokens, ``max_i (s_ji - mean_i' s_ji')``: a key token earns credit only for standing out
     from the average token of its item (a background patch that carries the image's global content
     no longer wins). Exactly ``s(a, b) - <mean_j q_aj, mean_i k_bi>``, so it costs one small GEMM.
+
+    ``queries="words"`` [ours] scores every pair by its words alone (mean over caption b's words of
+    the max over image a's patches, METHOD 3's text->image direction) in both softmaxes: the
+    image->text logits are the transpose of the text->image scores. FILIP's patch-query direction
+    asks *every* patch, background included, to match some word of its caption; with word queries
+    a patch that is no word's best match gets no gradient from this loss. ``"both"`` (FILIP's own).
 
     Image->text: this rank's images (patches as queries) against every rank's captions; text->image:
     this rank's captions (words as queries) against every rank's images. Tokens and masks are
@@ -186,6 +192,8 @@ def filip_loss(patch_tokens: torch.Tensor, patch_mask: torch.Tensor | None, word
     if patch_tokens.shape[0] != word_tokens.shape[0]:
         raise ValueError(f"filip_loss: batch sizes differ: {patch_tokens.shape[0]} images, "
                          f"{word_tokens.shape[0]} captions")
+    if queries not in FILIP_QUERIES:
+        raise ValueError(f"filip_loss: queries must be one of {FILIP_QUERIES}, got {queries!r}")
     if patch_mask is None:
         patch_mask = torch.ones(patch_tokens.shape[:2], dtype=torch.bool, device=patch_tokens.device)
     all_patch, offset = gather_padded(patch_tokens)
@@ -195,8 +203,13 @@ def filip_loss(patch_tokens: torch.Tensor, patch_mask: torch.Tensor | None, word
     if dist_info()[1] == 1:  # one process: both directions share their token similarities (one GEMM)
         s_i2t, s_t2i = token_region_similarity_dual(patch_tokens, word_tokens, patch_mask, word_mask,
                                                     backend=backend)
+        if queries == "words":
+            s_i2t = s_t2i.t()
     else:
-        s_i2t = token_region_similarity(patch_tokens, all_word, patch_mask, all_wmask, backend=backend)
+        if queries == "words":  # every rank's captions (words as queries) against this rank's images
+            s_i2t = token_region_similarity(all_word, patch_tokens, all_wmask, patch_mask, backend=backend).t()
+        else:
+            s_i2t = token_region_similarity(patch_tokens, all_word, patch_mask, all_wmask, backend=backend)
         s_t2i = token_region_similarity(word_tokens, all_patch, word_mask, all_pmask, backend=backend)
     if center:
         s_i2t = s_i2t - _masked_mean(patch_tokens, patch_mask) @ _masked_mean(all_word, all_wmask).T
@@ -312,7 +325,8 @@ def _cmc_term(out: dict, batch: Mapping[str, Any], model: nn.Module, module: nn.
 def _filip_term(out: dict, batch: Mapping[str, Any], model: nn.Module, module: nn.Module | None) -> torch.Tensor:
     return filip_loss(out["patch_tokens"], out["patch_mask"], out["word_tokens"], out["word_mask"],
                       out["filip_logit_scale"], backend=getattr(model.config, "kernel_backend", None),
-                      center=bool(getattr(model.config, "filip_center", False)))
+                      center=bool(getattr(model.config, "filip_center", False)),
+                      queries=getattr(model.config, "filip_queries", "both"))
 
 
 # the table: every term of every built-in objective

@@ -1,7 +1,8 @@
 """Two-process gloo run of the CMC and FILIP losses (launched by test_losses.py in a subprocess).
 
 Usage: python _dist_worker.py OUT_DIR PORT. Rank r takes its slice of a seeded global batch (ranks
-hold different batch sizes and caption lengths), computes both losses weighted by B_r / N, and saves
+hold different batch sizes and caption lengths), computes the losses (CMC, FILIP with both query
+sides and with word queries only) weighted by B_r / N, and saves
 the losses and the gradients of its local inputs to OUT_DIR/rank{r}.pt.
 """
 import os
@@ -52,8 +53,9 @@ def run(rank: int, world: int, out_dir: str, port: int) -> None:
         weight = SIZES[rank] / sum(SIZES)
         cmc = cmc_loss(li, lt, scale)
         fil = filip_loss(lp, pmask[sl], lw, wmask[sl, :L], scale)
-        (weight * (cmc + fil)).backward()
-        torch.save({"cmc": cmc.detach(), "filip": fil.detach(), "weight": weight,
+        fil_words = filip_loss(lp, pmask[sl], lw, wmask[sl, :L], scale, queries="words")
+        (weight * (cmc + fil + fil_words)).backward()
+        torch.save({"cmc": cmc.detach(), "filip": fil.detach(), "filip_words": fil_words.detach(), "weight": weight,
                     "g_img": li.grad, "g_txt": lt.grad, "g_patch": lp.grad, "g_word": lw.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

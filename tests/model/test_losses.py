@@ -224,11 +224,14 @@ def test_two_rank_gather_equals_single_process(tmp_path):
     scale = torch.tensor(10.0, dtype=torch.float64)
     cmc = cmc_loss(leaves[0], leaves[1], scale)
     fil = filip_loss(leaves[2], pmask, leaves[3], wmask, scale)
-    (cmc + fil).backward()
-    cmc, fil = cmc.detach(), fil.detach()
+    fil_words = filip_loss(leaves[2], pmask, leaves[3], wmask, scale, queries="words")
+    (cmc + fil + fil_words).backward()
+    cmc, fil, fil_words = cmc.detach(), fil.detach(), fil_words.detach()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert sum(r["weight"] * r["cmc"] for r in ranks) == pytest.approx(cmc.item(), abs=1e-12)
     assert sum(r["weight"] * r["filip"] for r in ranks) == pytest.approx(fil.item(), abs=1e-12)
+    assert sum(r["weight"] * r["filip_words"] for r in ranks) == pytest.approx(fil_words.item(), abs=1e-12)
+    assert abs(fil_words.item() - fil.item()) > 1e-6  # the two query sides are different losses
     start = 0
     for r, res in enumerate(ranks):
         sl = slice(start, start + w.SIZES[r])
