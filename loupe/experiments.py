@@ -80,6 +80,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def train_env() -> dict[str, str]:
+    """The environment of the training subprocesses: this process's, with the folder that holds
+    *this* ``loupe`` first on ``PYTHONPATH``. ``train.py`` run as a script imports the installed
+    ``loupe``; without this a comparison run from another checkout (a clone of a tag, say) evaluated
+    with its own code but trained with whatever ``loupe`` was installed."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
 def train_command(out_dir: str, objective: str, seed: int, steps: int, batch_size: int, dataset_type: str,
                   train_size: int | None = None, model_config: str | None = None, procs: int = 1,
                   extra: Sequence[str] = ()) -> list[str]:
@@ -542,9 +555,7 @@ def run_arms(out: str, arms: dict[str, tuple[str, dict | None]], name: str, titl
         if isinstance(eval_seed_offset, bool) or not isinstance(eval_seed_offset, int) or eval_seed_offset < 0:
             raise ValueError(f"{name}: eval_seed_offset must be an int >= 0, got {eval_seed_offset!r}")
     os.makedirs(out, exist_ok=True)
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
+    env = train_env()
     results: dict[str, list[dict]] = {label: [] for label in arms}
     runs = []
     for seed in seeds:

@@ -322,3 +322,33 @@ def test_collapse_report_rise_flatness_and_localisation(tmp_path):
     assert (tmp_path / "cli.md").exists() and not (tmp_path / "cli.png").exists()
     with pytest.raises(SystemExit):
         X.main(["collapse", "--out", str(tmp_path), "--seeds", "23"])
+
+
+def test_training_subprocesses_import_the_comparisons_own_loupe(tmp_path):
+    """``compare`` run from another copy of the package (a clone of a tag, say) trains with that
+    copy: its training environment puts the copy first on PYTHONPATH, so ``import loupe`` in the
+    subprocess (as in ``train.py``, which imports the installed package) finds the copy."""
+    import shutil
+    import subprocess
+    import sys
+
+    import loupe
+
+    clone = tmp_path / "clone"
+    shutil.copytree(os.path.dirname(loupe.__file__), clone / "loupe",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    show_env = ("import json, loupe.experiments as e; print(json.dumps(e.train_env()))")
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, "-c", show_env], cwd=clone, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    train_env = json.loads(out.stdout.strip().splitlines()[-1])
+    where = subprocess.run([sys.executable, "-c", "import loupe; print(loupe.__file__)"], cwd=tmp_path,
+                           env=train_env, capture_output=True, text=True, timeout=120)
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert os.path.realpath(where.stdout.strip()) == os.path.realpath(clone / "loupe" / "__init__.py")
+    # and without it the installed package is the one imported
+    plain = subprocess.run([sys.executable, "-c", "import loupe; print(loupe.__file__)"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert os.path.realpath(plain.stdout.strip()) != os.path.realpath(clone / "loupe" / "__init__.py")
