@@ -200,16 +200,17 @@ def filip_loss(patch_tokens: torch.Tensor, patch_mask: torch.Tensor | None, word
     all_pmask, _ = gather_padded(patch_mask, pad_value=False)
     all_word, _ = gather_padded(word_tokens)
     all_wmask, _ = gather_padded(word_mask, pad_value=False)
-    if dist_info()[1] == 1:  # one process: both directions share their token similarities (one GEMM)
+    one_process = dist_info()[1] == 1
+    if queries == "words":  # word queries only: one max-sim direction
+        s_t2i = token_region_similarity(word_tokens, all_patch, word_mask, all_pmask, backend=backend)
+        # image->text: every rank's captions (words as queries) against this rank's images
+        s_i2t = (s_t2i if one_process else
+                 token_region_similarity(all_word, patch_tokens, all_wmask, patch_mask, backend=backend)).t()
+    elif one_process:  # both directions share their token similarities (one GEMM)
         s_i2t, s_t2i = token_region_similarity_dual(patch_tokens, word_tokens, patch_mask, word_mask,
                                                     backend=backend)
-        if queries == "words":
-            s_i2t = s_t2i.t()
     else:
-        if queries == "words":  # every rank's captions (words as queries) against this rank's images
-            s_i2t = token_region_similarity(all_word, patch_tokens, all_wmask, patch_mask, backend=backend).t()
-        else:
-            s_i2t = token_region_similarity(patch_tokens, all_word, patch_mask, all_wmask, backend=backend)
+        s_i2t = token_region_similarity(patch_tokens, all_word, patch_mask, all_wmask, backend=backend)
         s_t2i = token_region_similarity(word_tokens, all_patch, word_mask, all_pmask, backend=backend)
     if center:
         s_i2t = s_i2t - _masked_mean(patch_tokens, patch_mask) @ _masked_mean(all_word, all_wmask).T
