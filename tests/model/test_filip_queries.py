@@ -78,8 +78,20 @@ def test_bad_setting_raises():
         filip_loss(p, pm, w, wm, torch.tensor(1.0, dtype=torch.float64), queries="patches")
     with pytest.raises(ValueError, match="filip_queries"):
         LoupeConfig(filip_queries="patch")
-    assert LoupeConfig().filip_queries == "both"
 
+
+def test_the_objective_default_and_old_checkpoints():
+    """LOUPE scores L_FILIP by word queries by default, FILIP keeps its own two directions; a given
+    setting wins; a config saved before the field existed (its runs trained with FILIP's two
+    directions) loads with "both", and a saved setting is kept."""
+    assert LoupeConfig().filip_queries == "words"
+    assert LoupeConfig(objective="filip").filip_queries == "both"
+    assert LoupeConfig(objective="loupe", filip_queries="both").filip_queries == "both"
+    saved = LoupeConfig().to_dict()
+    assert saved["filip_queries"] == "words"
+    assert LoupeConfig.from_dict(saved).filip_queries == "words"
+    del saved["filip_queries"]
+    assert LoupeConfig.from_dict(saved).filip_queries == "both"
 
 
 def test_the_model_term_reads_the_setting():
